@@ -1,0 +1,253 @@
+"""`sdesbench` command line (Typer).
+
+Core commands live here; further command groups are modules in `sdesbench/commands/` that
+define `register(app)` and are picked up automatically. Every user error is printed as one
+line (`error: ...`) with a non-zero exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+
+from sdesbench.errors import SdesbenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Reproduce the tables of SDES (AAAI 2023) and the distillation methods it compares.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _build_train_config(config: Optional[Path], model, method, dataset, data_root, iters, seed, out_dir, sets,
+                        device):
+    from sdesbench.config import build_config, load_yaml
+
+    data = load_yaml(config) if config else {}
+    cli_sets = []
+    for key, value in (("model.name", model), ("method.name", method), ("data.name", dataset),
+                       ("data.root", data_root), ("train.iters", iters), ("train.seed", seed),
+                       ("output.dir", out_dir), ("train.device", device)):
+        if value is not None:
+            cli_sets.append(f"{key}={json.dumps(str(value)) if isinstance(value, (str, Path)) else value}")
+    return build_config(data, cli_sets + list(sets or []))
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run configuration."),
+    model: Optional[str] = typer.Option(None, help="Model name (see `sdesbench list models`)."),
+    method: Optional[str] = typer.Option(None, help="Method name (see `sdesbench list methods`)."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset name (see `sdesbench list datasets`)."),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset folder (default: $SDESBENCH_DATA/<dataset>)."),
+    iters: Optional[int] = typer.Option(None, help="Training iterations."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder for checkpoints and results.json."),
+    sets: list[str] = typer.Option([], "--set", help="Override any config value: section.key=value (repeatable)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the output folder's last checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+):
+    """Train one run and evaluate it; writes OUT/results.json."""
+    from sdesbench.engine import distributed as D
+    from sdesbench.engine.trainer import train as run_train
+
+    cfg = _build_train_config(config, model, method, dataset, data_root, iters, seed, out_dir, sets, device)
+    D.init_from_env()
+    rec = run_train(cfg, resume=resume, show_progress=progress)
+    if D.is_main():
+        m = rec["metrics"]
+        extra = "".join(f"  {k}: mIoU {100 * v['miou']:.2f}" for k, v in rec.get("extra_metrics", {}).items())
+        out.print(f"{cfg.method.name} / {cfg.model.name} / {cfg.data.name}: mIoU {100 * m['miou']:.2f}  "
+                  f"PA {100 * m['pixel_acc']:.2f}{extra}  ({rec['iterations']} iters, {rec['wall_time_s']:.0f} s) "
+                  f"-> {Path(cfg.output.dir) / 'results.json'}")
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `sdesbench train`."),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset folder (default: the one it was trained on)."),
+    split: Optional[str] = typer.Option(None, help="Split to evaluate (default: the run's eval split)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+):
+    """Evaluate a checkpoint on whole images (mIoU, pixel accuracy, per-class IoU)."""
+    from sdesbench.config import build_config
+    from sdesbench.data.base import EvalView
+    from sdesbench.engine.io import load_checkpoint
+    from sdesbench.engine.trainer import build_dataset, evaluate, pick_device
+    from sdesbench.models import build_model
+
+    state = load_checkpoint(checkpoint)
+    cfg = build_config({k: v for k, v in state["config"].items()})
+    if data_root is not None:
+        cfg.data.root = str(data_root)
+    ds = build_dataset(cfg, split or cfg.data.eval_split)
+    model = build_model(cfg.model, state["num_classes"])
+    model.load_state_dict(state["model"])
+    dev = pick_device(device)
+    model.to(dev)
+    metrics = evaluate(model, EvalView(ds), state["num_classes"], dev)["student"]
+    if as_json:
+        out.print_json(data={"checkpoint": str(checkpoint), "iteration": state["iteration"], **metrics,
+                             "class_names": list(ds.class_names)})
+        return
+    out.print(f"{checkpoint} (iteration {state['iteration']}): mIoU {100 * metrics['miou']:.2f}  "
+              f"PA {100 * metrics['pixel_acc']:.2f}")
+    for name, iou in zip(ds.class_names, metrics["per_class_iou"]):
+        out.print(f"  {name:<14} {'—' if iou is None else f'{100 * iou:6.2f}'}")
+
+
+@app.command("list")
+def list_cmd(what: str = typer.Argument("all", help="tables | models | datasets | methods | all")):
+    """List the tables, models, datasets and methods the suite knows."""
+    from sdesbench.experiments import list_tables
+    from sdesbench.registry import DATASETS, METHODS, MODELS
+
+    kinds = {"tables": list_tables, "models": MODELS.names, "datasets": DATASETS.names, "methods": METHODS.names}
+    if what != "all" and what not in kinds:
+        raise SdesbenchError(f"unknown list {what!r}; choose tables, models, datasets, methods or all")
+    for kind, fn in kinds.items():
+        if what in ("all", kind):
+            names = fn()
+            if what == "all":
+                out.print(f"[bold]{kind}[/bold]: {', '.join(names)}")
+            else:
+                for n in names:
+                    out.print(n)
+
+
+@app.command()
+def run(
+    table: str = typer.Argument(..., help="Table spec in experiments/ (see `sdesbench list tables`)."),
+    preset: str = typer.Option("smoke", help="paper | mini | smoke"),
+    seeds: str = typer.Option("0", help="Comma-separated seeds, e.g. 0,1,2."),
+    results: Path = typer.Option(Path("results"), help="Results folder."),
+    sets: list[str] = typer.Option([], "--set", help="Override config values for every run: section.key=value."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs with their protocol; train nothing."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Run every row of a paper table (teachers first; finished runs are skipped), then print the table."""
+    from sdesbench.engine.io import check_writable
+    from sdesbench.engine.trainer import train as run_train
+    from sdesbench.experiments import expand, load_spec, parse_seeds
+    from sdesbench.report import write_table
+
+    spec = load_spec(table)
+    seed_list = parse_seeds(seeds)
+    plans = expand(spec, preset, seed_list, results, sets)
+    if dry_run:
+        _print_plan(plans)
+        return
+    check_writable(results)
+    todo = [p for p in plans if p.cfg is not None and not p.done()]
+    for p in plans:
+        if p.skipped and p.seed == seed_list[0]:
+            err.print(f"[yellow]skip[/yellow] {p.key}: {p.skipped}")
+        elif p.stand_in and p.seed == seed_list[0] and not p.is_teacher:
+            err.print(f"[yellow]note[/yellow] {p.key}: {p.stand_in}")
+    seen: set[str] = set()
+    unique = []
+    for p in todo:
+        if str(p.out) not in seen:
+            seen.add(str(p.out))
+            unique.append(p)
+    err.print(f"{table} ({preset}): {len(unique)} run(s) to train, "
+              f"{len({str(p.out) for p in plans if p.cfg is not None}) - len(unique)} already done")
+    failed = 0
+    t0 = time.perf_counter()
+    for i, p in enumerate(unique, 1):
+        err.print(f"[{i}/{len(unique)}] {p.key} seed {p.seed} -> {p.out}")
+        if any(Path(d, "results.json").is_file() is False for d in p.depends_on):
+            err.print(f"[red]skip[/red] {p.key}: its teacher did not finish")
+            failed += 1
+            continue
+        try:
+            run_train(p.cfg, resume=True, show_progress=progress)
+        except SdesbenchError as e:
+            err.print(f"[red]failed[/red] {p.key}: {e}")
+            failed += 1
+            if "SIGINT" in str(e) or "SIGTERM" in str(e):
+                raise
+    md_path, md = write_table(table, preset, seed_list, results)
+    print(md)
+    err.print(f"wrote {md_path} and {md_path.with_suffix('.csv')} ({time.perf_counter() - t0:.0f} s)")
+    if failed:
+        raise SdesbenchError(f"{failed} run(s) failed; the table shows them as failed")
+
+
+def _print_plan(plans) -> None:
+    from rich.table import Table
+
+    t = Table(title="planned runs")
+    for col in ("row", "seed", "model", "method", "dataset", "iters", "crop", "batch", "depends on", "status"):
+        t.add_column(col)
+    for p in plans:
+        if p.cfg is None:
+            t.add_row(p.key, str(p.seed), "", "", "", "", "", "", "", f"skipped: {p.skipped}")
+            continue
+        c = p.cfg
+        deps = ", ".join(d.split("/runs/")[-1] for d in p.depends_on)
+        status = "done" if p.done() else "to run"
+        if p.stand_in:
+            status += f" ({p.stand_in})"
+        t.add_row(p.key, str(p.seed), c.model.name, c.method.name, c.data.name, str(c.train.iters),
+                  "x".join(map(str, c.data.crop)), str(c.data.batch_size), deps, status)
+    Console(width=250).print(t)
+
+
+@app.command()
+def report(
+    tables: list[str] = typer.Argument(None, help="Tables to report (default: all)."),
+    preset: str = typer.Option("smoke", help="Preset whose runs to report."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds."),
+    results: Path = typer.Option(Path("results"), help="Results folder."),
+):
+    """Write results/<table>-<preset>.md/.csv: measured mean ± std beside the paper's numbers."""
+    from sdesbench.experiments import list_tables, load_spec, parse_seeds
+    from sdesbench.report import write_table
+
+    seed_list = parse_seeds(seeds)
+    for table in tables or [t for t in list_tables() if load_spec(t).get("groups")]:
+        md_path, md = write_table(table, preset, seed_list, results)
+        print(md)
+        err.print(f"wrote {md_path}")
+
+
+def _register_command_modules() -> None:
+    import sdesbench.commands as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"sdesbench.commands.{mod.name}")
+        module.register(app)
+
+
+_register_command_modules()
+
+
+def main() -> None:
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(standalone_mode=False, prog_name="sdesbench")
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except SdesbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,1 @@
+"""Datasets. Each module registers its dataset class with `@DATASETS.register(name)`."""

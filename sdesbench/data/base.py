@@ -1,0 +1,167 @@
+"""Dataset contract and the training / evaluation views built on it.
+
+A dataset (registered with `@DATASETS.register(name)`) is a class with class attributes
+`num_classes`, `class_names`, `palette` and `splits`, constructed as `Cls(root, split)`, whose
+`load(i)` returns `(image uint8 3xHxW tensor, mask int64 HxW tensor)` with ignored pixels already
+mapped to 255. `sample_id(i)` names the sample (file path or generated id) for error messages.
+
+`TrainView` turns it into an infinite, seeded stream of augmented crops: its keys are
+`(index, aug_seed)` pairs from `IterationSampler`, so the stream is a pure function of
+(seed, global sample number). Resuming at iteration k restarts the sampler at k * batch_size and
+reproduces the uninterrupted run exactly, whatever the number of workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from sdesbench import IGNORE_INDEX
+from sdesbench.data.transforms import JointTrainTransform, normalize
+from sdesbench.errors import DataError
+
+
+class SegDataset(Dataset):
+    name: ClassVar[str]
+    num_classes: ClassVar[int]
+    class_names: ClassVar[list[str]]
+    palette: ClassVar[list[tuple[int, int, int]]]
+    splits: ClassVar[tuple[str, ...]] = ("train", "val")
+    needs_root: ClassVar[bool] = True
+
+    def __init__(self, root: str | Path | None, split: str):
+        if split not in self.splits:
+            raise DataError(f"{self.name}: unknown split {split!r}; known: {', '.join(self.splits)}")
+        self.root = resolve_root(self.name, root) if self.needs_root else None
+        self.split = split
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def sample_id(self, index: int) -> str:
+        return f"{self.name}/{self.split}/{index}"
+
+    def fingerprint(self) -> str:
+        """Identifies the file list (for caching class statistics and check results)."""
+        h = hashlib.sha256(f"{self.name}/{self.split}/{len(self)}".encode())
+        for i in range(len(self)):
+            h.update(self.sample_id(i).encode())
+        return h.hexdigest()[:16]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.load(index)
+
+
+def resolve_root(name: str, root: str | Path | None) -> Path:
+    """`root`, else $SDESBENCH_DATA/<name>; a clear error when neither exists."""
+    if root is None:
+        env = os.environ.get("SDESBENCH_DATA")
+        if not env:
+            raise DataError(f"dataset {name!r} needs a folder: pass --data-root PATH or set SDESBENCH_DATA")
+        root = Path(env) / name
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset {name!r}: folder not found: {root}")
+    return root
+
+
+class TrainView(Dataset):
+    """Augmented training crops, keyed by (index, aug_seed)."""
+
+    def __init__(self, base: SegDataset, crop: list[int], scale: list[float], flip: bool):
+        self.base = base
+        self.transform = JointTrainTransform(crop, scale, flip)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, aug_seed = key
+        try:
+            image, mask = self.base.load(index)
+        except DataError:
+            raise
+        except Exception as e:  # a file that became unreadable mid-run: name it
+            raise DataError(f"cannot read {self.base.sample_id(index)}: {e}") from None
+        image, mask = self.transform(image, mask, aug_seed)
+        return normalize(image), mask
+
+
+class EvalView(Dataset):
+    """Whole images, normalised, no augmentation."""
+
+    def __init__(self, base: SegDataset, max_images: int | None = None):
+        self.base = base
+        self.n = len(base) if max_images is None else min(max_images, len(base))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            image, mask = self.base.load(index)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"cannot read {self.base.sample_id(index)}: {e}") from None
+        return normalize(image), mask
+
+
+class IterationSampler(Sampler):
+    """Keys for iterations [start_iter, iters) of a run; shards a global batch over DDP ranks.
+
+    Global sample k belongs to iteration k // global_batch; rank r takes every world-th
+    sample of each global batch, so the union over ranks is the single-process stream.
+    """
+
+    def __init__(self, n: int, batch_size: int, iters: int, seed: int, start_iter: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.n, self.batch_size, self.iters, self.seed = n, batch_size, iters, seed
+        self.start_iter, self.rank, self.world = start_iter, rank, world_size
+        self._perm_cache: dict[int, torch.Tensor] = {}
+
+    def _key(self, k: int) -> tuple[int, int]:
+        epoch, pos = divmod(k, self.n)
+        perm = self._perm_cache.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n, generator=g)
+            self._perm_cache = {epoch: perm}
+        aug_seed = (self.seed * 2_654_435_761 + k * 40_503 + 12_345) % (2**63 - 1)
+        return int(perm[pos]), aug_seed
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        gb = self.batch_size * self.world
+        for it in range(self.start_iter, self.iters):
+            for j in range(self.batch_size):
+                yield self._key(it * gb + j * self.world + self.rank)
+
+    def __len__(self) -> int:
+        return (self.iters - self.start_iter) * self.batch_size
+
+
+def class_pixel_counts(ds: SegDataset, cache_dir: Path | None = None) -> torch.Tensor:
+    """Per-class pixel counts over a split (ignored pixels excluded), cached by file-list fingerprint."""
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"stats-{ds.name}-{ds.split}-{ds.fingerprint()}.pt"
+        if cache.is_file():
+            return torch.load(cache, weights_only=True)
+    counts = torch.zeros(ds.num_classes, dtype=torch.int64)
+    for i in range(len(ds)):
+        _, mask = ds.load(i)
+        valid = mask[mask != IGNORE_INDEX]
+        counts += torch.bincount(valid.flatten(), minlength=ds.num_classes)[: ds.num_classes]
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(counts, tmp)
+        os.replace(tmp, cache)
+    return counts

@@ -1,0 +1,1 @@
+"""Training engine: one Trainer for every method, metrics, checkpoints and results records."""

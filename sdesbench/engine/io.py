@@ -1,0 +1,69 @@
+"""Atomic writes (temporary file in the same folder, then rename) and checkpoint loading."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdesbench.errors import CheckpointError, SdesbenchError
+
+CHECKPOINT_FORMAT = "sdesbench-checkpoint-v1"
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    _atomic(Path(path), lambda f: f.write((json.dumps(data, indent=2, default=str) + "\n").encode()))
+
+
+def write_text(path: str | Path, text: str) -> None:
+    _atomic(Path(path), lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    _atomic(Path(path), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with weights_only=True; a missing or foreign file raises CheckpointError (one line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{p} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{p} is not an sdesbench checkpoint")
+    return state
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create `folder` and prove a file can be written there, before any training starts."""
+    p = Path(folder)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise SdesbenchError(f"output folder {p} is not writable ({e.strerror or e})") from None
+    return p

@@ -1,0 +1,42 @@
+"""Segmentation metrics from a confusion matrix accumulated on the device.
+
+Under DDP the *matrix* is all-reduced (summing counts), never the per-rank mIoU, so the metric
+is exactly the single-process one on the same images.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from sdesbench import IGNORE_INDEX
+
+
+class ConfusionMatrix:
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu", ignore_index: int = IGNORE_INDEX):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """pred, target: integer label maps of equal shape; rows = target, columns = prediction."""
+        keep = target != self.ignore_index
+        idx = target[keep].long() * self.num_classes + pred[keep].long()
+        self.mat += torch.bincount(idx, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.mat)
+
+    def compute(self) -> dict[str, float | list[float | None]]:
+        """mIoU over classes that occur in target or prediction (union > 0); PA over labelled pixels."""
+        m = self.mat.double().cpu()
+        tp = m.diag()
+        union = m.sum(0) + m.sum(1) - tp
+        iou = tp / union.clamp(min=1)
+        present = union > 0
+        miou = float(iou[present].mean()) if present.any() else 0.0
+        total = m.sum()
+        pa = float(tp.sum() / total) if total > 0 else 0.0
+        per_class = [float(v) if p else None for v, p in zip(iou, present)]
+        return {"miou": miou, "pixel_acc": pa, "per_class_iou": per_class}

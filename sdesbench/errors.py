@@ -1,0 +1,25 @@
+"""User-facing errors: the CLI prints their message as one line and exits non-zero (no traceback)."""
+
+
+class SdesbenchError(Exception):
+    """A problem the user can fix (bad name, bad value, bad file). Printed as one line."""
+
+    exit_code = 2
+
+
+class ConfigError(SdesbenchError):
+    """Invalid configuration: unknown key, wrong type, value out of range."""
+
+
+class DataError(SdesbenchError):
+    """A dataset that is missing, malformed, or fails `sdesbench data check`."""
+
+
+class CheckpointError(SdesbenchError):
+    """A file that is not a checkpoint, or one for another architecture / class count."""
+
+
+class NumericalFault(SdesbenchError):
+    """A NaN/Inf loss: the run stops, keeps its last good checkpoint and is recorded as failed."""
+
+    exit_code = 3

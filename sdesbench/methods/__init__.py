@@ -1,0 +1,1 @@
+"""Distillation methods: one file each, registered with `@METHODS.register(name)`."""

@@ -1,0 +1,83 @@
+"""The method interface: a distillation method is one file with one `Method` subclass.
+
+A method
+- declares its hyper-parameters as a nested `Options` dataclass (validated like the run config;
+  ranges via `field(metadata=rng(lo, hi))`, cross-field checks in `check_options`);
+- may add trainable modules in `__init__` (expert decoders, adapters): they are trained with
+  the student and dropped at deployment (they never enter the student's state dict);
+- says whether it needs a teacher (`needs_teacher`), whose outputs arrive as `teacher_out`;
+- returns from `loss_terms` a dict of named, already weighted loss terms; the Trainer sums them,
+  logs each one, and checks each for NaN/Inf;
+- may return extra predictions to evaluate from `eval_predictions` (e.g. SDES's Ens-T).
+
+Every loss term the suite computes uses the same conventions: ignore index 255, mean over the
+valid (non-ignored) pixels unless the method's docstring says otherwise, and model outputs in
+the dict form of `sdesbench.models.base` (`logits`, `aux`, `decoder_feature`, `stages`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from sdesbench.config import from_dict
+from sdesbench.models.base import SegmentationModel
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the run when it is built."""
+
+    model: SegmentationModel  # the student (to read stage channels or build decoders; do not re-register it)
+    num_classes: int
+    total_iters: int
+    class_pixel_counts: Callable[[], torch.Tensor]  # per-class training-pixel counts (lazy, cached)
+    teacher: SegmentationModel | None = None
+    seed: int = 0
+
+
+@dataclass
+class StepInfo:
+    iteration: int  # 0-based index of the current iteration
+    total_iters: int
+
+
+class Method(nn.Module):
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = False
+    teacher_free: ClassVar[bool] = True  # the paper's "TF" column
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, options: Any, ctx: MethodContext):
+        super().__init__()
+        self.opts = options
+        self.num_classes = ctx.num_classes
+
+    @classmethod
+    def parse_options(cls, options: dict[str, Any], num_classes: int | None = None) -> Any:
+        opts = from_dict(cls.Options, options or {}, prefix="method")
+        cls.check_options(opts, num_classes)
+        return opts
+
+    @classmethod
+    def check_options(cls, opts: Any, num_classes: int | None) -> None:
+        """Cross-field and dataset-dependent checks; raise ConfigError with one line."""
+
+    @classmethod
+    def option_docs(cls) -> list[tuple[str, Any]]:
+        return [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(cls.Options)]
+
+    def loss_terms(self, student_out: dict[str, Any], labels: torch.Tensor, step: StepInfo,
+                   teacher_out: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def eval_predictions(self, student_out: dict[str, Any], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra logits to score beside the student's (name -> B x C x H x W)."""
+        return {}

@@ -1,0 +1,26 @@
+"""`student`: the baseline, trained with the pixel-wise cross-entropy of Eq. 1 alone."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sdesbench.config import rng
+from sdesbench.methods.base import Method
+from sdesbench.methods.losses import pixel_ce
+from sdesbench.registry import METHODS
+
+
+@METHODS.register("student")
+class Student(Method):
+    """L = L_SS (Eq. 1). With an auxiliary head (model.aux) adds `aux_weight` x its CE."""
+
+    name = "student"
+
+    @dataclass
+    class Options:
+        aux_weight: float = field(default=0.4, metadata=rng(0.0))
+
+    def loss_terms(self, student_out, labels, step, teacher_out=None):
+        terms = {"ss": pixel_ce(student_out["logits"], labels)}
+        if student_out.get("aux") is not None:
+            terms["aux"] = self.opts.aux_weight * pixel_ce(student_out["aux"], labels)
+        return terms

@@ -1,0 +1,54 @@
+"""The model contract every segmentation network in the suite follows.
+
+A model is an encoder (`encode`: image -> list of per-stage feature maps, shallow to deep) and a
+decoder module (`self.decoder`: stages -> {"decoder_feature", "logits"} at feature resolution).
+`forward` returns one dict, the same for every model:
+
+- ``logits``: B x C x H x W, upsampled to the input size
+- ``aux``: auxiliary logits at input size, or None when the model has no auxiliary head
+- ``decoder_feature``: the feature map the classifier reads (B x D x h x w)
+- ``stages``: list of encoder stage features, shallow to deep (the last one is what the decoder reads)
+
+Methods that need a second decoder of the same architecture (SDES experts of type `student`)
+call `build_decoder(num_classes)`, which returns a fresh, independently initialised decoder that
+accepts the same `stages` list.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SegmentationModel(nn.Module):
+    num_classes: int
+    stage_channels: list[int]  # channels of each entry of `stages`
+    stage_strides: list[int]  # input-size / stage-size of each entry of `stages`
+    decoder_channels: int  # channels of `decoder_feature`
+    pretrained: bool = False  # whether the backbone was initialised from ImageNet weights
+    decoder: nn.Module
+    aux_head: nn.Module | None = None
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def build_decoder(self, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor] | None]:
+        size = x.shape[-2:]
+        stages = self.encode(x)
+        dec = self.decoder(stages)
+        aux = None
+        if self.aux_head is not None:
+            aux = F.interpolate(self.aux_head(stages[-2]), size=size, mode="bilinear", align_corners=False)
+        return {
+            "logits": F.interpolate(dec["logits"], size=size, mode="bilinear", align_corners=False),
+            "aux": aux,
+            "decoder_feature": dec["decoder_feature"],
+            "stages": stages,
+        }
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,51 @@
+"""Shared test helpers: drive the CLI as a user would (a subprocess), small CPU-sized configs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CAMVID = ROOT.parent / "shared" / "data" / "camvid"
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env["COLUMNS"] = "200"
+    return env
+
+
+def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sdesbench", *args], capture_output=True, text=True,
+                          timeout=timeout, env=cli_env(), cwd=cwd or ROOT)
+
+
+def popen_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sdesbench", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=cwd or ROOT)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: "), err
+    for n in needles:
+        assert n in err, err
+
+
+# Tiny, fast training settings shared by the end-to-end tests (batch 4, 48x48 crops).
+FAST = ["--set", "data.batch_size=4", "--set", "data.crop=48", "--set", "eval.max_images=10", "--no-progress"]
+
+camvid = pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid is absent")
