@@ -18,7 +18,7 @@ import click
 import typer
 from rich.console import Console
 
-from sdesbench.errors import SdesbenchError
+from sdesbench.errors import Interrupted, RunLocked, SdesbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproduce the tables of SDES (AAAI 2023) and the distillation methods it compares.")
@@ -171,11 +171,13 @@ def run(
             continue
         try:
             run_train(p.cfg, resume=True, show_progress=progress)
+        except Interrupted:
+            raise
+        except RunLocked as e:
+            err.print(f"[yellow]skip[/yellow] {p.key}: {e} (rerun `sdesbench run` when it has finished)")
         except SdesbenchError as e:
             err.print(f"[red]failed[/red] {p.key}: {e}")
             failed += 1
-            if "SIGINT" in str(e) or "SIGTERM" in str(e):
-                raise
     md_path, md = write_table(table, preset, seed_list, results)
     print(md)
     err.print(f"wrote {md_path} and {md_path.with_suffix('.csv')} ({time.perf_counter() - t0:.0f} s)")

@@ -23,3 +23,15 @@ class NumericalFault(SdesbenchError):
     """A NaN/Inf loss: the run stops, keeps its last good checkpoint and is recorded as failed."""
 
     exit_code = 3
+
+
+class Interrupted(SdesbenchError):
+    """SIGINT/SIGTERM: a checkpoint was saved; `--resume` continues. Exit status 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class RunLocked(SdesbenchError):
+    """Another process holds the run's lock (two sweeps sharing a results folder)."""

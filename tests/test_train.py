@@ -1,11 +1,8 @@
-"""End-to-end: training learns, resume after SIGKILL is bitwise exact, bad input is one line."""
-import signal
-import time
-
+"""End-to-end: training learns, its record is complete, bad input is one line."""
 import pytest
 import torch
 
-from conftest import FAST, assert_one_line_error, popen_cli, read_json, run_cli
+from conftest import FAST, assert_one_line_error, read_json, run_cli
 from sdesbench.config import build_config
 from sdesbench.data.base import EvalView
 from sdesbench.data.tiny import TinyScenes
@@ -28,32 +25,6 @@ def test_short_training_beats_untrained_model_3x(tmp_path):
                 "seed", "torch_version", "device"):
         assert key in rec
     assert rec["params"] == sum(p.numel() for p in untrained.parameters())
-
-
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
-    args = ["train", "--iters", "24", "--set", "train.checkpoint_every=4", *FAST]
-    ref = run_cli(*args, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr
-
-    out = tmp_path / "killed"
-    proc = popen_cli(*args, "--out", str(out))
-    ckpt = out / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "results.json").exists()
-    resumed = run_cli(*args, "--out", str(out), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-
-    a, b = read_json(tmp_path / "ref" / "results.json"), read_json(out / "results.json")
-    assert a["metrics"] == b["metrics"] and a["per_class_iou"] == b["per_class_iou"]
-    wa = torch.load(tmp_path / "ref" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    wb = torch.load(ckpt, weights_only=True)["model"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -39,7 +40,7 @@ from sdesbench.data.base import EvalView, IterationSampler, SegDataset, TrainVie
 from sdesbench.engine import distributed as D
 from sdesbench.engine.io import check_writable, load_checkpoint, save_checkpoint, write_json, write_text
 from sdesbench.engine.metrics import ConfusionMatrix
-from sdesbench.errors import CheckpointError, NumericalFault, SdesbenchError
+from sdesbench.errors import CheckpointError, Interrupted, NumericalFault, RunLocked, SdesbenchError
 from sdesbench.methods.base import Method, MethodContext, StepInfo
 from sdesbench.models import build_model, count_params
 from sdesbench.models.base import SegmentationModel
@@ -153,7 +154,7 @@ class RunLock:
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
-            raise SdesbenchError(f"another process is writing the run in {self.path.parent}") from None
+            raise RunLocked(f"another process is writing the run in {self.path.parent}") from None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -224,6 +225,16 @@ class Trainer:
         self.unit = D.wrap(TrainUnit(self.model, self.method), self.device, cfg.train.sync_bn)
         self.start_iter = 0
         self.elapsed = 0.0  # training seconds, summed over resumes
+        self._check_free_space()
+
+    def _check_free_space(self) -> None:
+        """Fail before training when the output disk cannot hold a checkpoint (weights + optimizer state)."""
+        n = sum(p.numel() for p in self.model.parameters()) + sum(p.numel() for p in self.method.parameters())
+        need = 3 * 4 * n + 64 * 2**20  # fp32 weights + momentum + temporary copy during the atomic write, + margin
+        free = shutil.disk_usage(self.out).free
+        if free < need:
+            raise SdesbenchError(f"output folder {self.out} has {free / 2**20:.0f} MiB free; a checkpoint needs about "
+                                 f"{need / 2**20:.0f} MiB")
 
     @property
     def cache_dir(self) -> Path:
@@ -348,8 +359,8 @@ class Trainer:
             self._save(iteration)
             self._record("interrupted", iteration)
             name = signal.Signals(self._stop_signal).name
-            raise SdesbenchError(f"{name}: stopped at iteration {iteration}, checkpoint saved; "
-                                 "continue with --resume") from None
+            raise Interrupted(f"{name}: stopped at iteration {iteration}, checkpoint saved in {self.ckpt_path}; "
+                              "continue with --resume", self._stop_signal)
 
         metrics = evaluate(self.model, EvalView(self.eval_set, cfg.eval.max_images), self.num_classes, self.device,
                            cfg.eval.batch_size, method=self.method, amp=self.amp, show_progress=self.show_progress)
