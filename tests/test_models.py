@@ -110,6 +110,13 @@ def test_flops_scale_with_input_area():
     assert count_gflops(net, (32, 64)) == pytest.approx(4 * count_gflops(net, (16, 32)), rel=1e-9)
 
 
+@pytest.mark.parametrize("name", ["enet", "erfnet"])
+def test_handwritten_nets_accept_any_input_size(name):
+    model = build_model(name, 4).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 30, 45))["logits"].shape == (1, 4, 30, 45)
+
+
 def test_enet_unpool_matches_torch_and_uses_encoder_indices():
     x = torch.randn(2, 4, 6, 8)
     pooled, idx = F.max_pool2d(x, 2, 2, return_indices=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
@@ -29,8 +30,8 @@ def reject_pretrained(name: str, pretrained: bool) -> None:
 class RealtimeSegNet(SegmentationModel):
     """Encoder stages + a decoder built by `make_decoder(num_classes)`.
 
-    `stage_channels` / `stage_strides` describe the output of each encoder stage; the input height and
-    width must be multiples of the last stride.
+    `stage_channels` / `stage_strides` describe the output of each encoder stage (for an input whose
+    height and width are multiples of the last stride).
     """
 
     def __init__(self, name: str, num_classes: int, encoder_stages: list[nn.Module], stage_channels: list[int],
@@ -48,10 +49,22 @@ class RealtimeSegNet(SegmentationModel):
         self.decoder = make_decoder(num_classes)
         self.aux_head = FCNHead(self.stage_channels[-2], num_classes) if aux else None
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict:
+        """Inputs whose size is not a multiple of the deepest stride (e.g. evaluation images) are
+        zero-padded at the bottom/right and the logits cropped back; `stages` are then those of the
+        padded image."""
         stride = self.stage_strides[-1]
-        if x.shape[-2] % stride or x.shape[-1] % stride:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} must be a multiple of {stride}")
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % stride, -w % stride
+        if not (pad_h or pad_w):
+            return super().forward(x)
+        out = super().forward(F.pad(x, (0, pad_w, 0, pad_h)))
+        out["logits"] = out["logits"][..., :h, :w]
+        if out["aux"] is not None:
+            out["aux"] = out["aux"][..., :h, :w]
+        return out
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         stages = []
         for stage in self.encoder:
             x = stage(x)
