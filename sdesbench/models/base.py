@@ -41,13 +41,21 @@ class SegmentationModel(nn.Module):
         dec = self.decoder(stages)
         aux = None
         if self.aux_head is not None:
-            aux = F.interpolate(self.aux_head(stages[-2]), size=size, mode="bilinear", align_corners=False)
+            aux = to_size(self.aux_head(stages[-2]), size)
         return {
-            "logits": F.interpolate(dec["logits"], size=size, mode="bilinear", align_corners=False),
+            "logits": to_size(dec["logits"], size),
             "aux": aux,
             "decoder_feature": dec["decoder_feature"],
             "stages": stages,
         }
+
+
+def to_size(logits: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize to `size`; logits already at that size (decoders ending at full resolution)
+    are returned as they are, so no identity resize is run or counted in FLOPs."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 def count_params(module: nn.Module) -> int:

@@ -2,7 +2,20 @@
 
 The head is torchvision's DeepLabHead (ASPP with rates 12/24/36 and 256 channels, a 3x3 conv,
 then the 1x1 classifier). `decoder_feature` is the 256-channel map before the classifier.
-`stages` are the backbone's feature levels after the stem (ResNet: layer1..layer4).
+`stages` are the backbone's feature levels after the stem (ResNet: layer1..layer4; MobileNetV2 and
+EfficientNet-B0: the blocks ending at strides 4, 8, 16, 32 before dilation).
+
+Configurations that reproduce the paper's Params (see docs/models.md for the measured table):
+
+- ResNet-18/50/101: timm `features_only`, layer1..layer4, head on layer4 (512 / 2048 channels).
+- MobileNetV2 (12.65 M, 11 classes): the network's last 1x1 conv 320->1280 (timm `conv_head` + `bn2`,
+  which `features_only` drops) is applied to the last block and feeds the head with 1280 channels, as
+  in encoders built from the full classification network minus its classifier.
+- EfficientNet-B0 (7.31 M, 11 classes): the head reads the 320-channel last block; the network's last
+  1x1 conv 320->1280 is *kept but unused* (`unused_conv_head`, frozen). The paper's figure is only met
+  with it counted (6.90 M without it, 14.43 M if it fed the head): the widely used EfficientNet encoder
+  of segmentation-models-pytorch deletes only the classifier and keeps that conv without calling it.
+  It adds parameters, never FLOPs or gradients.
 """
 from __future__ import annotations
 
@@ -34,22 +47,25 @@ class DeepLabDecoder(nn.Module):
         return {"decoder_feature": feat, "logits": self.classifier(feat)}
 
 
-def create_backbone(timm_name: str, out_indices: tuple[int, ...], pretrained: bool, weights: str | None,
-                    **kwargs) -> nn.Module:
-    """timm backbone with `features_only`; ImageNet weights from a local file, the cache or the hub."""
+def create_timm(timm_name: str, pretrained: bool, weights: str | None, **kwargs) -> nn.Module:
+    """A timm model; ImageNet weights from a local file (`weights`), the cache or the hub.
+
+    Without network or cache this fails with one line saying how to provide the weights; it never
+    falls back to a random init presented as pretrained.
+    """
     if pretrained and weights:
         path = Path(weights)
         if not path.is_file():
             raise ConfigError(f"model.weights: no such file {path}")
-        backbone = timm.create_model(timm_name, features_only=True, out_indices=out_indices, pretrained=False, **kwargs)
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, _ = backbone.load_state_dict(state, strict=False)
-        if len(missing) > len(backbone.state_dict()) // 2:
+        missing, _ = model.load_state_dict(state, strict=False)
+        if len(missing) > len(model.state_dict()) // 2:
             raise ConfigError(f"model.weights: {path} does not fit backbone {timm_name} ({len(missing)} tensors missing)")
-        return backbone
+        return model
     try:
-        return timm.create_model(timm_name, features_only=True, out_indices=out_indices, pretrained=pretrained, **kwargs)
+        return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
     except Exception as e:  # no network / no cache: never fall back to random weights silently
         if not pretrained:
             raise
@@ -59,11 +75,34 @@ def create_backbone(timm_name: str, out_indices: tuple[int, ...], pretrained: bo
         ) from None
 
 
+def create_backbone(timm_name: str, out_indices: tuple[int, ...], pretrained: bool, weights: str | None,
+                    **kwargs) -> nn.Module:
+    """timm backbone with `features_only` (see `create_timm` for the weights)."""
+    return create_timm(timm_name, pretrained, weights, features_only=True, out_indices=out_indices, **kwargs)
+
+
+def create_conv_head(timm_name: str, pretrained: bool, weights: str | None) -> nn.Module:
+    """The last 1x1 conv + BN + activation of a timm MobileNet/EfficientNet (dropped by `features_only`),
+    with the same weights source as the backbone."""
+    full = create_timm(timm_name, pretrained, weights, num_classes=0)
+    return nn.Sequential(full.conv_head, full.bn2)
+
+
 class DeepLabV3(SegmentationModel):
+    """DeepLabV3 on a timm backbone.
+
+    `conv_head`: what to do with the network's last 1x1 conv that `features_only` drops (MobileNet /
+    EfficientNet only): "none" (absent), "feed" (applied to the last stage; its output is the last
+    entry of `stages` and feeds the head), "unused" (kept, frozen and never called, so it is counted in
+    Params as in the paper's EfficientNet-B0 but changes nothing else).
+    """
+
     def __init__(self, timm_name: str, num_classes: int, out_indices: tuple[int, ...] = (1, 2, 3, 4),
                  pretrained: bool = False, weights: str | None = None, aux: bool = False, output_stride: int = 8,
-                 **backbone_kwargs):
+                 conv_head: str = "none", **backbone_kwargs):
         super().__init__()
+        if conv_head not in ("none", "feed", "unused"):
+            raise ValueError(f"conv_head must be none|feed|unused, got {conv_head!r}")
         self.num_classes = num_classes
         self.pretrained = pretrained
         self.backbone = create_backbone(timm_name, out_indices, pretrained, weights, output_stride=output_stride,
@@ -71,12 +110,22 @@ class DeepLabV3(SegmentationModel):
         info = self.backbone.feature_info
         self.stage_channels = list(info.channels())
         self.stage_strides = [min(r, output_stride) for r in info.reduction()]
+        self.conv_head = None
+        self.unused_conv_head = None
+        if conv_head == "feed":
+            self.conv_head = create_conv_head(timm_name, pretrained, weights)
+            self.stage_channels[-1] = self.conv_head[0].out_channels
+        elif conv_head == "unused":
+            self.unused_conv_head = create_conv_head(timm_name, pretrained, weights).requires_grad_(False)
         self.decoder_channels = 256
         self.decoder = DeepLabDecoder(self.stage_channels[-1], num_classes)
         self.aux_head = FCNHead(self.stage_channels[-2], num_classes) if aux else None
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.backbone(x))
+        stages = list(self.backbone(x))
+        if self.conv_head is not None:
+            stages[-1] = self.conv_head(stages[-1])
+        return stages
 
     def build_decoder(self, num_classes: int) -> nn.Module:
         return DeepLabDecoder(self.stage_channels[-1], num_classes)
@@ -90,3 +139,21 @@ def deeplabv3_resnet18(num_classes: int, pretrained: bool = False, weights: str 
 @MODELS.register("deeplabv3_resnet50")
 def deeplabv3_resnet50(num_classes: int, pretrained: bool = False, weights: str | None = None, aux: bool = False):
     return DeepLabV3("resnet50", num_classes, pretrained=pretrained, weights=weights, aux=aux)
+
+
+@MODELS.register("deeplabv3_resnet101")
+def deeplabv3_resnet101(num_classes: int, pretrained: bool = False, weights: str | None = None, aux: bool = False):
+    """Optional stronger teacher (not in the paper's tables)."""
+    return DeepLabV3("resnet101", num_classes, pretrained=pretrained, weights=weights, aux=aux)
+
+
+@MODELS.register("deeplabv3_mobilenetv2")
+def deeplabv3_mobilenetv2(num_classes: int, pretrained: bool = False, weights: str | None = None, aux: bool = False):
+    return DeepLabV3("mobilenetv2_100", num_classes, pretrained=pretrained, weights=weights, aux=aux, conv_head="feed")
+
+
+@MODELS.register("deeplabv3_efficientnet_b0")
+def deeplabv3_efficientnet_b0(num_classes: int, pretrained: bool = False, weights: str | None = None,
+                              aux: bool = False):
+    return DeepLabV3("efficientnet_b0", num_classes, pretrained=pretrained, weights=weights, aux=aux,
+                     conv_head="unused")
