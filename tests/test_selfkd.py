@@ -296,6 +296,7 @@ MODEL_NAMES = ["deeplabv3_resnet18"] + (["enet"] if "enet" in MODELS else [])
 @pytest.mark.parametrize("name", ["lsr", "tfkd", "sad", "srss", "tffd"])
 def test_method_trains_through_cli(tmp_path, name, model):
     proc = run_cli("train", "--method", name, "--model", model, "--iters", "2", *FAST, "--set", "eval.max_images=2",
+                   "--set", "data.check=false", "--set", "data.batch_size=2", "--set", "data.crop=32",
                    "--out", str(tmp_path / name))
     assert proc.returncode == 0, proc.stderr
     rec = read_json(tmp_path / name / "results.json")
