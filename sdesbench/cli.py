@@ -61,8 +61,12 @@ def train(
 
     cfg = _build_train_config(config, model, method, dataset, data_root, iters, seed, out_dir, sets, device)
     D.init_from_env()
-    rec = run_train(cfg, resume=resume, show_progress=progress)
-    if D.is_main():
+    main = D.is_main()
+    try:
+        rec = run_train(cfg, resume=resume, show_progress=progress)
+    finally:
+        D.cleanup()
+    if main:
         m = rec["metrics"]
         extra = "".join(f"  {k}: mIoU {100 * v['miou']:.2f}" for k, v in rec.get("extra_metrics", {}).items())
         out.print(f"{cfg.method.name} / {cfg.model.name} / {cfg.data.name}: mIoU {100 * m['miou']:.2f}  "

@@ -55,6 +55,8 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SdesbenchError(f"train.device={name} but no CUDA device is available (use cpu or auto)")
+    if name == "cuda" and D.is_distributed():
+        return torch.device("cuda", D.local_rank())  # one GPU per torchrun process
     return torch.device(name)
 
 
@@ -316,7 +318,8 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         check_writable(self.out)
-        with RunLock(self.out):
+        # under torchrun the ranks share the folder: rank 0 holds the lock and writes the files
+        with RunLock(self.out) if D.is_main() else nullcontext():
             return self._run_locked()
 
     def _run_locked(self) -> dict[str, Any]:
@@ -351,6 +354,7 @@ class Trainer:
             raise SdesbenchError(f"{name}: stopped at iteration {iteration}, checkpoint saved; "
                                  "continue with --resume") from None
 
+        D.broadcast_state(self.unit.module if hasattr(self.unit, "module") else self.unit)  # rank 0's BN stats
         metrics = evaluate(self.model, EvalView(self.eval_set, cfg.eval.max_images), self.num_classes, self.device,
                            cfg.eval.batch_size, method=self.method, amp=self.amp, show_progress=self.show_progress)
         return self._record("completed", iteration, metrics)
@@ -395,7 +399,7 @@ class Trainer:
                             teacher_out = self.teacher(images)
                     terms = self.unit(images, labels, StepInfo(iteration, total), teacher_out)
                 loss = sum(terms.values())
-                if not bool(torch.isfinite(loss)):
+                if not D.all_true(bool(torch.isfinite(loss)), self.device):  # every rank stops together
                     bad = [k for k, v in terms.items() if not bool(torch.isfinite(v))] or ["total"]
                     msg = (f"non-finite loss term '{bad[0]}' at iteration {iteration + 1}; the last good checkpoint "
                            f"is kept (iteration {self._last_ckpt_iter()})")
