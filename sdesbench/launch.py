@@ -130,7 +130,10 @@ def slurm_executor(folder: Path, partition: str | None, gpus: int, time_min: int
     check_launcher("slurm")
     import submitit
 
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
+    except RuntimeError as e:  # e.g. no srun/sbatch on this machine
+        raise SdesbenchError(f"--launcher slurm: {e}") from None
     params: dict[str, Any] = {"timeout_min": time_min, "nodes": 1, "gpus_per_node": gpus,
                               "tasks_per_node": max(gpus, 1), "cpus_per_task": 8}
     if partition:
