@@ -38,7 +38,7 @@ from sdesbench.data.check import ensure_checked
 from sdesbench.data.base import EvalView, IterationSampler, SegDataset, TrainView, class_pixel_counts
 from sdesbench.engine import distributed as D
 from sdesbench.engine.io import check_writable, load_checkpoint, save_checkpoint, write_json, write_text
-from sdesbench.engine.metrics import ConfusionMatrix
+from sdesbench.engine.metrics import ConfusionMatrix, predict
 from sdesbench.errors import CheckpointError, NumericalFault, SdesbenchError
 from sdesbench.methods.base import Method, MethodContext, StepInfo
 from sdesbench.models import build_model, count_params
@@ -127,9 +127,9 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                 out = model(images)
                 extra = method.eval_predictions(out, labels) if method is not None else {}
-            mats["student"].update(out["logits"].argmax(1), labels)
+            mats["student"].update(predict(out["logits"]), labels)
             for name, logits in extra.items():
-                mats.setdefault(name, ConfusionMatrix(num_classes, device)).update(logits.argmax(1), labels)
+                mats.setdefault(name, ConfusionMatrix(num_classes, device)).update(predict(logits), labels)
             progress.advance(task)
     results = {}
     for name, mat in mats.items():
