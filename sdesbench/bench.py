@@ -81,6 +81,7 @@ class BenchSettings:
     amp: str = "auto"
     peak_tflops: float | None = None
     tables: bool = True
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> options (default: its defaults)
     notes: list[str] = field(default_factory=list)
 
 
@@ -140,7 +141,8 @@ class StepBench:
     """One method's training step on a fixed input batch, built like the Trainer builds it."""
 
     def __init__(self, method_name: str, model_name: str, dataset: SegDataset, images: torch.Tensor,
-                 labels: torch.Tensor, device: torch.device, amp: torch.dtype | None, counts: Callable[[], torch.Tensor]):
+                 labels: torch.Tensor, device: torch.device, amp: torch.dtype | None, counts: Callable[[], torch.Tensor],
+                 options: dict[str, Any] | None = None):
         self.device, self.amp = device, amp
         nc = dataset.num_classes
         torch.manual_seed(0)
@@ -151,7 +153,7 @@ class StepBench:
             self.teacher = build_model(model_name, nc).to(device).eval()  # random init: cost, not accuracy
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
-        opts = method_cls.parse_options({}, nc)
+        opts = method_cls.parse_options(options or {}, nc)
         ctx = MethodContext(model=self.model, num_classes=nc, total_iters=1000, class_pixel_counts=counts,
                             teacher=self.teacher, seed=0)
         self.method = method_cls(opts, ctx)
@@ -331,7 +333,7 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> 
     for name in names:
         log(f"bench {name}")
         try:
-            sb = StepBench(name, s.model, train_set, images, labels, device, amp, counts)
+            sb = StepBench(name, s.model, train_set, images, labels, device, amp, counts, s.options.get(name))
             times = sb.time_steps(s.warmup, s.iters)
             mem = sb.peak_memory_bytes()
             flops = sb.flops()
@@ -345,6 +347,8 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> 
                "tflops_per_s": round(flops / step / 1e12, 4)}
         if peak:
             row["peak_flops_fraction"] = round(flops / step / peak, 4)
+        if s.options.get(name):
+            row["options"] = s.options[name]
         rows.append(row)
         del sb
         if cuda:

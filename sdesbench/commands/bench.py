@@ -24,6 +24,8 @@ def register(app: typer.Typer) -> None:
         amp: str = typer.Option("auto", help="auto | off | bf16 | fp16 (CUDA only)."),
         peak_tflops: Optional[float] = typer.Option(None, help="Device peak TFLOP/s, if not in the built-in table."),
         tables: bool = typer.Option(True, "--tables/--no-tables", help="Estimate each paper table's wall time."),
+        option: list[str] = typer.Option([], "--option", help="Method option METHOD.KEY=VALUE, e.g. sdes.n_experts=2 "
+                                          "(repeatable; default: each method's defaults)."),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     ):
         """Benchmark (not a test): step time and peak memory per method relative to student, and more."""
@@ -34,10 +36,18 @@ def register(app: typer.Typer) -> None:
 
         if amp not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"--amp must be auto, off, bf16 or fp16, got {amp!r}")
+        from sdesbench.config import parse_override
+
+        options: dict = {}
+        for text in option:
+            parts, value = parse_override(text)
+            if len(parts) != 2:
+                raise ConfigError(f"--option expects METHOD.KEY=VALUE, got {text!r}")
+            options.setdefault(parts[0], {})[parts[1]] = value
         err = Console(stderr=True)
         settings = BenchSettings(model=model, batch=batch, crop=crop, iters=iters, warmup=warmup,
                                  methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                                  dataset=dataset, data_root=data_root, workers=workers, eval_images=eval_images,
-                                 device=device, amp=amp, peak_tflops=peak_tflops, tables=tables)
+                                 device=device, amp=amp, peak_tflops=peak_tflops, tables=tables, options=options)
         result = run_bench(settings, log=lambda m: err.print(f"[dim]{m}[/dim]"))
         print(json.dumps(result, indent=2) if as_json else format_report(result))
