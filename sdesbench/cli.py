@@ -61,8 +61,12 @@ def train(
 
     cfg = _build_train_config(config, model, method, dataset, data_root, iters, seed, out_dir, sets, device)
     D.init_from_env()
-    rec = run_train(cfg, resume=resume, show_progress=progress)
-    if D.is_main():
+    main = D.is_main()
+    try:
+        rec = run_train(cfg, resume=resume, show_progress=progress)
+    finally:
+        D.cleanup()
+    if main:
         m = rec["metrics"]
         extra = "".join(f"  {k}: mIoU {100 * v['miou']:.2f}" for k, v in rec.get("extra_metrics", {}).items())
         out.print(f"{cfg.method.name} / {cfg.model.name} / {cfg.data.name}: mIoU {100 * m['miou']:.2f}  "
@@ -133,6 +137,11 @@ def run(
     sets: list[str] = typer.Option([], "--set", help="Override config values for every run: section.key=value."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs with their protocol; train nothing."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    launcher: str = typer.Option("local", help="local (train here, one run after another) | slurm (submitit jobs)."),
+    slurm_partition: Optional[str] = typer.Option(None, help="Slurm partition (--launcher slurm)."),
+    slurm_gpus: int = typer.Option(1, min=0, help="GPUs per job; >1 trains each run with DDP (--launcher slurm)."),
+    slurm_time: int = typer.Option(240, min=1, help="Time limit per job in minutes (--launcher slurm)."),
+    slurm_sets: list[str] = typer.Option([], "--slurm-set", help="Extra submitit parameter key=value (repeatable)."),
 ):
     """Run every row of a paper table (teachers first; finished runs are skipped), then print the table."""
     from sdesbench.engine.io import check_writable
@@ -140,6 +149,10 @@ def run(
     from sdesbench.experiments import expand, load_spec, parse_seeds
     from sdesbench.report import write_table
 
+    if launcher != "local" and not dry_run:
+        from sdesbench.launch import check_launcher
+
+        check_launcher(launcher)  # fail before any planning output
     spec = load_spec(table)
     seed_list = parse_seeds(seeds)
     plans = expand(spec, preset, seed_list, results, sets)
@@ -161,6 +174,11 @@ def run(
             unique.append(p)
     err.print(f"{table} ({preset}): {len(unique)} run(s) to train, "
               f"{len({str(p.out) for p in plans if p.cfg is not None}) - len(unique)} already done")
+    if launcher != "local":
+        from sdesbench.launch import submit_launcher
+
+        return submit_launcher(launcher, unique, results, slurm_partition, slurm_gpus, slurm_time, slurm_sets,
+                               f"sdesbench report {table} --preset {preset} --seeds {seeds} --results {results}")
     failed = 0
     t0 = time.perf_counter()
     for i, p in enumerate(unique, 1):

@@ -161,7 +161,7 @@ def class_pixel_counts(ds: SegDataset, cache_dir: Path | None = None) -> torch.T
         counts += torch.bincount(valid.flatten(), minlength=ds.num_classes)[: ds.num_classes]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks may write the same cache at once
         torch.save(counts, tmp)
         os.replace(tmp, cache)
     return counts

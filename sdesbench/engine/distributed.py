@@ -3,12 +3,14 @@ without them everything degrades to a single process (rank 0 of 1)."""
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import Dataset, Sampler
+
+from sdesbench.errors import SdesbenchError
 
 
 def is_distributed() -> bool:
@@ -47,15 +49,63 @@ def init_from_env() -> bool:
     return True
 
 
-def shard_sampler(dataset: Dataset) -> DistributedSampler:
-    """Evaluation shards: no padding duplicates would bias the confusion matrix, so shard by stride."""
-    return DistributedSampler(dataset, shuffle=False, drop_last=False)
+class StridedShard(Sampler):
+    """Rank r of w takes indices r, r + w, r + 2w, ...: every index exactly once over all ranks.
+
+    torch's DistributedSampler pads the last round with repeated indices when len % world != 0,
+    which would count those images twice in the all-reduced confusion matrix; this does not pad
+    (ranks may get one image less than others, which evaluation tolerates: no collective runs per batch).
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.n, self.rank, self.world = n, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def shard_sampler(dataset: Dataset) -> StridedShard:
+    """This rank's share of an evaluation set, without padding duplicates."""
+    return StridedShard(len(dataset), rank(), world_size())
+
+
+def broadcast_state(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank.
+
+    DDP keeps parameters equal, but BatchNorm running statistics drift per rank after the last
+    forward (without SyncBatchNorm); evaluation and checkpoints must all use rank 0's.
+    """
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """True when `flag` holds on every rank (so all ranks take the same branch, none hangs)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def wrap(module: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
     if not is_distributed():
         return module
     if sync_bn:
+        if device.type != "cuda":
+            raise SdesbenchError("train.sync_bn=true needs CUDA devices (SyncBatchNorm has no CPU kernel); "
+                                 "leave it false with the gloo backend")
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)

@@ -39,7 +39,7 @@ from sdesbench.data.check import ensure_checked
 from sdesbench.data.base import EvalView, IterationSampler, SegDataset, TrainView, class_pixel_counts
 from sdesbench.engine import distributed as D
 from sdesbench.engine.io import check_writable, load_checkpoint, save_checkpoint, write_json, write_text
-from sdesbench.engine.metrics import ConfusionMatrix
+from sdesbench.engine.metrics import ConfusionMatrix, predict
 from sdesbench.errors import CheckpointError, Interrupted, NumericalFault, RunLocked, SdesbenchError
 from sdesbench.methods.base import Method, MethodContext, StepInfo
 from sdesbench.models import build_model, count_params
@@ -56,6 +56,8 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SdesbenchError(f"train.device={name} but no CUDA device is available (use cpu or auto)")
+    if name == "cuda" and D.is_distributed():
+        return torch.device("cuda", D.local_rank())  # one GPU per torchrun process
     return torch.device(name)
 
 
@@ -126,9 +128,9 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                 out = model(images)
                 extra = method.eval_predictions(out, labels) if method is not None else {}
-            mats["student"].update(out["logits"].argmax(1), labels)
+            mats["student"].update(predict(out["logits"]), labels)
             for name, logits in extra.items():
-                mats.setdefault(name, ConfusionMatrix(num_classes, device)).update(logits.argmax(1), labels)
+                mats.setdefault(name, ConfusionMatrix(num_classes, device)).update(predict(logits), labels)
             progress.advance(task)
     results = {}
     for name, mat in mats.items():
@@ -327,7 +329,8 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         check_writable(self.out)
-        with RunLock(self.out):
+        # under torchrun the ranks share the folder: rank 0 holds the lock and writes the files
+        with RunLock(self.out) if D.is_main() else nullcontext():
             return self._run_locked()
 
     def _run_locked(self) -> dict[str, Any]:
@@ -362,6 +365,7 @@ class Trainer:
             raise Interrupted(f"{name}: stopped at iteration {iteration}, checkpoint saved in {self.ckpt_path}; "
                               "continue with --resume", self._stop_signal)
 
+        D.broadcast_state(self.unit.module if hasattr(self.unit, "module") else self.unit)  # rank 0's BN stats
         metrics = evaluate(self.model, EvalView(self.eval_set, cfg.eval.max_images), self.num_classes, self.device,
                            cfg.eval.batch_size, method=self.method, amp=self.amp, show_progress=self.show_progress)
         return self._record("completed", iteration, metrics)
@@ -406,7 +410,7 @@ class Trainer:
                             teacher_out = self.teacher(images)
                     terms = self.unit(images, labels, StepInfo(iteration, total), teacher_out)
                 loss = sum(terms.values())
-                if not bool(torch.isfinite(loss)):
+                if not D.all_true(bool(torch.isfinite(loss)), self.device):  # every rank stops together
                     bad = [k for k, v in terms.items() if not bool(torch.isfinite(v))] or ["total"]
                     msg = (f"non-finite loss term '{bad[0]}' at iteration {iteration + 1}; the last good checkpoint "
                            f"is kept (iteration {self._last_ckpt_iter()})")

@@ -1,5 +1,11 @@
-"""Loss terms shared by several methods. Method-specific terms live in the method's own file."""
+"""Loss terms shared by several methods. Method-specific terms live in the method's own file.
+
+Under mixed precision, compute softmax/KL at a temperature and attention maps inside
+`full_precision()` on `fp32(...)` inputs (see docs/performance.md)."""
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,3 +27,26 @@ def pixel_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGN
 
 def valid_mask(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     return labels != ignore_index
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """Run the enclosed code in fp32 even inside the Trainer's autocast (bf16/fp16 on CUDA).
+
+    Use it around softmax/log-softmax/KL at a temperature and attention-map computations: in
+    half precision `exp(z / tau)` loses the small probabilities that distillation transfers, and
+    sums over H x W pixels overflow fp16. Autocast is switched off for CUDA and CPU; tensors
+    produced *before* the block keep their dtype, so cast them with `fp32(...)`:
+
+        with full_precision():
+            s, t = fp32(student_logits, teacher_logits)
+            loss = F.kl_div(F.log_softmax(s / tau, 1), F.log_softmax(t / tau, 1), log_target=True, ...)
+    """
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        yield
+
+
+def fp32(*tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Floating-point tensors cast to float32 (others unchanged); one tensor in, one out."""
+    out = tuple(t.float() if t.is_floating_point() else t for t in tensors)
+    return out[0] if len(out) == 1 else out

@@ -1,0 +1,99 @@
+"""Performance plumbing: fp32 loss helpers under autocast, fast class maps, CPU peak memory, `sdesbench bench`."""
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli
+from sdesbench.bench import BenchSettings, cpu_peak_bytes, run_bench
+from sdesbench.engine.metrics import predict
+from sdesbench.errors import ConfigError
+from sdesbench.methods.base import Method
+from sdesbench.methods.losses import fp32, full_precision, pixel_ce
+from sdesbench.models import build_model
+from sdesbench.registry import METHODS
+
+
+def test_full_precision_computes_in_fp32_inside_autocast():
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ b).dtype == torch.bfloat16  # autocast is active here
+        half = (a @ b)
+        with full_precision():
+            x, y = fp32(half, a)
+            assert x.dtype == torch.float32 and y.dtype == torch.float32
+            assert (y @ b).dtype == torch.float32
+    labels = torch.tensor([1, 2])
+    assert fp32(labels) is labels  # integer tensors pass unchanged
+
+
+def test_predict_is_argmax_including_ties():
+    logits = torch.randn(2, 5, 7, 9)
+    logits[0, 1, 0, 0] = logits[0, 3, 0, 0] = 100.0  # a tie: the first class wins, as with argmax
+    assert torch.equal(predict(logits), logits.argmax(1))
+    assert predict(logits)[0, 0, 0] == 1
+
+
+def test_cpu_peak_bytes_replays_allocations():
+    def pattern():  # 4 MB, +2 MB (6 alive), free 4 MB, +8 MB (10 alive), free all
+        a = torch.empty(1_000_000)
+        b = torch.empty(500_000)
+        del a
+        c = torch.empty(2_000_000)
+        del b, c
+
+    assert cpu_peak_bytes(pattern, live_before=123) == 123 + 10_000_000
+
+
+def test_bench_json_structure_and_memory_floor():
+    proc = run_cli("bench", "--methods", "student", "--iters", "2", "--warmup", "1", "--crop", "32", "--batch", "2",
+                   "--eval-images", "2", "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["device"].startswith("cpu") and r["settings"]["crop"] == 32 and r["settings"]["batch"] == 2
+    (student,) = r["methods"]
+    assert student["method"] == "student" and student["time_ratio"] == 1.0 and student["memory_ratio"] == 1.0
+    assert student["images_per_s"] == pytest.approx(2 / (student["step_ms"] / 1e3), rel=0.01)
+    # parameters, their gradients and SGD momentum are all alive at the step's peak
+    params = sum(p.numel() for p in build_model("deeplabv3_resnet18", 11).parameters())
+    assert student["peak_memory_mb"] >= 3 * 4 * params / 2**20
+    assert 0 <= r["eval"]["metric_overhead"] < 1
+    assert r["data_loader"]["ratio_to_training_step"] > 0
+    assert all("table" in t for t in r["tables"])
+
+
+def test_bench_unknown_method_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        run_bench(BenchSettings(methods=["nope"], device="cpu"))
+
+
+class _TeacherKL(Method):
+    """Test-only method: CE + KL to a teacher at temperature 4, computed in fp32."""
+
+    needs_teacher = True
+
+    @dataclass
+    class Options:
+        pass
+
+    def loss_terms(self, student_out, labels, step, teacher_out=None):
+        with full_precision():
+            s, t = fp32(student_out["logits"], teacher_out["logits"])
+            kl = F.kl_div(F.log_softmax(s / 4, 1), F.log_softmax(t / 4, 1), log_target=True, reduction="batchmean")
+        return {"ss": pixel_ce(student_out["logits"], labels), "kl": kl}
+
+
+def test_bench_builds_a_random_teacher_and_counts_its_memory():
+    METHODS.register("_test_teacher_kl")(_TeacherKL)
+    try:
+        r = run_bench(BenchSettings(methods=["_test_teacher_kl"], iters=1, warmup=1, crop=32, batch=2, eval_images=1,
+                                    loader_batches=1, device="cpu", tables=False))
+    finally:
+        METHODS._entries.pop("_test_teacher_kl")
+    student, kd = r["methods"]
+    assert kd["method"] == "_test_teacher_kl" and "note" not in kd
+    teacher_mb = 4 * sum(p.numel() for p in build_model("deeplabv3_resnet18", 11).parameters()) / 2**20
+    assert kd["peak_memory_mb"] - student["peak_memory_mb"] >= teacher_mb  # the teacher's weights stay alive
+    assert kd["gflops_per_step"] > student["gflops_per_step"]  # plus the teacher's forward
