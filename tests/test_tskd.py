@@ -28,6 +28,8 @@ from sdesbench.registry import METHODS
 
 LN3 = math.log(3.0)
 TS_METHODS = ["kl", "at", "cwd", "rdd", "rdd+kl", "rdd+cwd"]
+# FAST, made smaller still (later --set wins): seven trainings share one test
+TINY = [*FAST, "--set", "data.batch_size=2", "--set", "data.crop=32", "--set", "eval.max_images=2"]
 
 
 def logits_1x(*pixels):
@@ -308,6 +310,20 @@ def test_teacher_runs_frozen_in_eval_mode_without_grad(tmp_path):
     assert not all(torch.equal(student_before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+def test_model_built_with_aux_runs_its_aux_head():
+    # regression: a class attribute `aux_head = None` on SegmentationModel used to shadow the registered head
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="deeplabv3_resnet18", aux=True), 11)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out["aux"] is not None and tuple(out["aux"].shape) == (2, 11, 32, 32)
+    assert model.aux_head is not None
+    assert build_model("deeplabv3_resnet18", 11)(torch.randn(2, 3, 32, 32))["aux"] is None
+    # a student with an aux head gets the aux CE beside the distillation term
+    terms = build_method("kl", fake_ctx(num_classes=11)).loss_terms(out, torch.zeros(2, 32, 32, dtype=torch.long),
+                                                                    StepInfo(0, 1), {"logits": out["logits"]})
+    assert set(terms) == {"ss", "aux", "kd"}
+
+
 def test_teacher_of_wrong_class_count_is_refused(tmp_path):
     ckpt = save_fake_teacher(tmp_path / "teacher5.pt", num_classes=5)
     with pytest.raises(CheckpointError) as e:
@@ -366,7 +382,7 @@ def e2e_run(tmp_path_factory):
     os.environ["SDESBENCH_EXPERIMENTS"] = str(root / "specs")
     try:
         proc = run_cli("run", "tskd_e2e", "--results", str(root / "results"), "--set", "train.iters=2",
-                       "--set", "train.log_every=1", *FAST)
+                       "--set", "train.log_every=1", *TINY)
     finally:
         if old is None:
             os.environ.pop("SDESBENCH_EXPERIMENTS")
@@ -407,7 +423,7 @@ def teacher_ckpt(e2e_run):
 def test_train_cli_with_set_teacher_checkpoint(teacher_ckpt, tmp_path):
     proc = run_cli("train", "--method", "rdd+cwd", "--iters", "2", "--set", "teacher.model=deeplabv3_resnet18",
                    "--set", f"teacher.checkpoint={teacher_ckpt}", "--set", "method.tfe_fraction=0.5",
-                   *FAST, "--out", str(tmp_path / "s"))
+                   *TINY, "--out", str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr
     rec = read_json(tmp_path / "s" / "results.json")
     assert rec["status"] == "completed" and rec["config"]["teacher"]["checkpoint"] == str(teacher_ckpt)
@@ -415,11 +431,11 @@ def test_train_cli_with_set_teacher_checkpoint(teacher_ckpt, tmp_path):
 
 def test_teacher_of_wrong_architecture_is_one_line(teacher_ckpt, tmp_path):
     proc = run_cli("train", "--method", "kl", "--iters", "2", "--set", "teacher.model=deeplabv3_resnet50",
-                   "--set", f"teacher.checkpoint={teacher_ckpt}", *FAST, "--out", str(tmp_path / "s"))
+                   "--set", f"teacher.checkpoint={teacher_ckpt}", *TINY, "--out", str(tmp_path / "s"))
     assert_one_line_error(proc, "is a deeplabv3_resnet18, not the deeplabv3_resnet50")
 
 
 def test_missing_teacher_checkpoint_is_one_line(tmp_path):
     proc = run_cli("train", "--method", "at", "--iters", "2", "--set", "teacher.model=deeplabv3_resnet18",
-                   *FAST, "--out", str(tmp_path / "s"))
+                   *TINY, "--out", str(tmp_path / "s"))
     assert_one_line_error(proc, "method 'at' needs teacher.checkpoint")

@@ -96,7 +96,7 @@ def tfe_weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.T
     """L_TFE = 1/|V| sum_{i in V} w_i CE_i (0 when no pixel is labelled)."""
     valid = valid_mask(labels)
     if not bool(valid.any()):
-        return logits.sum() * 0.0
+        return logits.sum() * 0.0 + 0.0  # + 0.0 turns -0.0 into 0.0 in the logs
     ce = F.cross_entropy(logits.float(), torch.where(valid, labels, torch.zeros_like(labels)), reduction="none")
     return (weights * ce)[valid].mean()
 
@@ -132,7 +132,7 @@ def tse_pixel_mask(student_hard: torch.Tensor, teacher_hard: torch.Tensor, combi
 def tse_masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """L_TSE = 1/|M| sum_{i in M} CE_i (0 when M is empty)."""
     if not bool(mask.any()):
-        return logits.sum() * 0.0
+        return logits.sum() * 0.0 + 0.0  # + 0.0 turns -0.0 into 0.0 in the logs
     ce = F.cross_entropy(logits.float(), torch.where(mask, labels, torch.zeros_like(labels)), reduction="none")
     return ce[mask].mean()
 
