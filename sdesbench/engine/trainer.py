@@ -34,7 +34,7 @@ from torch.optim.lr_scheduler import PolynomialLR
 from torch.utils.data import DataLoader
 
 from sdesbench import IGNORE_INDEX, __version__
-from sdesbench.config import RunConfig
+from sdesbench.config import ModelConfig, RunConfig
 from sdesbench.data.check import ensure_checked
 from sdesbench.data.base import EvalView, IterationSampler, SegDataset, TrainView, class_pixel_counts
 from sdesbench.engine import distributed as D
@@ -89,6 +89,9 @@ def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device) -> Segm
     if not cfg.teacher.checkpoint:
         raise SdesbenchError(f"method {cfg.method.name!r} needs teacher.checkpoint (train one with `sdesbench train`"
                              " or let `sdesbench run` do it)")
+    if not cfg.teacher.model:
+        raise SdesbenchError(f"method {cfg.method.name!r} needs teacher.model (the teacher's architecture, "
+                             "e.g. deeplabv3_resnet50)")
     state = load_checkpoint(cfg.teacher.checkpoint)
     if state.get("model_name") != cfg.teacher.model:
         raise CheckpointError(f"teacher checkpoint {cfg.teacher.checkpoint} is a {state.get('model_name')}, "
@@ -96,7 +99,9 @@ def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device) -> Segm
     if state.get("num_classes") != num_classes:
         raise CheckpointError(f"teacher checkpoint {cfg.teacher.checkpoint} has {state.get('num_classes')} classes, "
                               f"the dataset has {num_classes}")
-    teacher = build_model(cfg.teacher.model, num_classes)
+    # built as it was trained (an aux head if it had one), never with ImageNet weights: its own replace them
+    trained_aux = bool(((state.get("config") or {}).get("model") or {}).get("aux", False))
+    teacher = build_model(ModelConfig(name=cfg.teacher.model, aux=trained_aux), num_classes)
     try:
         teacher.load_state_dict(state["model"])
     except RuntimeError:

@@ -27,7 +27,9 @@ class SegmentationModel(nn.Module):
     decoder_channels: int  # channels of `decoder_feature`
     pretrained: bool = False  # whether the backbone was initialised from ImageNet weights
     decoder: nn.Module
-    aux_head: nn.Module | None = None
+    # no class-level default: a class attribute `aux_head = None` would shadow the submodule that
+    # nn.Module registers in `_modules`, so the head would never run; read it with getattr(..., None)
+    aux_head: nn.Module | None
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -40,8 +42,9 @@ class SegmentationModel(nn.Module):
         stages = self.encode(x)
         dec = self.decoder(stages)
         aux = None
-        if self.aux_head is not None:
-            aux = to_size(self.aux_head(stages[-2]), size)
+        aux_head = getattr(self, "aux_head", None)  # set by models built with aux=True
+        if aux_head is not None:
+            aux = to_size(aux_head(stages[-2]), size)
         return {
             "logits": to_size(dec["logits"], size),
             "aux": aux,
