@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import CAMVID, camvid, run_cli
-from sdesbench.data.base import TrainView
+from sdesbench.data.base import TrainView, class_pixel_counts
 from sdesbench.data.camvid import CamVid
 from sdesbench.data.check import check_dataset, ensure_checked
 from sdesbench.data.cityscapes import Cityscapes
@@ -110,6 +110,12 @@ def test_cityscapes_maps_label_ids_to_train_ids_and_prefers_label_train_ids(tmp_
     _, mask = ds.load(1)
     assert (mask[:5] == 255).all() and (mask[5:] == 13).all()
     assert len(Cityscapes(root, "val")) == 1
+    report = check_dataset("cityscapes", root, show_progress=False)  # the absent test split is optional
+    assert report["problems"] == [] and report["splits"] == {"train": 2, "val": 1}
+    share = report["class_pixel_share"]["train"]
+    total = 8 * W + 8 * W + 4 * W + 19 * W  # road, car, bicycle rows of image 1; car rows of image 2
+    assert share["road"] == pytest.approx(8 * W / total) and share["car"] == pytest.approx((8 + 19) * W / total)
+    assert share["bicycle"] == pytest.approx(4 * W / total) and share["sidewalk"] == 0
 
 
 def make_voc(root, aug: bool):
@@ -252,8 +258,10 @@ def test_cityscapes_and_voc_orphans(tmp_path):
 def test_training_refuses_bad_data_and_rechecks_a_replaced_file(tmp_path):
     root = make_camvid(tmp_path / "camvid")
     train, val = CamVid(root, "train"), CamVid(root, "val")
-    ensure_checked(train, val, tmp_path / "cache")  # passes, cached
+    ensure_checked(train, val, tmp_path / "cache")  # passes, cached with the class pixel counts
     assert len(list((tmp_path / "cache").glob("check-camvid-*.json"))) == 2
+    assert (tmp_path / "cache" / f"stats-camvid-train-{train.fingerprint()}.pt").is_file()
+    assert class_pixel_counts(train, tmp_path / "cache").tolist() == [384, 0, 0, 352, 0, 0, 0, 0, 744, 0, 0]
     label = root / "trainannot" / "0001TP_b.png"
     bad = camvid_label_b()
     bad[3, 3] = 99

@@ -50,7 +50,7 @@ def _print_report(report: dict) -> None:
     splits = list(report["splits"])
     out.print("  ".join(f"{s}: {n} images" for s, n in report["splits"].items()) or "no splits found")
     if splits:
-        t = Table(title="class pixel share (% of labelled pixels)")
+        t = Table(title="pixel share %", caption="of labelled pixels (void excluded)")
         t.add_column("class")
         for s in splits:
             t.add_column(s, justify="right")

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sdesbench import IGNORE_INDEX
-from sdesbench.data.base import SegDataset, resolve_root
+from sdesbench.data.base import SegDataset, resolve_root, save_class_pixel_counts, stats_cache_path
 from sdesbench.data.files import FileSegDataset, describe_values, read_image, read_label
 from sdesbench.engine.io import write_json
 from sdesbench.errors import DataError
@@ -54,12 +54,15 @@ def inspect_file_sample(ds: FileSegDataset, index: int) -> Inspection:
     if (h, w) != (lh, lw):
         return [f"{label_path}: size mismatch: label {lw}x{lh}, image {w}x{h} ({image_path.name})"], counts
     lut, known = ds.label_spec(label_path)
-    present = raw.unique().tolist()
-    unknown = [v for v in present if v not in known]
+    hist = torch.bincount(raw.flatten(), minlength=256)  # pixels per raw value: one pass over the label
+    present = hist.nonzero().flatten()
+    unknown = [v for v in present.tolist() if v not in known]
     if unknown:
         problems.append(f"{label_path}: label values {', '.join(map(str, unknown))} outside the known set "
                         f"({describe_values(list(known))})")
-    return problems, _count(lut[raw.long()], ds.num_classes)
+    mapped = lut[present]
+    keep = mapped < ds.num_classes  # drop ignored values
+    return problems, counts.index_add_(0, mapped[keep], hist[present][keep])
 
 
 def inspect_sample(ds: SegDataset, index: int) -> Inspection:
@@ -142,7 +145,8 @@ def check_dataset(name: str, root: str | Path | None, show_progress: bool = True
 
 
 def ensure_checked(train: SegDataset, val: SegDataset, cache_dir: Path) -> None:
-    """Refuse to start on a dataset that fails its check; a pass is cached by fingerprint."""
+    """Refuse to start on a dataset that fails its check; a pass is cached by fingerprint, together
+    with the split's class pixel counts (the cache `class_pixel_counts` reads)."""
     if getattr(train, "generated", False):
         return
     for ds in (train, val):
@@ -150,8 +154,9 @@ def ensure_checked(train: SegDataset, val: SegDataset, cache_dir: Path) -> None:
         if marker.is_file() and json.loads(marker.read_text()).get("ok"):
             continue
         with _progress(True) as progress:
-            problems, _ = split_problems(ds, progress)
+            problems, counts = split_problems(ds, progress)
         if problems:
             more = f" (and {len(problems) - 1} more; run `sdesbench data check {ds.name}`)" if len(problems) > 1 else ""
             raise DataError(f"dataset check failed: {problems[0]}{more}")
+        save_class_pixel_counts(stats_cache_path(ds, cache_dir), counts)  # saves SDES a second pass
         write_json(marker, {"ok": True, "samples": len(ds)})

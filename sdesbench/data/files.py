@@ -36,7 +36,8 @@ def read_image(path: Path) -> torch.Tensor:
     """RGB uint8 3xHxW; DataError naming the file when it is missing, corrupt or truncated."""
     try:
         with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB"))  # convert() loads, which raises on truncated data
+            im.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES is False)
+            rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))
     except Exception as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
