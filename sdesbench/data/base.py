@@ -147,11 +147,22 @@ class IterationSampler(Sampler):
         return (self.iters - self.start_iter) * self.batch_size
 
 
+def stats_cache_path(ds: SegDataset, cache_dir: Path) -> Path:
+    return Path(cache_dir) / f"stats-{ds.name}-{ds.split}-{ds.fingerprint()}.pt"
+
+
+def save_class_pixel_counts(path: Path, counts: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks may write the same cache at once
+    torch.save(counts, tmp)
+    os.replace(tmp, path)
+
+
 def class_pixel_counts(ds: SegDataset, cache_dir: Path | None = None) -> torch.Tensor:
     """Per-class pixel counts over a split (ignored pixels excluded), cached by file-list fingerprint."""
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"stats-{ds.name}-{ds.split}-{ds.fingerprint()}.pt"
+        cache = stats_cache_path(ds, cache_dir)
         if cache.is_file():
             return torch.load(cache, weights_only=True)
     counts = torch.zeros(ds.num_classes, dtype=torch.int64)
@@ -160,8 +171,5 @@ def class_pixel_counts(ds: SegDataset, cache_dir: Path | None = None) -> torch.T
         valid = mask[mask != IGNORE_INDEX]
         counts += torch.bincount(valid.flatten(), minlength=ds.num_classes)[: ds.num_classes]
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks may write the same cache at once
-        torch.save(counts, tmp)
-        os.replace(tmp, cache)
+        save_class_pixel_counts(cache, counts)
     return counts

@@ -383,7 +383,7 @@ class Trainer:
         cuda = self.device.type == "cuda"
         workers = cfg.data.workers
         return DataLoader(view, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=workers,
-                          pin_memory=cuda, persistent_workers=False, drop_last=False,
+                          pin_memory=cuda, persistent_workers=cuda and workers > 0, drop_last=False,
                           prefetch_factor=4 if workers > 0 else None,
                           generator=torch.Generator())  # keeps the global RNG untouched (exact resume)
 

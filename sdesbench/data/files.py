@@ -1,0 +1,173 @@
+"""Datasets stored as image/label file pairs on disk: decoding, label mapping and orphan reports.
+
+`FileSegDataset` is the common base of `camvid`, `cityscapes` and `voc`. A subclass lists its
+(image, label) pairs for a split in `_scan()`, which also returns the problem lines of that listing
+(images without labels, labels without images, listed files that are missing); `orphans()` hands
+those lines to the checker. Only complete pairs become samples.
+
+Images and labels are decoded with PIL (labels must be read as their index values: a VOC palette
+PNG would come out as RGB from torchvision's decoder, which is also deprecated since torchvision
+0.29 and lets libpng print to stderr). Truncated or corrupt files raise `DataError` naming the path:
+PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` stays at its default (False), so `load()` raises instead of
+padding a truncated file.
+
+Raw label values go through a 256-entry lookup table to train ids with 255 ignored (`label_spec`
+gives the table and the raw values a label file may hold). Raw values outside that set are ignored
+by `load()` (so a stray value can never crash a loss) but reported by `sdesbench data check`, which
+training runs first and which refuses such data.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdesbench import IGNORE_INDEX
+from sdesbench.data.base import SegDataset
+from sdesbench.errors import DataError
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """RGB uint8 3xHxW; DataError naming the file when it is missing, corrupt or truncated."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES is False)
+            rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def read_label(path: Path) -> torch.Tensor:
+    """Raw label values (uint8 HxW): grey levels, or the indices of a palette PNG."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES is False)
+            if im.mode not in ("L", "P"):
+                raise DataError(f"label {path} is a {im.mode} image; expected 8-bit class indices (mode L or P)")
+            return torch.from_numpy(np.array(im, dtype=np.uint8))
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot read label {path}: {e}") from None
+
+
+def build_lut(mapping: dict[int, int]) -> torch.Tensor:
+    """256-entry raw value -> train id table; values not in `mapping` map to the ignore index."""
+    lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
+    for raw, train_id in mapping.items():
+        lut[raw] = train_id
+    return lut
+
+
+def describe_values(values: list[int]) -> str:
+    """Compact text for a set of integers: '0..10, 255'."""
+    values = sorted(values)
+    runs, start = [], values[0]
+    for a, b in zip(values, values[1:] + [None]):
+        if b != a + 1:
+            runs.append(str(start) if start == a else f"{start}..{a}")
+            start = b
+    return ", ".join(runs)
+
+
+class FileSegDataset(SegDataset):
+    """Image/label pairs on disk; subclasses implement `_scan()` and set the label mapping."""
+
+    required_splits: ClassVar[tuple[str, ...]] = ("train", "val")  # the checker reports these when absent
+
+    def __init__(self, root, split: str):
+        super().__init__(root, split)
+        self.pairs, self._orphans = self._scan()
+        if not self.pairs:
+            raise DataError(f"{self.name}: no image/label pairs for split {split!r} under {self.root}"
+                            + (f" ({self._orphans[0]})" if self._orphans else ""))
+
+    # -- to implement --------------------------------------------------------------------
+    def _scan(self) -> tuple[list[tuple[Path, Path]], list[str]]:
+        """(complete (image, label) pairs in a stable order, problem lines about the listing)."""
+        raise NotImplementedError
+
+    def label_spec(self, label_path: Path) -> tuple[torch.Tensor, frozenset[int]]:
+        """(raw -> train id lookup table, raw values the file may hold) for this label file
+        (per file because Cityscapes has two kinds of label file)."""
+        raise NotImplementedError
+
+    @classmethod
+    def split_present(cls, root: Path, split: str) -> bool:
+        """Whether the folder holds this split at all (the public CamVid copy lacks test)."""
+        raise NotImplementedError
+
+    # -- contract ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, raw = self.load_raw(index)
+        return image, self.label_spec(self.pairs[index][1])[0][raw.long()]
+
+    def load_raw(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image uint8 3xHxW, raw label values uint8 HxW) before the label mapping."""
+        image_path, label_path = self.pairs[index]
+        return read_image(image_path), read_label(label_path)
+
+    def sample_id(self, index: int) -> str:
+        return str(self.pairs[index][0])
+
+    def orphans(self) -> list[str]:
+        """Problem lines about this split's files: images without labels, labels without images."""
+        return list(self._orphans)
+
+    def fingerprint(self) -> str:
+        """The file list with each file's size and modification time: a replaced file is re-checked."""
+        h = hashlib.sha256(f"{self.name}/{self.split}/{len(self)}".encode())
+        for pair in self.pairs:
+            for p in pair:
+                st = p.stat()
+                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+
+def stems(folder: Path, suffix: str) -> dict[str, Path]:
+    """{file name without `suffix`: path} for the files in `folder` whose names end with `suffix`."""
+    if not folder.is_dir():
+        return {}
+    return {p.name[: len(p.name) - len(suffix)]: p for p in sorted(folder.iterdir())
+            if p.name.endswith(suffix) and p.is_file()}
+
+
+def file_name(entry: str) -> str:
+    """The last component of a path written on another machine (either slash)."""
+    return re.split(r"[\\/]", entry)[-1]
+
+
+def pair_by_key(images: dict[str, Path], labels: dict[str, Path], expected_image, expected_label,
+                listed: list[str] | None = None, list_file: Path | None = None,
+                report_unlisted: bool = True) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """Match images and labels by key; return the complete pairs and one problem line per orphan.
+
+    `listed` (keys from a list file) fixes the samples and their order; otherwise every image on
+    disk is a sample, sorted. With `report_unlisted`, files outside the list are checked too
+    (an unlisted image without label, a label without image).
+    """
+    keys = listed if listed is not None else sorted(images)
+    pairs, problems = [], []
+    for key in keys:
+        if key not in images:
+            problems.append(f"{expected_image(key)}: listed in {list_file} but missing")
+        elif key not in labels:
+            problems.append(f"{images[key]}: image without label (expected {expected_label(key)})")
+        else:
+            pairs.append((images[key], labels[key]))
+    if report_unlisted:
+        seen = set(keys)
+        problems += [f"{images[k]}: image without label (expected {expected_label(k)})"
+                     for k in sorted(images) if k not in seen and k not in labels]
+        problems += [f"{labels[k]}: label without image (expected {expected_image(k)})"
+                     for k in sorted(labels) if k not in images]
+    return pairs, problems

@@ -1,0 +1,335 @@
+"""Real-dataset loaders (CamVid, Cityscapes, VOC) on small generated fixtures in their on-disk
+layouts, the dataset checker (every problem it reports), and the real CamVid copy when present."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CAMVID, camvid, run_cli
+from sdesbench.data.base import TrainView, class_pixel_counts
+from sdesbench.data.camvid import CamVid
+from sdesbench.data.check import check_dataset, ensure_checked
+from sdesbench.data.cityscapes import Cityscapes
+from sdesbench.data.voc import PALETTE as VOC_PALETTE
+from sdesbench.data.voc import PascalVOC
+from sdesbench.errors import DataError
+
+H, W = 24, 32
+
+
+def write_image(path, seed, size=(H, W), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path, format=fmt)
+    return rgb
+
+
+def write_label(path, values, palette=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(np.asarray(values, dtype=np.uint8), mode="L")
+    if palette is not None:  # a palette PNG as in VOC's SegmentationClass
+        im = im.convert("P")
+        im.putpalette([c for rgb in palette for c in rgb] + [224, 224, 192] * (256 - len(palette)))
+        im.putdata(np.asarray(values, dtype=np.uint8).flatten().tolist())
+    im.save(path)
+
+
+def camvid_label_a():
+    """Rows 0-11 Sky (0), rows 12-22 Road (3), row 23 void (11): 384 + 352 labelled pixels."""
+    lab = np.zeros((H, W), np.uint8)
+    lab[12:23] = 3
+    lab[23] = 11
+    return lab
+
+
+def camvid_label_b():
+    """Car (8) everywhere but the first column, which is void: 23 * 32 + 23 = 744 labelled pixels."""
+    lab = np.full((H, W), 8, np.uint8)
+    lab[:, 0] = 11
+    return lab
+
+
+def make_camvid(root):
+    """SegNet layout, with list files holding absolute paths from another machine."""
+    for split, names in (("train", ["0001TP_a.png", "0001TP_b.png"]), ("val", ["Seq05_c.png"])):
+        for i, name in enumerate(names):
+            write_image(root / split / name, seed=i)
+            write_label(root / f"{split}annot" / name, camvid_label_a() if i == 0 else camvid_label_b())
+        (root / f"{split}.txt").write_text("".join(
+            f"/SegNet/CamVid/{split}/{n} /SegNet/CamVid/{split}annot/{n}\n" for n in names))
+    return root
+
+
+def test_camvid_loader_maps_void_to_ignore_and_uses_list_file_names(tmp_path):
+    root = make_camvid(tmp_path / "camvid")
+    ds = CamVid(root, "train")
+    assert len(ds) == 2 and ds.orphans() == []
+    assert ds.sample_id(0) == str(root / "train" / "0001TP_a.png")  # the list's foreign path is not used
+    image, mask = ds.load(0)
+    assert image.dtype == torch.uint8 and image.shape == (3, H, W)
+    expected_rgb = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    assert torch.equal(image, torch.from_numpy(expected_rgb).permute(2, 0, 1))
+    assert mask.dtype == torch.int64 and mask.shape == (H, W)
+    assert (mask[:12] == 0).all() and (mask[12:23] == 3).all() and (mask[23] == 255).all()
+    assert len(CamVid(root, "val")) == 1
+    with pytest.raises(DataError, match="unknown split 'tset'"):
+        CamVid(root, "tset")
+
+
+def test_cityscapes_maps_label_ids_to_train_ids_and_prefers_label_train_ids(tmp_path):
+    root = tmp_path / "cityscapes"
+    ids = np.zeros((H, W), np.uint8)  # 0 = unlabeled -> 255
+    ids[:8] = 7  # road -> 0
+    ids[8:16] = 26  # car -> 13
+    ids[16:20] = 33  # bicycle -> 18
+    ids[20:] = 14  # guard rail: a valid id that is not evaluated -> 255
+    ids[23, :4] = 0
+    for split, city in (("train", "aachen"), ("val", "lindau")):
+        stem = f"{city}/{city}_000000_000019"
+        write_image(root / "leftImg8bit" / split / f"{stem}_leftImg8bit.png", seed=1)
+        write_label(root / "gtFine" / split / f"{stem}_gtFine_labelIds.png", ids)
+    # a second train city with both label files: the labelTrainIds file wins
+    stem = "bremen/bremen_000001_000019"
+    write_image(root / "leftImg8bit" / "train" / f"{stem}_leftImg8bit.png", seed=2)
+    write_label(root / "gtFine" / "train" / f"{stem}_gtFine_labelIds.png", np.full((H, W), 7, np.uint8))
+    train_ids = np.full((H, W), 13, np.uint8)
+    train_ids[:5] = 255
+    write_label(root / "gtFine" / "train" / f"{stem}_gtFine_labelTrainIds.png", train_ids)
+
+    ds = Cityscapes(root, "train")
+    assert len(ds) == 2 and ds.orphans() == []
+    assert [p[0].parent.name for p in ds.pairs] == ["aachen", "bremen"]
+    _, mask = ds.load(0)
+    assert (mask[:8] == 0).all() and (mask[8:16] == 13).all() and (mask[16:20] == 18).all()
+    assert (mask[20:] == 255).all()
+    _, mask = ds.load(1)
+    assert (mask[:5] == 255).all() and (mask[5:] == 13).all()
+    assert len(Cityscapes(root, "val")) == 1
+    report = check_dataset("cityscapes", root, show_progress=False)  # the absent test split is optional
+    assert report["problems"] == [] and report["splits"] == {"train": 2, "val": 1}
+    share = report["class_pixel_share"]["train"]
+    total = 8 * W + 8 * W + 4 * W + 19 * W  # road, car, bicycle rows of image 1; car rows of image 2
+    assert share["road"] == pytest.approx(8 * W / total) and share["car"] == pytest.approx((8 + 19) * W / total)
+    assert share["bicycle"] == pytest.approx(4 * W / total) and share["sidewalk"] == 0
+
+
+def make_voc(root, aug: bool):
+    """VOC2012: palette PNGs in SegmentationClass; with `aug`, SBD grey labels and a DeepLab-style list."""
+    lab = np.zeros((H, W), np.uint8)
+    lab[4:20, 6:26] = 15  # person
+    lab[4, 6:26] = 255  # object boundary
+    ids = {"train": ["2007_000032", "2007_000039"], "val": ["2007_000033"]}
+    for split, names in ids.items():
+        for i, name in enumerate(names):
+            write_image(root / "JPEGImages" / f"{name}.jpg", seed=i, fmt="JPEG")
+            write_label(root / "SegmentationClass" / f"{name}.png", lab, palette=VOC_PALETTE)
+        (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    if aug:
+        extra = "2008_000002"
+        write_image(root / "JPEGImages" / f"{extra}.jpg", seed=5, fmt="JPEG")
+        write_label(root / "SegmentationClassAug" / f"{extra}.png", np.full((H, W), 7, np.uint8))  # grey, car
+        (root / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("".join(
+            f"/JPEGImages/{n}.jpg /SegmentationClassAug/{n}.png\n" for n in ids["train"] + [extra]))
+    return root
+
+
+def test_voc_reads_palette_indices_not_colours_and_prefers_train_aug(tmp_path):
+    root = make_voc(tmp_path / "VOCdevkit" / "VOC2012", aug=False)
+    assert Image.open(root / "SegmentationClass" / "2007_000032.png").mode == "P"
+    ds = PascalVOC(tmp_path, "train")  # the folder above VOCdevkit works too
+    assert len(ds) == 2
+    image, mask = ds.load(0)
+    assert image.shape == (3, H, W) and image.dtype == torch.uint8
+    assert (mask[5:20, 6:26] == 15).all() and (mask[4, 6:26] == 255).all() and int((mask == 0).sum()) == H * W - 16 * 20
+    make_voc(root, aug=True)
+    ds = PascalVOC(root, "train")
+    assert len(ds) == 3 and ds.sample_id(2).endswith("JPEGImages/2008_000002.jpg")
+    assert (ds.load(2)[1] == 7).all()
+    assert len(PascalVOC(root, "val")) == 1
+
+
+def test_check_json_counts_and_hand_computed_shares_via_cli(tmp_path):
+    root = make_camvid(tmp_path / "camvid")
+    proc = run_cli("data", "check", "camvid", "--root", str(root), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report) == {"splits", "class_pixel_share", "problems"}
+    assert report["splits"] == {"train": 2, "val": 1} and report["problems"] == []
+    train = report["class_pixel_share"]["train"]
+    total = 384 + 352 + 744  # labelled pixels of labels a and b (void excluded)
+    assert train["Sky"] == pytest.approx(384 / total) and train["Road"] == pytest.approx(352 / total)
+    assert train["Car"] == pytest.approx(744 / total) and train["Pole"] == 0
+    assert report["class_pixel_share"]["val"]["Sky"] == pytest.approx(384 / 736)
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_checker_reports_every_problem_one_line_each_naming_the_file(tmp_path):
+    root = make_camvid(tmp_path / "camvid")
+    write_image(root / "train" / "extra_no_label.png", seed=3)  # image without label
+    write_label(root / "trainannot" / "orphan.png", camvid_label_a())  # label without image
+    (root / "val" / "Seq05_c.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")  # corrupt image
+    truncate(root / "trainannot" / "0001TP_a.png")  # truncated label
+    write_image(root / "val" / "Seq05_d.png", seed=4)
+    write_label(root / "valannot" / "Seq05_d.png", np.full((H + 2, W), 3, np.uint8))  # size mismatch
+    with open(root / "val.txt", "a") as f:
+        f.write("/SegNet/CamVid/val/Seq05_d.png /SegNet/CamVid/valannot/Seq05_d.png\n")
+    with open(root / "train.txt", "a") as f:
+        f.write("/SegNet/CamVid/train/gone.png /SegNet/CamVid/trainannot/gone.png\n")  # listed, missing
+    bad = camvid_label_b()
+    bad[0, 5], bad[1, 7] = 40, 12  # values outside 0..11 and 255
+    write_label(root / "trainannot" / "0001TP_b.png", bad)
+
+    proc = run_cli("data", "check", "camvid", "--root", str(root), "--json")
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    lines = proc.stderr.strip().splitlines()
+    assert lines == report["problems"] and "Traceback" not in proc.stderr
+    expected = [
+        f"{root}/train/gone.png: listed in {root}/train.txt but missing",
+        f"{root}/train/extra_no_label.png: image without label (expected {root}/trainannot/extra_no_label.png)",
+        f"{root}/trainannot/orphan.png: label without image (expected {root}/train/orphan.png)",
+        f"{root}/trainannot/0001TP_b.png: label values 12, 40 outside the known set (0..11, 255)",
+        f"{root}/valannot/Seq05_d.png: size mismatch: label 32x26, image 32x24 (Seq05_d.png)",
+    ]
+    for line in expected:
+        assert line in lines, (line, lines)
+    truncated = [x for x in lines if x.startswith(f"cannot read label {root}/trainannot/0001TP_a.png: ")]
+    assert len(truncated) == 1 and "truncated" in truncated[0]
+    assert any(x.startswith(f"cannot read image {root}/val/Seq05_c.png: ") for x in lines), lines
+    assert len(lines) == 7
+    assert report["splits"] == {"train": 2, "val": 2}
+
+
+def test_checker_reports_truncated_image_rgb_label_and_missing_split(tmp_path):
+    root = make_camvid(tmp_path / "camvid")
+    truncate(root / "train" / "0001TP_a.png")
+    rgb = np.zeros((H, W, 3), np.uint8)
+    Image.fromarray(rgb).save(root / "trainannot" / "0001TP_b.png")  # a colour label, not class indices
+    for p in (root / "val").iterdir():
+        p.unlink()
+    (root / "val").rmdir()
+    (root / "val.txt").unlink()
+    report = check_dataset("camvid", root, show_progress=False)
+    first = report["problems"].pop(0)
+    assert first.startswith(f"cannot read image {root}/train/0001TP_a.png: image file is truncated"), first
+    assert report["problems"] == [
+        f"label {root}/trainannot/0001TP_b.png is a RGB image; expected 8-bit class indices (mode L or P)",
+        f"{root}: split 'val' not found",
+    ]
+    assert report["splits"] == {"train": 2}
+
+
+def test_cityscapes_and_voc_orphans(tmp_path):
+    cs = tmp_path / "cityscapes"
+    write_image(cs / "leftImg8bit" / "train" / "ulm" / "ulm_000000_000019_leftImg8bit.png", seed=0)
+    write_label(cs / "gtFine" / "train" / "ulm" / "ulm_000000_000019_gtFine_labelIds.png", np.full((H, W), 7))
+    write_image(cs / "leftImg8bit" / "train" / "ulm" / "ulm_000001_000019_leftImg8bit.png", seed=1)
+    write_label(cs / "gtFine" / "train" / "ulm" / "ulm_000002_000019_gtFine_labelTrainIds.png", np.zeros((H, W)))
+    ds = Cityscapes(cs, "train")
+    gt = cs / "gtFine" / "train" / "ulm"
+    assert ds.orphans() == [
+        f"{cs}/leftImg8bit/train/ulm/ulm_000001_000019_leftImg8bit.png: image without label "
+        f"(expected {gt}/ulm_000001_000019_gtFine_labelIds.png)",
+        f"{gt}/ulm_000002_000019_gtFine_labelTrainIds.png: label without image "
+        f"(expected {cs}/leftImg8bit/train/ulm/ulm_000002_000019_leftImg8bit.png)"]
+
+    voc = make_voc(tmp_path / "voc", aug=False)
+    (voc / "SegmentationClass" / "2007_000039.png").unlink()
+    (voc / "JPEGImages" / "2007_000033.jpg").unlink()
+    write_image(voc / "JPEGImages" / "2009_999999.jpg", seed=9, fmt="JPEG")  # unlabelled by design: no problem
+    report = check_dataset("voc", voc, show_progress=False)
+    assert report["problems"] == [
+        f"{voc}/JPEGImages/2007_000039.jpg: image without label (expected {voc}/SegmentationClass/2007_000039.png)",
+        f"voc: no image/label pairs for split 'val' under {voc} "
+        f"({voc}/JPEGImages/2007_000033.jpg: listed in {voc}/ImageSets/Segmentation/val.txt but missing)",
+    ]
+
+
+def test_training_refuses_bad_data_and_rechecks_a_replaced_file(tmp_path):
+    root = make_camvid(tmp_path / "camvid")
+    train, val = CamVid(root, "train"), CamVid(root, "val")
+    ensure_checked(train, val, tmp_path / "cache")  # passes, cached with the class pixel counts
+    assert len(list((tmp_path / "cache").glob("check-camvid-*.json"))) == 2
+    assert (tmp_path / "cache" / f"stats-camvid-train-{train.fingerprint()}.pt").is_file()
+    assert class_pixel_counts(train, tmp_path / "cache").tolist() == [384, 0, 0, 352, 0, 0, 0, 0, 744, 0, 0]
+    label = root / "trainannot" / "0001TP_b.png"
+    bad = camvid_label_b()
+    bad[3, 3] = 99
+    write_label(label, bad)
+    train = CamVid(root, "train")  # same file names, new content: the fingerprint changes
+    with pytest.raises(DataError, match=re.escape(f"dataset check failed: {label}: label values 99 outside")):
+        ensure_checked(train, val, tmp_path / "cache")
+    # a file that becomes unreadable mid-run is reported with its path
+    truncate(root / "train" / "0001TP_a.png")
+    with pytest.raises(DataError, match=re.escape(f"cannot read image {root}/train/0001TP_a.png")):
+        TrainView(train, [16, 16], [1.0, 1.0], True)[(0, 1)]
+
+
+def test_missing_root_is_one_line(tmp_path):
+    with pytest.raises(DataError, match=f"dataset 'cityscapes': folder not found: {tmp_path}/nope"):
+        check_dataset("cityscapes", tmp_path / "nope")
+
+
+def test_stats_cli_counts_pixels_and_caches_by_fingerprint(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sdesbench.cli import app
+
+    root = make_camvid(tmp_path / "camvid")
+    monkeypatch.setenv("SDESBENCH_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(app, ["data", "stats", "camvid", "--root", str(root), "--json"])
+    assert res.exit_code == 0, res.output
+    counts = json.loads(res.output)
+    assert counts["Sky"] == 384 and counts["Road"] == 352 and counts["Car"] == 744 and sum(counts.values()) == 1480
+    assert len(list((tmp_path / "cache").glob("stats-camvid-train-*.pt"))) == 1
+
+
+def readme_shares():
+    """{split: {class: fraction of labelled pixels}} from the README table (percent of all pixels)."""
+    rows = re.findall(r"^\| (\w+) \| ([\d.]+) \| ([\d.]+) \|$", (CAMVID / "README.md").read_text(), re.M)
+    table = {name: (float(a), float(b)) for name, a, b in rows}
+    void = table.pop("void")
+    return {split: {name: v[j] / (100 - void[j]) for name, v in table.items()} for j, split in enumerate(("train", "val"))}
+
+
+@camvid
+def test_real_camvid_check_matches_readme():
+    proc = run_cli("data", "check", "camvid", "--root", "../shared/data/camvid", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["splits"] == {"train": 367, "val": 101} and report["problems"] == []
+    expected = readme_shares()
+    for split in ("train", "val"):
+        share = report["class_pixel_share"][split]
+        assert sum(share.values()) == pytest.approx(1.0, abs=1e-9)
+        for name, value in expected[split].items():
+            assert abs(share[name] - value) < 0.001, (split, name, share[name], value)
+
+
+@camvid
+def test_short_camvid_training_on_cpu(tmp_path):
+    proc = run_cli("train", "--dataset", "camvid", "--data-root", str(CAMVID), "--iters", "2", "--device", "cpu",
+                   "--out", str(tmp_path / "run"), "--set", "data.crop=64", "--set", "data.batch_size=2",
+                   "--set", "eval.max_images=2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert rec["status"] == "completed" and rec["iterations"] == 2
+    assert len(rec["per_class_iou"]) == 11
+
+
+def test_throughput_runs_the_training_transform(tmp_path):
+    from sdesbench.data.throughput import measure_throughput
+
+    r = measure_throughput(CamVid(make_camvid(tmp_path / "camvid"), "train"), crop=(16, 16), n=4)
+    assert r["images"] == 4 and r["images_per_s"] == pytest.approx(4 / r["seconds"])
+    assert r["per_worker"] == r["images_per_s"] and r["per_cpu_s"] > 0
