@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
+import re
 import sys
 import time
 from pathlib import Path
@@ -252,6 +253,15 @@ def _register_command_modules() -> None:
 _register_command_modules()
 
 
+def one_line(e: Exception) -> str:
+    """The user-facing line of an error. A DataLoader worker re-raises its exception with the worker's
+    whole traceback as the message: keep only the original error's own message (the last line)."""
+    text = str(e).strip()
+    if "\n" in text:
+        text = re.sub(r"^[\w.]+: ", "", text.splitlines()[-1])
+    return text
+
+
 def main() -> None:
     command = typer.main.get_command(app)
     try:
@@ -265,7 +275,7 @@ def main() -> None:
         print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
     except SdesbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

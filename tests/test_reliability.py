@@ -142,3 +142,25 @@ def test_safe_loading_only(tmp_path):
     bad.write_bytes(pickle.dumps({"format": "sdesbench-checkpoint-v1", "x": Evil()}))
     assert_one_line_error(run_cli("eval", str(bad)), "is not a readable checkpoint")
     assert not (tmp_path / "pwned").exists()
+
+
+class _UnreadableDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from sdesbench.errors import DataError
+
+        raise DataError(f"cannot read /data/img{i}.png: image file is truncated")
+
+
+def test_worker_errors_reach_the_user_as_one_line():
+    # PyTorch re-raises a worker's exception with the worker's traceback as its message
+    from sdesbench.cli import one_line
+    from sdesbench.errors import DataError
+
+    loader = torch.utils.data.DataLoader(_UnreadableDataset(), num_workers=1)
+    with pytest.raises(DataError) as e:
+        next(iter(loader))
+    assert "\n" in str(e.value)
+    assert one_line(e.value) == "cannot read /data/img0.png: image file is truncated"
