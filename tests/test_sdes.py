@@ -10,7 +10,7 @@ from sdesbench.config import build_config
 from sdesbench.engine.trainer import train
 from sdesbench.errors import ConfigError
 from sdesbench.methods.base import MethodContext, StepInfo
-from sdesbench.methods.sdes import (SDES, LightExpertDecoder, class_groups, dfed_loss, dped_loss, ensemble_logits,
+from sdesbench.methods.sdes import (SDES, LightExpertDecoder, bilinear_upsample, class_groups, dfed_loss, dped_loss, ensemble_logits,
                                     expert_ce_loss, subset_to_full_logits)
 from sdesbench.models import build_model, count_params
 from sdesbench.registry import DATASETS, METHODS
@@ -85,6 +85,27 @@ def test_expert_ce_loss_by_hand():
     assert abs(got.item() - (0 + -math.log(math.exp(3) / (math.exp(1) + math.exp(3)))) / 2) < 1e-6
 
 
+def test_routed_expert_ce_equals_separate_masked_ces_with_gradients():
+    torch.manual_seed(1)
+    groups = [[0, 3], [1], [2, 4]]
+    labels = torch.randint(0, 5, (2, 6, 6))
+    labels[0, 0] = 255
+    labels[labels == 1] = 0  # subset [1] absent: its expert adds 0
+    experts = [torch.randn(2, 5, 6, 6, requires_grad=True) for _ in groups]
+    routed = expert_ce_loss(experts, groups, labels)
+    g_routed = torch.autograd.grad(routed, experts)
+    separate = 0
+    for e, g in zip(experts, groups):  # Eq. 3 written out: CE over M^n, mean over |M^n|, then 1/N
+        mask = torch.isin(labels, torch.tensor(g))
+        if mask.any():
+            separate = separate + torch.nn.functional.cross_entropy(e.permute(0, 2, 3, 1)[mask], labels[mask])
+    separate = separate / 3
+    g_sep = torch.autograd.grad(separate, experts, allow_unused=True)
+    assert routed.item() == pytest.approx(separate.item(), abs=1e-6)
+    for a, b in zip(g_routed, g_sep):
+        assert torch.allclose(a, torch.zeros_like(a) if b is None else b, atol=1e-7)
+
+
 def test_subset_to_full_logits_keeps_the_students_subset_mass():
     student = torch.tensor([1.0, 2.0, 3.0]).reshape(1, 3, 1, 1)
     full = subset_to_full_logits(torch.zeros(1, 2, 1, 1), student, [1, 2]).flatten().tolist()
@@ -105,6 +126,16 @@ def test_ensemble_logits_fills_each_pixel_from_its_expert():
     assert torch.equal(out[0, :, 0, 1], e1[0, :, 0, 1].detach())  # label 1 -> expert 1
     assert torch.equal(out[0, :, 1, 0], e1[0, :, 1, 0].detach())  # label 2 -> expert 1
     assert torch.equal(out[0, :, 1, 1], student[0, :, 1, 1].detach())  # ignored -> student
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 16, 16), (128, 128)), ((1, 2, 5, 7), (37, 50)), ((1, 1, 8, 8), (4, 4))])
+def test_matmul_bilinear_upsample_equals_interpolate(shape, size):
+    x = torch.randn(*shape, requires_grad=True)
+    ref = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    got = bilinear_upsample(x, size)
+    g = torch.randn_like(ref)
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert torch.allclose(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=1e-4)
 
 
 def _softmax(xs):

@@ -162,13 +162,46 @@ def expert_ce_loss(expert_logits: list[torch.Tensor], groups: list[list[int]], l
     `all`: expert n gives C logits, labels outside Psi_n are ignored. `subset`: it gives |Psi_n|
     logits and labels are renumbered to their position in Psi_n. An absent subset adds 0.
     """
+    if expert_classes == "all":
+        routed, group_of = route_to_experts(expert_logits[0].detach(), expert_logits, groups, labels, ignore_index)
+        return routed_expert_ce(routed, group_of, labels, len(groups), ignore_index)
     total = expert_logits[0].sum() * 0.0
     for logits, group in zip(expert_logits, groups):
         remap = torch.full((256,), ignore_index, dtype=torch.long, device=labels.device)
-        classes = torch.tensor(group, dtype=torch.long, device=labels.device)
-        remap[classes] = classes if expert_classes == "all" else torch.arange(len(group), device=labels.device)
+        remap[torch.tensor(group, dtype=torch.long, device=labels.device)] = torch.arange(len(group),
+                                                                                          device=labels.device)
         total = total + pixel_ce(logits, remap[labels.clamp(0, 255)], ignore_index)
     return total / len(groups)
+
+
+def routed_expert_ce(routed: torch.Tensor, group_of: torch.Tensor, labels: torch.Tensor, n_groups: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Eq. 3 for C-logit experts as one weighted CE over `route_to_experts`' output: pixel i of
+    group n weighs 1 / (N |M^n|). Same value and gradients as N separate masked CEs, but one
+    log-softmax is kept for backward instead of N (the memory of the expert losses).
+    """
+    group_of = group_of.squeeze(1)
+    mask_sizes = torch.stack([(group_of == n).sum() for n in range(n_groups)]).clamp_min(1)
+    weight = torch.where(group_of >= 0, 1.0 / (n_groups * mask_sizes[group_of.clamp_min(0)]), 0.0)
+    target = torch.where(group_of >= 0, labels, torch.full_like(labels, ignore_index))
+    ce = F.cross_entropy(routed.float(), target, ignore_index=ignore_index, reduction="none")
+    return (ce * weight).sum()
+
+
+def route_to_experts(student_logits: torch.Tensor, expert_logits: list[torch.Tensor], groups: list[list[int]],
+                     labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eqs. 2 and 4 without detaching the experts: pixel i takes the logits of the expert whose
+    subset holds its label (mask M^n), the detached student's where no expert does (ignored
+    pixels). Returns (B x C x H x W logits, B x 1 x H x W group index, -1 = student).
+    """
+    if len(expert_logits) != len(groups):
+        raise ValueError(f"{len(expert_logits)} expert outputs for {len(groups)} groups")
+    group_of = _group_lookup(groups, labels.device)[labels.clamp(0, 255)]
+    group_of = torch.where(labels == ignore_index, torch.full_like(group_of, -1), group_of).unsqueeze(1)
+    out = student_logits.detach()
+    for n, logits in enumerate(expert_logits):
+        out = torch.where(group_of == n, logits.to(out.dtype), out)
+    return out, group_of
 
 
 def subset_to_full_logits(subset_logits: torch.Tensor, student_logits: torch.Tensor,
@@ -195,15 +228,7 @@ def ensemble_logits(student_logits: torch.Tensor, expert_logits: list[torch.Tens
     Every tensor is B x C x H x W (experts already at the labels' size); M^n (Eq. 2) is 1 where
     the label is in Psi_n, so ignored pixels (and classes in no group) take the student's logits.
     """
-    if len(expert_logits) != len(groups):
-        raise ValueError(f"{len(expert_logits)} expert outputs for {len(groups)} groups")
-    lookup = _group_lookup(groups, labels.device)
-    group_of = lookup[labels.clamp(0, 255)]
-    group_of = torch.where(labels == ignore_index, torch.full_like(group_of, -1), group_of).unsqueeze(1)
-    out = student_logits.detach()
-    for n, logits in enumerate(expert_logits):
-        out = torch.where(group_of == n, logits.detach().to(out.dtype), out)
-    return out
+    return route_to_experts(student_logits, expert_logits, groups, labels, ignore_index)[0].detach()
 
 
 def dped_loss(student_logits: torch.Tensor, ensemble_logits: torch.Tensor, tau: float,
@@ -283,6 +308,33 @@ def dfed_loss(stage_features: list[torch.Tensor], gamma: float, p: float = 1, at
 
 
 # ----------------------------------------------------------------------------- experts and method
+
+
+def _bilinear_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """n_out x n_in weights of 1-D linear interpolation with align_corners=False (PyTorch's rule:
+    source = (target + 0.5) * n_in / n_out - 0.5, clamped at 0; the upper neighbour clamped)."""
+    dst = torch.arange(n_out, dtype=torch.float64)
+    src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = src - lo
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    m.index_put_((torch.arange(n_out), lo), 1 - frac, accumulate=True)
+    m.index_put_((torch.arange(n_out), hi), frac, accumulate=True)
+    return m.to(device=device, dtype=dtype)
+
+
+def bilinear_upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """F.interpolate(x, size, mode="bilinear", align_corners=False) as two matrix products.
+
+    Same values (up to float rounding); the backward pass is two matmuls instead of
+    upsample_bilinear2d_backward, which is slow on CPU and non-deterministic on CUDA. The expert
+    logits of every step go through it (see docs/sdes.md, cost section).
+    """
+    h, w = x.shape[-2:]
+    rows = _bilinear_matrix(h, int(size[0]), x.device, x.dtype)
+    cols = _bilinear_matrix(w, int(size[1]), x.device, x.dtype)
+    return rows @ x @ cols.T
 
 
 class LightExpertDecoder(nn.Module):
@@ -374,8 +426,10 @@ class SDES(Method):
         """Each expert on the detached stages, upsampled to the student's logits size."""
         stages = [s.detach() for s in student_out["stages"]]
         size = student_out["logits"].shape[-2:]
-        return [F.interpolate(e(stages)["logits"], size=size, mode="bilinear", align_corners=False)
-                for e in self.experts]
+        low = [e(stages)["logits"] for e in self.experts]
+        if len({x.shape for x in low}) == 1:  # one matmul upsampling for all experts
+            return list(bilinear_upsample(torch.stack(low, 1), size).unbind(1))
+        return [bilinear_upsample(x, size) for x in low]
 
     def _ensemble(self, student_logits: torch.Tensor, expert_logits: list[torch.Tensor],
                   labels: torch.Tensor) -> torch.Tensor:
@@ -389,8 +443,13 @@ class SDES(Method):
         terms = {"ss": pixel_ce(logits, labels)}
         if o.use_dped:
             expert_logits = self._expert_logits(student_out)
-            terms["ss_experts"] = expert_ce_loss(expert_logits, self.groups, labels, o.expert_classes)
-            target = self._ensemble(logits, expert_logits, labels)
+            if o.expert_classes == "all":  # one routed tensor serves Eq. 3 and Eq. 4 (saves memory)
+                routed, group_of = route_to_experts(logits, expert_logits, self.groups, labels)
+                terms["ss_experts"] = routed_expert_ce(routed, group_of, labels, len(self.groups))
+                target = routed.detach()
+            else:
+                terms["ss_experts"] = expert_ce_loss(expert_logits, self.groups, labels, o.expert_classes)
+                target = self._ensemble(logits, expert_logits, labels)
             scale = o.tau ** 2 if o.tau_squared else 1.0
             terms["dped"] = o.alpha * scale * dped_loss(logits, target, o.tau, o.kl_direction)
         if o.use_dfed:
