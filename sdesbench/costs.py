@@ -5,7 +5,7 @@
   module exists; otherwise Params are counted here (`count_params`) and FLOPs are reported as missing.
 - Training FLOPs of one step (forward and backward of the student and of the method's own modules
   such as SDES experts, plus the frozen teacher's forward) are counted with torch's
-  `FlopCounterMode` at a small input (64x64, batch 1) and divided by the same count for the plain
+  `FlopCounterMode` at a small input (64x64, batch 2) and divided by the same count for the plain
   student. The ratio is what the report shows ("train FLOPs ×"); it depends little on the input
   size for these fully convolutional networks, and no weights are needed (random init).
 
@@ -96,15 +96,15 @@ def method_params_m(cfg: RunConfig) -> float:
 
 
 def train_step_flops(cfg: RunConfig, hw: tuple[int, int] = FLOP_INPUT_HW) -> float:
-    """FLOPs of one training step (batch 1): teacher forward + student/method forward and backward."""
+    """FLOPs of one training step (batch 2): teacher forward + student/method forward and backward."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from sdesbench.methods.base import StepInfo
 
     unit, teacher, num_classes = _build_unit(cfg)
     unit.train()
-    images = torch.randn(1, 3, *hw)
-    labels = torch.randint(0, num_classes, (1, *hw))
+    images = torch.randn(2, 3, *hw)  # batch 2: BatchNorm after global pooling needs two samples
+    labels = torch.randint(0, num_classes, (2, *hw))
     with FlopCounterMode(display=False) as counter:
         teacher_out = None
         if teacher is not None:

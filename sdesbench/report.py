@@ -211,7 +211,7 @@ def wide_markdown(df: pd.DataFrame, metric: str) -> str:
         for what, col in (("measured", label), ("paper", f"paper {label}"), ("Δ", f"Δ {label}")):
             lines.append({"Network": net if what == "measured" else "", "": what,
                           **{m: cells[m][col] if m in cells else "—" for m in methods}})
-    return pd.DataFrame(lines).to_markdown(index=False)
+    return pd.DataFrame(lines).to_markdown(index=False, disable_numparse=True)
 
 
 def metric_names(spec: dict[str, Any]) -> tuple[str, ...]:
@@ -241,9 +241,9 @@ def write_table(table: str, preset: str, seeds: list[int], results: Path,
         md += "## Status and training cost per row\n\n"
         keep = ["Network", "Method"] + [c for c in ("s/iter", "peak MB", "train FLOPs ×", "seeds", "status")
                                         if c in df.columns]
-        md += df[keep].to_markdown(index=False) + "\n"
+        md += df[keep].to_markdown(index=False, disable_numparse=True) + "\n"
     else:
-        md += df.to_markdown(index=False) + "\n"
+        md += df.to_markdown(index=False, disable_numparse=True) + "\n"
     if cost:
         md += ("\nTraining cost: `s/iter` = wall_time_s / iterations; `peak MB` = peak CUDA memory, or the "
                "process's max RSS on CPU; `train FLOPs ×` = FLOPs of one training step (teacher forward, student "
@@ -323,7 +323,7 @@ def write_figure3(table: str, preset: str, seeds: list[int], results: Path,
     md = (f"# {spec.get('title', table)}\n\nPreset `{preset}`, seeds {','.join(map(str, seeds))}. mIoU in %, mean ± "
           "std over seeds. The paper gives curves, not numbers; its chosen values are marked on the plots "
           f"({chosen}).\n\n"
-          f"![Figure 3]({all_png.name})\n\n{shown.to_markdown(index=False)}\n")
+          f"![Figure 3]({all_png.name})\n\n{shown.to_markdown(index=False, disable_numparse=True)}\n")
     return write_outputs(results, table, preset, md, df)
 
 
