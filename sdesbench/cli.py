@@ -129,15 +129,24 @@ def list_cmd(what: str = typer.Argument("all", help="tables | models | datasets 
                     out.print(n)
 
 
+# options shared by `run` and `ablate` (sdesbench/commands/ablate.py)
+PRESET_OPTION = typer.Option("smoke", help="paper | mini | smoke")
+SEEDS_OPTION = typer.Option("0", help="Comma-separated seeds, e.g. 0,1,2.")
+RESULTS_OPTION = typer.Option(Path("results"), help="Results folder.")
+SETS_OPTION = typer.Option([], "--set", help="Override config values for every run: section.key=value.")
+DRY_RUN_OPTION = typer.Option(False, "--dry-run", help="List the runs with their protocol; train nothing.")
+PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress")
+
+
 @app.command()
 def run(
     table: str = typer.Argument(..., help="Table spec in experiments/ (see `sdesbench list tables`)."),
-    preset: str = typer.Option("smoke", help="paper | mini | smoke"),
-    seeds: str = typer.Option("0", help="Comma-separated seeds, e.g. 0,1,2."),
-    results: Path = typer.Option(Path("results"), help="Results folder."),
-    sets: list[str] = typer.Option([], "--set", help="Override config values for every run: section.key=value."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs with their protocol; train nothing."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    preset: str = PRESET_OPTION,
+    seeds: str = SEEDS_OPTION,
+    results: Path = RESULTS_OPTION,
+    sets: list[str] = SETS_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
+    progress: bool = PROGRESS_OPTION,
     launcher: str = typer.Option("local", help="local (train here, one run after another) | slurm (submitit jobs)."),
     slurm_partition: Optional[str] = typer.Option(None, help="Slurm partition (--launcher slurm)."),
     slurm_gpus: int = typer.Option(1, min=0, help="GPUs per job; >1 trains each run with DDP (--launcher slurm)."),
@@ -145,8 +154,6 @@ def run(
     slurm_sets: list[str] = typer.Option([], "--slurm-set", help="Extra submitit parameter key=value (repeatable)."),
 ):
     """Run every row of a paper table (teachers first; finished runs are skipped), then print the table."""
-    from sdesbench.engine.io import check_writable
-    from sdesbench.engine.trainer import train as run_train
     from sdesbench.experiments import expand, load_spec, parse_seeds
     from sdesbench.report import write_table
 
@@ -158,36 +165,66 @@ def run(
     seed_list = parse_seeds(seeds)
     plans = expand(spec, preset, seed_list, results, sets)
     if dry_run:
-        _print_plan(plans)
+        print_plan(plans)
         return
-    check_writable(results)
-    todo = [p for p in plans if p.cfg is not None and not p.done()]
-    for p in plans:
-        if p.skipped and p.seed == seed_list[0]:
-            err.print(f"[yellow]skip[/yellow] {p.key}: {p.skipped}")
-        elif p.stand_in and p.seed == seed_list[0] and not p.is_teacher:
-            err.print(f"[yellow]note[/yellow] {p.key}: {p.stand_in}")
-    seen: set[str] = set()
-    unique = []
-    for p in todo:
-        if str(p.out) not in seen:
-            seen.add(str(p.out))
-            unique.append(p)
-    err.print(f"{table} ({preset}): {len(unique)} run(s) to train, "
-              f"{len({str(p.out) for p in plans if p.cfg is not None}) - len(unique)} already done")
+    t0 = time.perf_counter()
     if launcher != "local":
         from sdesbench.launch import submit_launcher
 
-        return submit_launcher(launcher, unique, results, slurm_partition, slurm_gpus, slurm_time, slurm_sets,
+        return submit_launcher(launcher, pending_runs(plans, f"{table} ({preset})", results), results,
+                               slurm_partition, slurm_gpus, slurm_time, slurm_sets,
                                f"sdesbench report {table} --preset {preset} --seeds {seeds} --results {results}")
+    failed = train_plans(plans, f"{table} ({preset})", results, progress)
+    md_path, md = write_table(table, preset, seed_list, results, sets)
+    print(md)
+    err.print(f"wrote {md_path} and {md_path.with_suffix('.csv')} ({time.perf_counter() - t0:.0f} s)")
+    if failed:
+        raise SdesbenchError(f"{failed} run(s) failed; the table shows them as failed")
+
+
+def pending_runs(plans, title: str, results: Path) -> list:
+    """List skipped rows, then return the distinct run folders not done yet (teachers first)."""
+    from sdesbench.engine.io import check_writable
+
+    check_writable(results)
+    first_seed = min((p.seed for p in plans), default=0)
+    for p in plans:
+        if p.skipped and p.seed == first_seed:
+            err.print(f"[yellow]skip[/yellow] {p.key}: {p.skipped}")
+        elif p.stand_in and p.seed == first_seed and not p.is_teacher:
+            err.print(f"[yellow]note[/yellow] {p.key}: {p.stand_in}")
+    unique, seen = [], set()
+    for p in plans:
+        if p.cfg is not None and str(p.out) not in seen:
+            seen.add(str(p.out))
+            if not p.done():
+                unique.append(p)
+    err.print(f"{title}: {len(unique)} run(s) to train, {len(seen) - len(unique)} already done")
+    return unique
+
+
+def train_plans(plans, title: str, results: Path, progress: bool) -> int:
+    """Train the planned runs not done yet (each distinct run folder once, teachers first).
+
+    Returns the number of runs that failed or could not start; skipped rows are only listed. A run
+    that another process is training (its lock is held) is left to that process. SIGINT/SIGTERM stop
+    the sweep after the current run saved its checkpoint; rerunning the command continues.
+    """
+    import torch
+
+    from sdesbench.engine.trainer import train as run_train
+    from sdesbench.experiments import read_record
+
+    unique = pending_runs(plans, title, results)
     failed = 0
-    t0 = time.perf_counter()
     for i, p in enumerate(unique, 1):
         err.print(f"[{i}/{len(unique)}] {p.key} seed {p.seed} -> {p.out}")
-        if any(Path(d, "results.json").is_file() is False for d in p.depends_on):
+        if any((read_record(Path(d)) or {}).get("status") != "completed" for d in p.depends_on):
             err.print(f"[red]skip[/red] {p.key}: its teacher did not finish")
             failed += 1
             continue
+        if torch.cuda.is_available():  # peak memory per run, not per process
+            torch.cuda.reset_peak_memory_stats()
         try:
             run_train(p.cfg, resume=True, show_progress=progress)
         except Interrupted:
@@ -197,49 +234,60 @@ def run(
         except SdesbenchError as e:
             err.print(f"[red]failed[/red] {p.key}: {e}")
             failed += 1
-    md_path, md = write_table(table, preset, seed_list, results)
-    print(md)
-    err.print(f"wrote {md_path} and {md_path.with_suffix('.csv')} ({time.perf_counter() - t0:.0f} s)")
-    if failed:
-        raise SdesbenchError(f"{failed} run(s) failed; the table shows them as failed")
+    return failed
 
 
-def _print_plan(plans) -> None:
+def print_plan(plans) -> None:
+    """`--dry-run`: every run with its protocol, dependency (teacher) and status; trains nothing."""
     from rich.table import Table
 
-    t = Table(title="planned runs")
-    for col in ("row", "seed", "model", "method", "dataset", "iters", "crop", "batch", "depends on", "status"):
-        t.add_column(col)
+    t = Table(title="planned runs", show_lines=False)
+    cols = ("row", "seed", "model", "method", "dataset", "iters", "crop", "batch", "lr", "tau", "N", "expert",
+            "teacher", "depends on", "status")
+    for col in cols:
+        t.add_column(col, overflow="fold")
     for p in plans:
-        if p.cfg is None:
-            t.add_row(p.key, str(p.seed), "", "", "", "", "", "", "", f"skipped: {p.skipped}")
-            continue
-        c = p.cfg
+        pr = p.protocol
+        model = p.cfg.model.name if p.cfg else p.model
         deps = ", ".join(d.split("/runs/")[-1] for d in p.depends_on)
-        status = "done" if p.done() else "to run"
-        if p.stand_in:
-            status += f" ({p.stand_in})"
-        t.add_row(p.key, str(p.seed), c.model.name, c.method.name, c.data.name, str(c.train.iters),
-                  "x".join(map(str, c.data.crop)), str(c.data.batch_size), deps, status)
-    Console(width=250).print(t)
+        if p.cfg is None:
+            status = f"skipped: {p.skipped}"
+        else:
+            status = "done" if p.done() else "to run"
+            if p.stand_in:
+                status += f" ({p.stand_in})"
+        t.add_row(p.key, str(p.seed), model, "student" if p.is_teacher else p.method, str(pr.get("dataset", "")),
+                  str(pr.get("iters", "")), "x".join(map(str, pr.get("crop", []))), str(pr.get("batch", "")),
+                  str(pr.get("lr", "")), str(pr.get("tau", "")), str(pr.get("N", "")), str(pr.get("expert", "")),
+                  str(pr.get("teacher", "")), deps, status)
+    Console(width=300).print(t)
+    n_run = len({str(p.out) for p in plans if p.cfg is not None})
+    out.print(f"{len(plans)} planned rows/teachers, {n_run} distinct runs, "
+              f"{sum(1 for p in plans if p.cfg is None)} skipped; nothing was trained (--dry-run)")
 
 
 @app.command()
 def report(
-    tables: list[str] = typer.Argument(None, help="Tables to report (default: all)."),
+    tables: list[str] = typer.Argument(None, help="Tables to report, e.g. table4 fig3 (default: all)."),
     preset: str = typer.Option("smoke", help="Preset whose runs to report."),
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
     results: Path = typer.Option(Path("results"), help="Results folder."),
+    sets: list[str] = typer.Option([], "--set", help="The --set values the runs were made with (part of their hash)."),
 ):
-    """Write results/<table>-<preset>.md/.csv: measured mean ± std beside the paper's numbers."""
+    """Write results/<table>-<preset>.md/.csv (fig3: PNG plots too): measured mean ± std beside the paper."""
+    from sdesbench.engine.io import check_writable
     from sdesbench.experiments import list_tables, load_spec, parse_seeds
     from sdesbench.report import write_table
 
     seed_list = parse_seeds(seeds)
-    for table in tables or [t for t in list_tables() if load_spec(t).get("groups")]:
-        md_path, md = write_table(table, preset, seed_list, results)
+    names = tables or list_tables()
+    for table in names:
+        load_spec(table)  # unknown names fail before anything is written
+    check_writable(results)
+    for table in names:
+        md_path, md = write_table(table, preset, seed_list, results, sets)
         print(md)
-        err.print(f"wrote {md_path}")
+        err.print(f"wrote {md_path} and {md_path.with_suffix('.csv')}")
 
 
 def _register_command_modules() -> None:
