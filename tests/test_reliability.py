@@ -101,8 +101,9 @@ def test_nan_loss_stops_names_the_term_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     # the report shows the run as failed, never as a number
     cfg = build_config({}, [f"output.dir={tmp_path}"])
-    df = table_frame([PlannedRun(key="g/r", group="g", row="r", seed=0, cfg=cfg, paper={"miou": 50.0})])
-    assert df.loc[0, "mIoU"] == "—" and df.loc[0, "status"].startswith("failed")
+    df, _ = table_frame([PlannedRun(key="g/r", group="g", row="r", seed=0, cfg=cfg, paper={"miou": 50.0})],
+                        results=tmp_path / "results")
+    assert df.loc[0, "mIoU"] == "failed" and df.loc[0, "status"].startswith("failed")
 
 
 def test_a_locked_run_is_refused_and_left_untouched(tmp_path):
