@@ -165,3 +165,16 @@ def test_worker_errors_reach_the_user_as_one_line():
         next(iter(loader))
     assert "\n" in str(e.value)
     assert one_line(e.value) == "cannot read /data/img0.png: image file is truncated"
+
+
+def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):
+    from sdesbench.engine.io import write_json, write_text
+
+    target = tmp_path / "results.json"
+    write_text(target, "old")
+    write_json(target, {"miou": 0.5})
+    assert read_json(target) == {"miou": 0.5}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind
