@@ -11,7 +11,7 @@ def test_tiny_dataset_is_deterministic_and_imbalanced():
     ia, ma = a.load(5)
     ib, mb = b.load(5)
     assert torch.equal(ia, ib) and torch.equal(ma, mb)
-    assert ia.dtype == torch.uint8 and ia.shape == (3, 96, 128) and ma.shape == (96, 128)
+    assert ia.dtype == torch.uint8 and ia.shape == (3, 64, 64) and ma.shape == (64, 64)
     assert (ma == IGNORE_INDEX).any()
     counts = class_pixel_counts(a).double()
     share = counts / counts.sum()
