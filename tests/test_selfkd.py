@@ -18,7 +18,8 @@ from sdesbench.methods.losses import pixel_ce
 from sdesbench.methods.sad import attention_map, sad_loss, sad_pair_loss, spatial_softmax
 from sdesbench.methods.srss import class_presence, sr_feature_loss, sr_logit_loss, sr_presence_loss
 from sdesbench.methods.tffd import channel_saliency, inter_layer_loss, intra_layer_loss, stage_pairs
-from sdesbench.methods.tfkd import softened_kl, tfkd_reg_loss, virtual_teacher
+from sdesbench.methods.losses import hinton_kd_loss
+from sdesbench.methods.tfkd import tfkd_reg_loss, virtual_teacher
 from sdesbench.models import build_model
 from sdesbench.registry import METHODS, MODELS
 
@@ -75,19 +76,19 @@ def test_virtual_teacher_by_hand():
     assert p.sum(1).flatten().tolist() == pytest.approx([1.0, 1.0])
 
 
-def test_softened_kl_by_hand():
+def test_kd_term_used_by_tfkd_and_srss_by_hand():
     # teacher probabilities [3/4, 1/4], student logits 0 (q = [1/2, 1/2]):
     # T = 1: KL = 3/4 ln(3/2) + 1/4 ln(1/2)
     # T = 2: teacher softmax(log p / 2) = [sqrt(3/4), sqrt(1/4)] / (sqrt(3/4) + sqrt(1/4)); times T^2 = 4
     teacher = pixels([math.log(0.75), math.log(0.25)])
     student = pixels([0.0, 0.0])
     valid = torch.ones(1, 1, 1, dtype=torch.bool)
-    assert softened_kl(student, teacher, 1.0, valid).item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+    assert hinton_kd_loss(student, teacher, 1.0, valid).item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
     z = math.sqrt(0.75) + 0.5
     t2 = [math.sqrt(0.75) / z, 0.5 / z]
     expected = 4 * sum(p * math.log(p / 0.5) for p in t2)
-    assert softened_kl(student, teacher, 2.0, valid).item() == pytest.approx(expected, rel=1e-6)
-    assert softened_kl(student, student, 3.0, valid).item() == pytest.approx(0.0, abs=1e-7)
+    assert hinton_kd_loss(student, teacher, 2.0, valid).item() == pytest.approx(expected, rel=1e-6)
+    assert hinton_kd_loss(student, student, 3.0, valid).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_tfkd_reg_by_hand_and_zero_at_the_virtual_teacher():

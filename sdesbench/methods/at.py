@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from sdesbench.config import rng
-from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions, resize_to
+from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
+from sdesbench.models.base import to_size
 from sdesbench.registry import METHODS
 
 
@@ -44,7 +45,7 @@ def spatial_attention(feature: torch.Tensor) -> torch.Tensor:
 def attention_transfer_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
     """Zagoruyko & Komodakis Eq. 2 (code form): mean over batch, positions of (q_S - q_T)^2, q = Q / ||Q||_2."""
     q_t = spatial_attention(teacher_feature.detach())
-    q_s = resize_to(spatial_attention(student_feature), q_t.shape[-2:])
+    q_s = to_size(spatial_attention(student_feature), q_t.shape[-2:])
     q_s = F.normalize(q_s.flatten(1), dim=1)
     q_t = F.normalize(q_t.flatten(1), dim=1)
     return (q_s - q_t).pow(2).mean()

@@ -87,4 +87,4 @@ class Method(nn.Module):
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     """One-line ConfigError when a string option is not one of `choices` (for `check_options`)."""
     if value not in choices:
-        raise ConfigError(f"method.{key} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"method.{key} must be one of {', '.join(choices)}, got {key}={value!r}")

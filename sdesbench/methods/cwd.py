@@ -35,7 +35,9 @@ from torch import nn
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
 from sdesbench.methods.base import MethodContext
-from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions, check_choice, resize_to
+from sdesbench.methods.base import check_choice
+from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
+from sdesbench.models.base import to_size
 from sdesbench.registry import METHODS
 
 CWD_TARGETS = ("logits", "decoder_feature", "last_stage")
@@ -74,8 +76,8 @@ class CWDOptions:
 
 
 def check_cwd_options(opts: CWDOptions) -> None:
-    check_choice(opts.cwd_on, CWD_TARGETS, "cwd_on")
-    check_choice(opts.cwd_adapter, ADAPTER_MODES, "cwd_adapter")
+    check_choice("cwd_on", opts.cwd_on, CWD_TARGETS)
+    check_choice("cwd_adapter", opts.cwd_adapter, ADAPTER_MODES)
 
 
 class CWDTerm(nn.Module):
@@ -98,7 +100,7 @@ class CWDTerm(nn.Module):
         t = pick_map(teacher_out, self.opts.cwd_on)
         if self.adapter is not None:
             s = self.adapter(s)
-        s = resize_to(s, t.shape[-2:])
+        s = to_size(s, t.shape[-2:])
         return self.opts.cwd_weight * cwd_loss(s, t, self.opts.cwd_tau)
 
 

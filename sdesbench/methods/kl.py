@@ -24,30 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from sdesbench.config import rng
-from sdesbench.methods.losses import valid_mask
+from sdesbench.methods.losses import hinton_kd_loss, valid_mask
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 from sdesbench.registry import METHODS
-
-
-def class_kl_map(target_logits: torch.Tensor, input_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Per-pixel KL(softmax(target/T) || softmax(input/T)) over dim 1: B x C x H x W -> B x H x W."""
-    log_p = F.log_softmax(target_logits.float() / temperature, dim=1)
-    log_q = F.log_softmax(input_logits.float() / temperature, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(1)
-
-
-def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                   valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Hinton et al. 2015 soft-target loss: T^2 * mean over pixels (valid ones, if given) of KL(p^T || p^S)."""
-    kl = class_kl_map(teacher_logits.detach(), student_logits, temperature)
-    if valid is not None:
-        if not bool(valid.any()):
-            return kl.sum() * 0.0
-        kl = kl[valid]
-    return temperature ** 2 * kl.mean()
 
 
 @dataclass

@@ -25,6 +25,32 @@ def pixel_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGN
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
 
 
+def task_terms(student_out: dict, labels: torch.Tensor, aux_weight: float) -> dict[str, torch.Tensor]:
+    """Eq. 1 on the student's logits, plus `aux_weight` x the same CE on its aux head when it has one."""
+    terms = {"ss": pixel_ce(student_out["logits"], labels)}
+    if student_out.get("aux") is not None:
+        terms["aux"] = aux_weight * pixel_ce(student_out["aux"], labels)
+    return terms
+
+
+def class_kl_map(target_logits: torch.Tensor, input_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-pixel KL(softmax(target/T) || softmax(input/T)) over dim 1: B x C x H x W -> B x H x W."""
+    log_p = F.log_softmax(target_logits.float() / temperature, dim=1)
+    log_q = F.log_softmax(input_logits.float() / temperature, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1)
+
+
+def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Hinton et al. 2015 soft-target loss: T^2 * mean over pixels (valid ones, if given) of KL(p^T || p^S)."""
+    kl = class_kl_map(teacher_logits.detach(), student_logits, temperature)
+    if valid is not None:
+        if not bool(valid.any()):
+            return kl.sum() * 0.0
+        kl = kl[valid]
+    return temperature ** 2 * kl.mean()
+
+
 def valid_mask(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     return labels != ignore_index
 

@@ -61,9 +61,11 @@ from sdesbench.config import rng
 from sdesbench.errors import ConfigError
 from sdesbench.methods.base import MethodContext, StepInfo
 from sdesbench.methods.cwd import CWDOptions, CWDTerm, check_cwd_options
-from sdesbench.methods.kl import KLOptions, class_kl_map, kd_term
+from sdesbench.methods.kl import KLOptions, kd_term
+from sdesbench.methods.losses import class_kl_map
 from sdesbench.methods.losses import valid_mask
-from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions, check_choice
+from sdesbench.methods.base import check_choice
+from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 from sdesbench.registry import METHODS
 
 TFE_DIFFICULTIES = ("auto", "aux_kl", "entropy", "true_prob")
@@ -147,8 +149,8 @@ class RDDOptions:
 
 
 def check_rdd_options(opts: RDDOptions) -> None:
-    check_choice(opts.tfe_difficulty, TFE_DIFFICULTIES, "tfe_difficulty")
-    check_choice(opts.tse_combine, TSE_COMBINES, "tse_combine")
+    check_choice("tfe_difficulty", opts.tfe_difficulty, TFE_DIFFICULTIES)
+    check_choice("tse_combine", opts.tse_combine, TSE_COMBINES)
 
 
 @METHODS.register("rdd")

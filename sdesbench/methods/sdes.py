@@ -66,7 +66,7 @@ from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
 from sdesbench.methods.base import Method, MethodContext, check_choice
-from sdesbench.methods.losses import pixel_ce
+from sdesbench.methods.losses import class_kl_map, pixel_ce
 from sdesbench.models.experts import LightExpertDecoder
 from sdesbench.registry import METHODS
 
@@ -239,12 +239,11 @@ def dped_loss(student_logits: torch.Tensor, ensemble_logits: torch.Tensor, tau: 
     `student_first` is Eq. 5 as printed; `teacher_first` is standard KD's KL(P^T || P). The mean
     is over every pixel (B x H x W), as printed; the target is detached.
     """
-    log_s = F.log_softmax(student_logits.float() / tau, dim=1)
-    log_t = F.log_softmax(ensemble_logits.detach().float() / tau, dim=1)
+    target = ensemble_logits.detach()
     if kl_direction == "student_first":
-        kl = (log_s.exp() * (log_s - log_t)).sum(1)
+        kl = class_kl_map(student_logits, target, tau)
     elif kl_direction == "teacher_first":
-        kl = (log_t.exp() * (log_t - log_s)).sum(1)
+        kl = class_kl_map(target, student_logits, tau)
     else:
         raise ConfigError(f"method.kl_direction must be student_first or teacher_first, got {kl_direction!r}")
     return kl.mean()

@@ -24,10 +24,9 @@ from torch import nn
 from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
-from sdesbench.methods.losses import pixel_ce, valid_mask
+from sdesbench.methods.losses import hinton_kd_loss, pixel_ce, valid_mask
 from sdesbench.methods.base import check_choice
 from sdesbench.methods.student import Student
-from sdesbench.methods.tfkd import softened_kl
 from sdesbench.registry import METHODS
 
 SRL_FORMS = ("pixel_kl", "presence_bce")
@@ -85,7 +84,7 @@ def sr_logit_loss(deep_logits: torch.Tensor, shallow_logits: list[torch.Tensor],
     the labelled pixels."""
     valid = valid_mask(labels)
     target = deep_logits.detach()
-    return sum(softened_kl(s, target, temperature, valid) for s in shallow_logits)
+    return sum(hinton_kd_loss(s, target, temperature, valid) for s in shallow_logits)
 
 
 def sr_presence_loss(deep_presence: torch.Tensor, shallow_presence: list[torch.Tensor]) -> torch.Tensor:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from sdesbench.config import rng
 from sdesbench.methods.base import Method
-from sdesbench.methods.losses import pixel_ce
+from sdesbench.methods.losses import task_terms
 from sdesbench.registry import METHODS
 
 
@@ -20,7 +20,4 @@ class Student(Method):
         aux_weight: float = field(default=0.4, metadata=rng(0.0))
 
     def loss_terms(self, student_out, labels, step, teacher_out=None):
-        terms = {"ss": pixel_ce(student_out["logits"], labels)}
-        if student_out.get("aux") is not None:
-            terms["aux"] = self.opts.aux_weight * pixel_ce(student_out["aux"], labels)
-        return terms
+        return task_terms(student_out, labels, self.opts.aux_weight)

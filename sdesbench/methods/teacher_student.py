@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from sdesbench.config import rng
-from sdesbench.errors import ConfigError, SdesbenchError
+from sdesbench.errors import SdesbenchError
 from sdesbench.methods.base import Method
-from sdesbench.methods.losses import pixel_ce
+from sdesbench.methods.losses import task_terms
 
 
 @dataclass
@@ -40,19 +39,4 @@ class TeacherStudentMethod(Method):
 
     def task_terms(self, student_out: dict[str, Any], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Eq. 1 on the student's logits (+ aux head), the same terms `student` uses."""
-        terms = {"ss": pixel_ce(student_out["logits"], labels)}
-        if student_out.get("aux") is not None:
-            terms["aux"] = self.opts.aux_weight * pixel_ce(student_out["aux"], labels)
-        return terms
-
-
-def check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"method.{key}={value!r}: choose one of {', '.join(choices)}")
-
-
-def resize_to(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a B x C x h x w map to `size` (a no-op when it already matches)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+        return task_terms(student_out, labels, self.opts.aux_weight)

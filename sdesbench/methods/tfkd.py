@@ -13,12 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
-from sdesbench.methods.losses import valid_mask
+from sdesbench.methods.losses import hinton_kd_loss, valid_mask
 from sdesbench.methods.base import check_choice
 from sdesbench.methods.student import Student
 from sdesbench.registry import METHODS
@@ -38,22 +37,6 @@ def virtual_teacher(labels: torch.Tensor, num_classes: int, correct_prob: float,
     return probs.scatter_(1, target.unsqueeze(1), correct_prob)
 
 
-def softened_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                valid: torch.Tensor) -> torch.Tensor:
-    """Hinton KD term used by Tf-KD Eq. 10: T^2 * KL(softmax(t/T) || softmax(s/T)).
-
-    KL summed over the C classes of each pixel, then averaged over the pixels where `valid` is
-    true (the per-pixel form of 'batchmean'; public code that uses reduction='mean' divides by C
-    as well). 0 when no pixel is valid.
-    """
-    if not bool(valid.any()):
-        return student_logits.sum() * 0.0
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(1)
-    return temperature ** 2 * kl[valid].mean()
-
-
 def tfkd_reg_loss(student_logits: torch.Tensor, labels: torch.Tensor, correct_prob: float, temperature: float,
                   softening: str = "log", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The distillation part of Tf-KD_reg (Eq. 10): KL from the softened virtual teacher p^d_T.
@@ -69,9 +52,9 @@ def tfkd_reg_loss(student_logits: torch.Tensor, labels: torch.Tensor, correct_pr
     valid = valid_mask(labels, ignore_index)
     p_d = virtual_teacher(labels, num_classes, correct_prob, ignore_index)
     if softening == "log":
-        return softened_kl(student_logits, p_d.log(), temperature, valid)
+        return hinton_kd_loss(student_logits, p_d.log(), temperature, valid)
     teacher_logits = p_d / temperature  # softmax of these is softmax(p^d / T)
-    return softened_kl(student_logits, teacher_logits, 1.0, valid)
+    return hinton_kd_loss(student_logits, teacher_logits, 1.0, valid)
 
 
 @METHODS.register("tfkd")
@@ -146,6 +129,6 @@ class TeacherFreeKDSelf(Student):
         terms = super().loss_terms(student_out, labels, step, teacher_out)
         o = self.opts
         terms["ss"] = (1.0 - o.alpha) * terms["ss"]
-        terms["tfkd"] = o.alpha * softened_kl(student_out["logits"], teacher_out["logits"], o.temperature,
+        terms["tfkd"] = o.alpha * hinton_kd_loss(student_out["logits"], teacher_out["logits"], o.temperature,
                                               valid_mask(labels))
         return terms

@@ -54,8 +54,9 @@ class SegmentationModel(nn.Module):
 
 
 def to_size(logits: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resize to `size`; logits already at that size (decoders ending at full resolution)
-    are returned as they are, so no identity resize is run or counted in FLOPs."""
+    """Bilinear resize of a B x C x h x w map (logits, attention, features) to `size`; a map already
+    at that size (decoders ending at full resolution) is returned as it is, so no identity resize is
+    run or counted in FLOPs."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
