@@ -240,15 +240,14 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def check_names(spec: dict[str, Any]) -> None:
-    """Dataset names in presets must exist (models/methods may be missing: rows are skipped)."""
-    for preset, pdef in spec.get("presets", {}).items():
-        name = (pdef.get("data") or {}).get("name") or (spec.get("base", {}).get("data") or {}).get("name")
-        if name:
-            DATASETS.get(name)
-
-
 # ----------------------------------------------------------------------------- Figure 3 sweeps
+
+
+def _sweep(spec: dict[str, Any], param: str) -> dict[str, Any]:
+    sweeps = spec.get("sweeps", {})
+    if param not in sweeps:
+        raise ConfigError(f"unknown sweep parameter {param!r}; choose {', '.join(sweeps)}")
+    return sweeps[param]
 
 
 def sweep_spec(spec: dict[str, Any], param: str, values: list[Any] | None = None) -> dict[str, Any]:
@@ -258,10 +257,7 @@ def sweep_spec(spec: dict[str, Any], param: str, values: list[Any] | None = None
     method option it sets), default `values`, `domain` [lo, hi] and `integer`. The resulting
     spec has one group (the parameter) and is expanded like any table.
     """
-    sweeps = spec.get("sweeps", {})
-    if param not in sweeps:
-        raise ConfigError(f"unknown sweep parameter {param!r}; choose {', '.join(sweeps)}")
-    sw = sweeps[param]
+    sw = _sweep(spec, param)
     values = list(sw["values"]) if values is None else values
     option = sw.get("option", param)
     rows = [{"label": f"{param}={v}", "method": spec["method"], "options": {option: v}} for v in values]
@@ -270,10 +266,7 @@ def sweep_spec(spec: dict[str, Any], param: str, values: list[Any] | None = None
 
 def parse_sweep_values(spec: dict[str, Any], param: str, text: str | None) -> list[Any]:
     """`--values 0.1,0.5` -> numbers, checked against the parameter's domain (one-line errors)."""
-    sweeps = spec.get("sweeps", {})
-    if param not in sweeps:
-        raise ConfigError(f"unknown sweep parameter {param!r}; choose {', '.join(sweeps)}")
-    sw = sweeps[param]
+    sw = _sweep(spec, param)
     if text is None:
         return list(sw["values"])
     integer = bool(sw.get("integer"))
@@ -306,29 +299,26 @@ def sweep_log(results: Path, preset: str) -> Path:
     return results / f"fig3-{preset}.sweeps.json"
 
 
+def _read_sweep_log(results: Path, preset: str) -> dict[str, list[Any]]:
+    """Values `ablate` ran beyond the spec's, per parameter ({} when absent or unreadable)."""
+    path = sweep_log(results, preset)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def record_sweep_values(results: Path, preset: str, param: str, values: list[Any]) -> None:
     """Remember values run by `sdesbench ablate` beyond the spec's, so `report fig3` plots them."""
     from sdesbench.engine.io import write_json
 
-    path = sweep_log(results, preset)
-    known: dict[str, list[Any]] = {}
-    if path.is_file():
-        try:
-            known = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            known = {}
-    merged = sorted(set(known.get(param, [])) | set(values))
-    known[param] = merged
-    write_json(path, known)
+    known = _read_sweep_log(results, preset)
+    known[param] = sorted(set(known.get(param, [])) | set(values))
+    write_json(sweep_log(results, preset), known)
 
 
 def sweep_values(spec: dict[str, Any], results: Path, preset: str, param: str) -> list[Any]:
     """The spec's values for a parameter plus any `ablate` added (sorted)."""
-    values = set(spec["sweeps"][param]["values"])
-    path = sweep_log(results, preset)
-    if path.is_file():
-        try:
-            values |= set(json.loads(path.read_text()).get(param, []))
-        except (OSError, json.JSONDecodeError):
-            pass
-    return sorted(values)
+    return sorted(set(spec["sweeps"][param]["values"]) | set(_read_sweep_log(results, preset).get(param, [])))
