@@ -20,7 +20,6 @@ from typing import ClassVar, Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from sdesbench import IGNORE_INDEX
 from sdesbench.data.transforms import JointTrainTransform, normalize
 from sdesbench.errors import DataError
 
@@ -158,6 +157,12 @@ def save_class_pixel_counts(path: Path, counts: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
+def mask_class_counts(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Pixels per class of one label map; ignored (255) and any out-of-range values are not counted."""
+    valid = mask[(mask >= 0) & (mask < num_classes)]
+    return torch.bincount(valid.flatten().long(), minlength=num_classes)
+
+
 def class_pixel_counts(ds: SegDataset, cache_dir: Path | None = None) -> torch.Tensor:
     """Per-class pixel counts over a split (ignored pixels excluded), cached by file-list fingerprint."""
     cache = None
@@ -167,9 +172,7 @@ def class_pixel_counts(ds: SegDataset, cache_dir: Path | None = None) -> torch.T
             return torch.load(cache, weights_only=True)
     counts = torch.zeros(ds.num_classes, dtype=torch.int64)
     for i in range(len(ds)):
-        _, mask = ds.load(i)
-        valid = mask[mask != IGNORE_INDEX]
-        counts += torch.bincount(valid.flatten(), minlength=ds.num_classes)[: ds.num_classes]
+        counts += mask_class_counts(ds.load(i)[1], ds.num_classes)
     if cache is not None:
         save_class_pixel_counts(cache, counts)
     return counts

@@ -21,18 +21,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sdesbench import IGNORE_INDEX
-from sdesbench.data.base import SegDataset, resolve_root, save_class_pixel_counts, stats_cache_path
+from sdesbench.data.base import SegDataset, mask_class_counts, resolve_root, save_class_pixel_counts, stats_cache_path
 from sdesbench.data.files import FileSegDataset, describe_values, read_image, read_label
 from sdesbench.engine.io import write_json
 from sdesbench.errors import DataError
 from sdesbench.registry import DATASETS
 
 Inspection = tuple[list[str], torch.Tensor]  # (problem lines, per-class pixel counts)
-
-
-def _count(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
-    valid = mask[(mask >= 0) & (mask < num_classes)]
-    return torch.bincount(valid.flatten().long(), minlength=num_classes)
 
 
 def inspect_file_sample(ds: FileSegDataset, index: int) -> Inspection:
@@ -82,7 +77,7 @@ def inspect_sample(ds: SegDataset, index: int) -> Inspection:
     if bad.numel():
         problems.append(f"{ds.sample_id(index)}: label values {bad.tolist()} outside 0..{ds.num_classes - 1} and "
                         f"{IGNORE_INDEX}")
-    return problems, _count(mask, ds.num_classes)
+    return problems, mask_class_counts(mask, ds.num_classes)
 
 
 def _progress(show: bool) -> Progress:

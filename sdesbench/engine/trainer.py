@@ -236,7 +236,7 @@ class Trainer:
 
     def _check_free_space(self) -> None:
         """Fail before training when the output disk cannot hold a checkpoint (weights + optimizer state)."""
-        n = sum(p.numel() for p in self.model.parameters()) + sum(p.numel() for p in self.method.parameters())
+        n = count_params(self.model) + count_params(self.method)
         need = 3 * 4 * n + 64 * 2**20  # fp32 weights + momentum + temporary copy during the atomic write, + margin
         free = shutil.disk_usage(self.out).free
         if free < need:
