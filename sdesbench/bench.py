@@ -43,9 +43,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from sdesbench.config import build_config
 from sdesbench.data.base import EvalView, IterationSampler, SegDataset, TrainView, class_pixel_counts
 from sdesbench.engine.metrics import ConfusionMatrix, predict
-from sdesbench.engine.trainer import TrainUnit, amp_dtype, pick_device
+from sdesbench.engine.trainer import amp_dtype, pick_device, random_init_unit
 from sdesbench.errors import ConfigError
-from sdesbench.methods.base import MethodContext, StepInfo
+from sdesbench.methods.base import StepInfo
 from sdesbench.models import build_model
 from sdesbench.registry import DATASETS, METHODS
 
@@ -144,20 +144,12 @@ class StepBench:
                  labels: torch.Tensor, device: torch.device, amp: torch.dtype | None, counts: Callable[[], torch.Tensor],
                  options: dict[str, Any] | None = None):
         self.device, self.amp = device, amp
-        nc = dataset.num_classes
-        torch.manual_seed(0)
-        self.model = build_model(model_name, nc)
-        method_cls = METHODS.get(method_name)
-        self.teacher = None
-        if method_cls.needs_teacher:
-            self.teacher = build_model(model_name, nc).to(device).eval()  # random init: cost, not accuracy
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
-        opts = method_cls.parse_options(options or {}, nc)
-        ctx = MethodContext(model=self.model, num_classes=nc, total_iters=1000, class_pixel_counts=counts,
-                            teacher=self.teacher, seed=0)
-        self.method = method_cls(opts, ctx)
-        self.unit = TrainUnit(self.model, self.method).to(device).train()
+        # a teacher of the student's own architecture, random like the student: cost, not accuracy
+        unit, teacher = random_init_unit(model_name, method_name, dataset.num_classes, options,
+                                         teacher_model=model_name, class_pixel_counts=counts)
+        self.teacher = teacher.to(device) if teacher is not None else None
+        self.model, self.method = unit.model, unit.method
+        self.unit = unit.to(device).train()
         params = [p for p in self.unit.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)

@@ -67,24 +67,13 @@ def model_profile(name: str, num_classes: int, input_hw: list[int] | tuple[int, 
 
 
 def _build_unit(cfg: RunConfig):
-    from sdesbench.engine.trainer import TrainUnit
-    from sdesbench.methods.base import MethodContext
-    from sdesbench.models import build_model
-    from sdesbench.registry import DATASETS, METHODS
+    from sdesbench.engine.trainer import random_init_unit
+    from sdesbench.registry import DATASETS
 
     num_classes = DATASETS.get(cfg.data.name).num_classes
-    torch.manual_seed(0)
-    model = build_model(cfg.model.name, num_classes)  # random init: sizes and FLOPs only
-    method_cls = METHODS.get(cfg.method.name)
-    teacher = None
-    if method_cls.needs_teacher and cfg.teacher.model:
-        teacher = build_model(cfg.teacher.model, num_classes).eval()
-    opts = method_cls.parse_options(cfg.method.options, num_classes)
-    # uniform class counts: a class split changes which classes an expert owns, not its size
-    ctx = MethodContext(model=model, num_classes=num_classes, total_iters=cfg.train.iters,
-                        class_pixel_counts=lambda: torch.ones(num_classes, dtype=torch.long), teacher=teacher,
-                        seed=cfg.train.seed)
-    return TrainUnit(model, method_cls(opts, ctx)), teacher, num_classes
+    unit, teacher = random_init_unit(cfg.model.name, cfg.method.name, num_classes, cfg.method.options,
+                                     cfg.teacher.model, cfg.train.iters, seed=cfg.train.seed)
+    return unit, teacher, num_classes
 
 
 def method_params_m(cfg: RunConfig) -> float:

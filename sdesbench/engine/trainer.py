@@ -24,7 +24,7 @@ import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -464,6 +464,29 @@ class TrainUnit(torch.nn.Module):
 
     def forward(self, images, labels, step: StepInfo, teacher_out=None) -> dict[str, torch.Tensor]:
         return self.method.loss_terms(self.model(images), labels, step, teacher_out)
+
+
+def random_init_unit(model_name: str, method_name: str, num_classes: int, options: dict[str, Any] | None = None,
+                     teacher_model: str | None = None, total_iters: int = 1000,
+                     class_pixel_counts: Callable[[], torch.Tensor] | None = None,
+                     seed: int = 0) -> tuple[TrainUnit, SegmentationModel | None]:
+    """Student + method (+ a frozen teacher of `teacher_model` when the method needs one), built as the
+    Trainer builds them but with random weights: for measuring cost (bench, report), not accuracy.
+    Without class counts every class counts the same (a class split changes which classes an
+    expert owns, not its size)."""
+    torch.manual_seed(0)
+    model = build_model(model_name, num_classes)
+    method_cls = METHODS.get(method_name)
+    teacher = None
+    if method_cls.needs_teacher and teacher_model:
+        teacher = build_model(teacher_model, num_classes).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    opts = method_cls.parse_options(options or {}, num_classes)
+    counts = class_pixel_counts or (lambda: torch.ones(num_classes, dtype=torch.long))
+    ctx = MethodContext(model=model, num_classes=num_classes, total_iters=total_iters, class_pixel_counts=counts,
+                        teacher=teacher, seed=seed)
+    return TrainUnit(model, method_cls(opts, ctx)), teacher
 
 
 def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
