@@ -1,32 +1,46 @@
 """Typed run configuration: dataclasses loaded from YAML, with `--set section.key=value` overrides.
 
-Every value is checked up front (unknown key, wrong type, out-of-range value) and a bad one
-raises `ConfigError` with one line naming the key. Ranges are declared on the field itself:
-`field(default=..., metadata={"range": (lo, hi)})`, inclusive, either bound may be None.
+This module checks the *shape* of a configuration: unknown keys (with a did-you-mean), wrong
+types, `Literal` choices, non-finite numbers and out-of-range values, each as one `ConfigError`
+line naming the key. Ranges are declared on the field itself:
+`field(default=..., metadata=rng(lo, hi))`, inclusive, either bound may be None.
 
-Method-specific options (`method.alpha`, `method.gamma`, ...) are declared by each method as its
-own `Options` dataclass and validated with the same machinery (see `sdesbench.methods.base`).
+Names that need the registries (model, dataset, method) and each method's own `Options`
+(`method.alpha`, `method.gamma`, ...) are checked one layer up, by
+`sdesbench.engine.configure.build_config`, which is what callers use to get a runnable config.
+The same `from_dict` validates table specs (`sdesbench.experiments.spec`) and run records.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from sdesbench.errors import ConfigError
+from sdesbench.registry import did_you_mean
 
 
-def rng(lo: float | None = None, hi: float | None = None, doc: str = "") -> dict[str, Any]:
+def rng(lo: float | None = None, hi: float | None = None, doc: str = "", **extra: Any) -> dict[str, Any]:
     """Field metadata: inclusive numeric range plus a one-line description."""
-    return {"range": (lo, hi), "doc": doc}
+    return {"range": (lo, hi), "doc": doc, **extra}
+
+
+# field metadata for identity_hash: never part of a run's identity (where/how it is written, not what)
+NOT_HASHED = {"hash": "never"}
+# part of the identity only when set to something else than the default: a field added after runs were
+# made keeps their hashes (and so their folders) valid
+HASHED_WHEN_SET = {"hash": "when_set"}
+
+Device = str  # auto | cpu | cuda | cuda:N (checked in `parse_config`)
+AmpMode = Literal["off", "auto", "bf16", "fp16"]
 
 
 @dataclass
@@ -40,15 +54,15 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "tiny"
-    root: str | None = None  # dataset folder; falls back to $SDESBENCH_DATA/<name>
+    root: str | None = field(default=None, metadata=NOT_HASHED)  # dataset folder; else $SDESBENCH_DATA/<name>
     crop: list[int] = field(default_factory=lambda: [64, 64])  # training crop H, W
     scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random scale range
     flip: bool = True
     batch_size: int = field(default=8, metadata=rng(1))
-    workers: int = field(default=0, metadata=rng(0))
+    workers: int = field(default=0, metadata=rng(0, hash="never"))
     train_split: str = "train"
     eval_split: str = "val"
-    check: bool = True  # run the dataset check (cached) before training
+    check: bool = field(default=True, metadata=NOT_HASHED)  # run the dataset check (cached) before training
 
 
 @dataclass
@@ -71,10 +85,10 @@ class TrainConfig:
     weight_decay: float = field(default=1e-4, metadata=rng(0.0))
     poly_power: float = field(default=0.9, metadata=rng(0.0))
     seed: int = field(default=0, metadata=rng(0))
-    checkpoint_every: int = field(default=100, metadata=rng(1))
-    log_every: int = field(default=10, metadata=rng(1))
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "off"  # off | auto | bf16 | fp16 (CUDA only)
+    checkpoint_every: int = field(default=100, metadata=rng(1, hash="never"))
+    log_every: int = field(default=10, metadata=rng(1, hash="never"))
+    device: Device = field(default="auto", metadata=NOT_HASHED)
+    amp: AmpMode = "off"  # CUDA only; auto = bf16 where supported, fp16 + GradScaler otherwise
     channels_last: bool = False
     compile: bool = False
     deterministic: bool = True
@@ -100,22 +114,33 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig, metadata=NOT_HASHED)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def identity_hash(self) -> str:
         """Hash of everything that changes the result (not where it is written, nor logging)."""
-        d = self.to_dict()
-        d.pop("output")
-        for k in ("log_every", "checkpoint_every", "device"):
-            d["train"].pop(k)
-        d["data"].pop("workers")
-        d["data"].pop("check")
-        d["data"].pop("root")
-        blob = json.dumps(d, sort_keys=True, default=str)
+        blob = json.dumps(_identity(self), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _identity(obj: Any) -> Any:
+    """The dataclass as a dict without its NOT_HASHED fields and its HASHED_WHEN_SET fields at default."""
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    out = {}
+    for f in dataclasses.fields(obj):
+        mode = f.metadata.get("hash")
+        value = getattr(obj, f.name)
+        if mode == "never":
+            continue
+        if mode == "when_set":
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if value == default:
+                continue
+        out[f.name] = _identity(value)
+    return out
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -125,6 +150,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _describe(value: Any) -> str:
+    return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+
+
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it (ints widen to float, tuples to lists)."""
     origin = typing.get_origin(tp)
@@ -132,15 +161,23 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error says more than "expected X or None"
+            return coerce(value, options[0], key)
         for a in args:
             if a is type(None):
                 continue
             try:
                 return coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {_describe(value)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}"
+                          f"{did_you_mean(value, choices)}")
     if tp is Any:
         return value
     if origin in (list, tuple):
@@ -148,12 +185,13 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value, value]  # `crop: 64` means 64x64
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
         return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+        _, inner = typing.get_args(tp) or (str, Any)
+        return {k: coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -161,15 +199,17 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value}")
             return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     return value
@@ -185,31 +225,45 @@ def check_range(value: Any, f: dataclasses.Field, key: str) -> None:
 
 
 def from_dict(cls: Any, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    """Build dataclass `cls` from a mapping, rejecting unknown keys, wrong types and missing fields."""
     if data is None:
         data = {}
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{full}'{hint}")
+            raise ConfigError(f"unknown config key '{full}'{did_you_mean(key, fields, prefix + '.' if prefix else '')}")
         kwargs[key] = coerce(value, hints[key], full)
         check_range(kwargs[key], fields[key], full)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix or 'config'}: missing '{missing[0]}'")
     return cls(**kwargs)
 
 
-def _method_section(d: dict[str, Any]) -> dict[str, Any]:
+def to_plain(obj: Any) -> Any:
+    """A dataclass (or nested ones) as plain dicts/lists, the inverse of `from_dict`."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def method_section(d: Any) -> dict[str, Any]:
     """YAML writes method options flat (`method: {name: sdes, alpha: 0.5}`); store them nested."""
-    d = dict(d or {})
-    options = dict(d.pop("options", {}) or {})
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"method: expected a mapping, got {_describe(d)}")
+    d = dict(d)
+    options = d.pop("options", {}) or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"method.options: expected a mapping, got {_describe(options)}")
+    options = dict(options)
     name = d.pop("name", "student")
     options.update(d)
     return {"name": name, "options": options}
@@ -234,21 +288,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Dict (from YAML / a spec) + `--set` overrides -> validated RunConfig (method options too)."""
-    data = dict(data or {})
-    if "method" in data:
-        data["method"] = _method_section(data["method"])
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """`--set section.key=value` values written into a config mapping (method options nested)."""
+    data = dict(data)
     for text in overrides or []:
         parts, value = parse_override(text)
         if parts[0] == "method" and parts[1] not in ("name", "options"):
@@ -259,8 +301,39 @@ def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text}: '{p}' is not a section")
         node[parts[-1]] = value
-    cfg = from_dict(RunConfig, data)
-    validate(cfg)
+    return data
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Dict (from YAML / a spec) + `--set` overrides -> a RunConfig whose shape is checked.
+
+    Registry names and method options are not checked here (see `engine.configure.build_config`).
+    """
+    data = dict(data or {})
+    for section, value in data.items():  # `model: resnet` or `data: [tiny]`: say which section is wrong
+        if section in ("model", "data", "teacher", "train", "eval", "output") and value is not None \
+                and not isinstance(value, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {_describe(value)}")
+    if "method" in data:
+        data["method"] = method_section(data["method"])
+    cfg = from_dict(RunConfig, apply_overrides(data, overrides))
+    if len(cfg.data.crop) != 2 or min(cfg.data.crop) < 8:
+        raise ConfigError(f"data.crop must be [H, W] with both >= 8, got {cfg.data.crop}")
+    if len(cfg.data.scale) != 2 or not 0 < cfg.data.scale[0] <= cfg.data.scale[1]:
+        raise ConfigError(f"data.scale must be [min, max] with 0 < min <= max, got {cfg.data.scale}")
+    dev = cfg.train.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {dev!r}")
     return cfg
 
 
@@ -275,26 +348,3 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
     return data or {}
-
-
-def validate(cfg: RunConfig) -> None:
-    """Cross-field checks and name lookups that need the registries."""
-    from sdesbench.registry import DATASETS, METHODS, MODELS
-
-    MODELS.get(cfg.model.name)
-    DATASETS.get(cfg.data.name)
-    method_cls = METHODS.get(cfg.method.name)
-    method_cls.parse_options(cfg.method.options, num_classes=DATASETS.get(cfg.data.name).num_classes)
-    if len(cfg.data.crop) != 2 or min(cfg.data.crop) < 8:
-        raise ConfigError(f"data.crop must be [H, W] with both >= 8, got {cfg.data.crop}")
-    if len(cfg.data.scale) != 2 or not 0 < cfg.data.scale[0] <= cfg.data.scale[1]:
-        raise ConfigError(f"data.scale must be [min, max] with 0 < min <= max, got {cfg.data.scale}")
-    if cfg.train.amp not in ("off", "auto", "bf16", "fp16"):
-        raise ConfigError(f"train.amp must be off, auto, bf16 or fp16, got {cfg.train.amp!r}")
-    dev = cfg.train.device
-    if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {dev!r}")
-    if method_cls.needs_teacher and not cfg.teacher.model:
-        raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.model (and teacher.checkpoint)")
-    if cfg.teacher.model:
-        MODELS.get(cfg.teacher.model)

@@ -35,3 +35,7 @@ class Interrupted(SdesbenchError):
 
 class RunLocked(SdesbenchError):
     """Another process holds the run's lock (two sweeps sharing a results folder)."""
+
+
+class StorageError(SdesbenchError):
+    """A file that cannot be written (disk full) or read back (truncated, not JSON)."""

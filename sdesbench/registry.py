@@ -1,8 +1,11 @@
-"""Name -> factory registries for models, datasets and methods.
+"""Name -> factory registries, and the auto-import that fills them.
 
-A new model, dataset or method is one file in its package that decorates its factory with
-`@MODELS.register("name")` (or DATASETS / METHODS). Every module of those packages is imported
-on first lookup, so no central list needs editing.
+Each layer owns its registry: `sdesbench.data.DATASETS`, `sdesbench.models.MODELS`,
+`sdesbench.methods.METHODS` (defined in the package's `base.py`, re-exported by the package).
+A new dataset, model or method is one file in its package that decorates its class or factory
+with `@MODELS.register("name")`; the package's `__init__` imports every module of the package
+(`import_submodules`), so no central list needs editing and importing the package is enough to
+see every entry.
 """
 from __future__ import annotations
 
@@ -15,11 +18,9 @@ from sdesbench.errors import ConfigError
 
 
 class Registry:
-    def __init__(self, kind: str, package: str):
+    def __init__(self, kind: str):
         self.kind = kind
-        self.package = package
         self._entries: dict[str, Any] = {}
-        self._loaded = False
 
     def register(self, name: str) -> Callable[[Any], Any]:
         def deco(obj: Any) -> Any:
@@ -30,34 +31,29 @@ class Registry:
 
         return deco
 
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        pkg = importlib.import_module(self.package)
-        for mod in pkgutil.iter_modules(pkg.__path__):
-            importlib.import_module(f"{self.package}.{mod.name}")
-
     def get(self, name: str) -> Any:
-        self._load()
         if name not in self._entries:
-            close = difflib.get_close_matches(name, self._entries, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown {self.kind} {name!r}{hint}; known: {', '.join(sorted(self._entries))}")
+            raise ConfigError(f"unknown {self.kind} {name!r}{did_you_mean(name, self._entries)}; "
+                              f"known: {', '.join(sorted(self._entries))}")
         return self._entries[name]
 
     def names(self) -> list[str]:
-        self._load()
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        self._load()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
 
-MODELS = Registry("model", "sdesbench.models")
-DATASETS = Registry("dataset", "sdesbench.data")
-METHODS = Registry("method", "sdesbench.methods")
+def did_you_mean(name: str, choices, prefix: str = "") -> str:
+    """' (did you mean 'x'?)' for the closest of `choices`, or '' when none is close."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def import_submodules(package: str, path: list[str]) -> None:
+    """Import every module of a package (called from its `__init__` with `__name__, __path__`)."""
+    for mod in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{mod.name}")

@@ -1,6 +1,7 @@
 import pytest
 
-from sdesbench.config import RunConfig, build_config
+from sdesbench.config import RunConfig
+from sdesbench.engine.configure import build_config
 from sdesbench.errors import ConfigError
 
 

@@ -328,8 +328,8 @@ def test_short_camvid_training_on_cpu(tmp_path):
 
 
 def test_throughput_runs_the_training_transform(tmp_path):
-    from sdesbench.data.throughput import measure_throughput
+    from sdesbench.measure.throughput import loader_throughput
 
-    r = measure_throughput(CamVid(make_camvid(tmp_path / "camvid"), "train"), crop=(16, 16), n=4)
+    r = loader_throughput(CamVid(make_camvid(tmp_path / "camvid"), "train"), crop=(16, 16), n=4)
     assert r["images"] == 4 and r["images_per_s"] == pytest.approx(4 / r["seconds"])
     assert r["per_worker"] == r["images_per_s"] and r["per_cpu_s"] > 0

@@ -12,8 +12,8 @@ from conftest import ROOT, cli_env, read_json
 from sdesbench.data.base import EvalView
 from sdesbench.data.tiny import TinyScenes
 from sdesbench.engine import distributed as D
-from sdesbench.engine.io import load_checkpoint
-from sdesbench.engine.trainer import evaluate
+from sdesbench.io import load_checkpoint
+from sdesbench.engine.evaluate import evaluate
 from sdesbench.models import build_model
 
 N_VAL = 7  # odd, so two ranks cannot split it evenly

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from sdesbench.config import build_config
+from sdesbench.engine.configure import build_config
 from sdesbench.errors import ConfigError
-from sdesbench.experiments import PlannedRun
-from sdesbench.launch import job_graph, slurm_executor, submit
+from sdesbench.experiments.plan import PlannedRun
+from sdesbench.experiments.launch import job_graph, slurm_executor, submit
 
 HAS_SUBMITIT = importlib.util.find_spec("submitit") is not None
 

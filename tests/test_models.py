@@ -14,7 +14,7 @@ from sdesbench.errors import ConfigError
 from sdesbench.models import build_model, count_params
 from sdesbench.models.enet import max_unpool2x
 from sdesbench.models.experts import LightExpertDecoder
-from sdesbench.profile import build_profiled, count_gflops
+from sdesbench.measure.profile import build_profiled, count_gflops
 from sdesbench.config import ModelConfig
 
 # Documented stage layout of every model (docs/models.md): channels and strides of `stages`,

@@ -7,13 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_cli
-from sdesbench.bench import BenchSettings, cpu_peak_bytes, run_bench
+from sdesbench.measure.bench import BenchSettings, run_bench
+from sdesbench.measure.memory import peak_bytes
+from sdesbench.measure.step_cost import median_interval
 from sdesbench.engine.metrics import predict
 from sdesbench.errors import ConfigError
 from sdesbench.methods.base import Method
 from sdesbench.methods.losses import fp32, full_precision, pixel_ce
 from sdesbench.models import build_model
-from sdesbench.registry import METHODS
+from sdesbench.methods import METHODS
 
 
 def test_full_precision_computes_in_fp32_inside_autocast():
@@ -36,7 +38,7 @@ def test_predict_is_argmax_including_ties():
     assert predict(logits)[0, 0, 0] == 1
 
 
-def test_cpu_peak_bytes_replays_allocations():
+def test_cpu_peak_bytes_replay_allocations():
     def pattern():  # 4 MB, +2 MB (6 alive), free 4 MB, +8 MB (10 alive), free all
         a = torch.empty(1_000_000)
         b = torch.empty(500_000)
@@ -44,11 +46,12 @@ def test_cpu_peak_bytes_replays_allocations():
         c = torch.empty(2_000_000)
         del b, c
 
-    assert cpu_peak_bytes(pattern, live_before=123) == 123 + 10_000_000
+    assert peak_bytes(pattern, live_before=123, device=torch.device("cpu")) == 123 + 10_000_000
 
 
 def test_bench_json_structure_and_memory_floor():
-    proc = run_cli("bench", "--methods", "student", "--iters", "2", "--warmup", "1", "--crop", "32", "--batch", "2",
+    proc = run_cli("bench", "--methods", "student", "--rounds", "2", "--steps", "1", "--warmup", "1", "--crop", "32",
+                   "--batch", "2",
                    "--eval-images", "2", "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
@@ -88,7 +91,8 @@ class _TeacherKL(Method):
 def test_bench_builds_a_random_teacher_and_counts_its_memory():
     METHODS.register("_test_teacher_kl")(_TeacherKL)
     try:
-        r = run_bench(BenchSettings(methods=["_test_teacher_kl"], iters=1, warmup=1, crop=32, batch=2, eval_images=1,
+        r = run_bench(BenchSettings(methods=["_test_teacher_kl"], rounds=1, steps=1, warmup=1, crop=32, batch=2,
+                                    eval_images=1,
                                     loader_batches=1, device="cpu", tables=False))
     finally:
         METHODS._entries.pop("_test_teacher_kl")
@@ -97,3 +101,23 @@ def test_bench_builds_a_random_teacher_and_counts_its_memory():
     teacher_mb = 4 * sum(p.numel() for p in build_model("deeplabv3_resnet18", 11).parameters()) / 2**20
     assert kd["peak_memory_mb"] - student["peak_memory_mb"] >= teacher_mb  # the teacher's weights stay alive
     assert kd["gflops_per_step"] > student["gflops_per_step"]  # plus the teacher's forward
+
+
+@pytest.mark.parametrize("n,k", [(6, 1), (10, 2), (20, 6)])
+def test_median_interval_uses_the_binomial_order_statistics(n, k):
+    # the interval [x_(k), x_(n+1-k)] covers the median with probability 1 - 2 P(Binomial(n, 1/2) <= k - 1);
+    # k is the largest with coverage >= 95%: n=6 -> 1 - 2/64; n=10 -> 1 - 2*11/1024; n=20 -> 1 - 2*P(B<=5)
+    from math import comb
+
+    values = [float(v) for v in range(n, 0, -1)]  # n, ..., 1 (order must not matter)
+    low, high, coverage = median_interval(values)
+    tail = sum(comb(n, i) for i in range(k)) / 2**n
+    assert (low, high) == (float(k), float(n + 1 - k))
+    assert coverage == pytest.approx(1 - 2 * tail)
+    assert coverage >= 0.95
+    assert 1 - 2 * (tail + comb(n, k) / 2**n) < 0.95  # one step narrower would fall below 95%
+
+
+def test_median_interval_with_few_values_is_the_range():
+    low, high, coverage = median_interval([3.0, 1.0, 2.0])
+    assert (low, high) == (1.0, 3.0) and coverage == pytest.approx(1 - 2 / 8)

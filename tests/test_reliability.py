@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from conftest import FAST, assert_one_line_error, popen_cli, read_json, run_cli
-from sdesbench.config import build_config
+from sdesbench.engine.configure import build_config
 from sdesbench.errors import SdesbenchError
-from sdesbench.experiments import PlannedRun
-from sdesbench.report import table_frame
+from sdesbench.experiments.plan import PlannedRun
+from sdesbench.experiments.spec import Spec
+from sdesbench.report.tables import table_frame
 
 ITERS = 16
 ARGS = ["train", "--iters", str(ITERS), "--set", "train.checkpoint_every=4", *FAST]
@@ -95,14 +96,14 @@ def test_nan_loss_stops_names_the_term_and_keeps_last_good_checkpoint(tmp_path):
     assert_one_line_error(r, "non-finite loss term 'ss' at iteration 2", "last good checkpoint is kept (iteration 1)")
     assert r.returncode == 3
     rec = read_json(tmp_path / "results.json")
-    assert rec["status"] == "failed" and "metrics" not in rec and "'ss'" in rec["error"]
+    assert rec["status"] == "failed" and rec["metrics"] is None and "'ss'" in rec["error"]
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["iteration"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     # the report shows the run as failed, never as a number
     cfg = build_config({}, [f"output.dir={tmp_path}"])
     df, _ = table_frame([PlannedRun(key="g/r", group="g", row="r", seed=0, cfg=cfg, paper={"miou": 50.0})],
-                        results=tmp_path / "results")
+                        Spec(name="t", title="t", presets={}), tmp_path / "results")
     assert df.loc[0, "mIoU"] == "failed" and df.loc[0, "status"].startswith("failed")
 
 
@@ -168,7 +169,7 @@ def test_worker_errors_reach_the_user_as_one_line():
 
 
 def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):
-    from sdesbench.engine.io import write_json, write_text
+    from sdesbench.io import write_json, write_text
 
     target = tmp_path / "results.json"
     write_text(target, "old")

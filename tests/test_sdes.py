@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import CAMVID, FAST, assert_one_line_error, read_json, run_cli
-from sdesbench.config import build_config
+from sdesbench.engine.configure import build_config
 from sdesbench.engine.trainer import train
 from sdesbench.errors import ConfigError
 from sdesbench.methods.base import MethodContext, StepInfo
@@ -14,7 +14,8 @@ from sdesbench.models.experts import LightExpertDecoder
 from sdesbench.methods.sdes import (SDES, bilinear_upsample, class_groups, dfed_loss, dped_loss, ensemble_logits,
                                     expert_ce_loss, subset_to_full_logits)
 from sdesbench.models import build_model, count_params
-from sdesbench.registry import DATASETS, METHODS
+from sdesbench.data import DATASETS
+from sdesbench.methods import METHODS
 
 # ----------------------------------------------------------------------------- Eq. 2: class groups
 
@@ -327,7 +328,7 @@ def read_json_lines(path):
 def test_train_variants(tmp_path, name, extra):
     cfg = build_config({}, [f"method.name={name}", "train.iters=2", "data.batch_size=2", "data.crop=32",
                             "eval.max_images=4", f"output.dir={tmp_path}"])
-    rec = train(cfg, show_progress=False)
+    rec = train(cfg, show_progress=False).to_dict()
     assert rec["status"] == "completed" and set(rec["extra_metrics"]) == extra
 
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FAST, read_json, run_cli
-from sdesbench.config import build_config
-from sdesbench.engine.io import save_checkpoint
+from sdesbench.engine.configure import build_config
+from sdesbench.io import save_checkpoint
 from sdesbench.engine.trainer import train
 from sdesbench.errors import CheckpointError, ConfigError
 from sdesbench.methods.base import MethodContext, StepInfo
@@ -21,7 +21,8 @@ from sdesbench.methods.tffd import channel_saliency, inter_layer_loss, intra_lay
 from sdesbench.methods.losses import hinton_kd_loss
 from sdesbench.methods.tfkd import tfkd_reg_loss, virtual_teacher
 from sdesbench.models import build_model
-from sdesbench.registry import METHODS, MODELS
+from sdesbench.methods import METHODS
+from sdesbench.models import MODELS
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -314,7 +315,7 @@ def test_tfkd_self_trains_from_a_student_checkpoint(tmp_path):
     cfg = build_config({}, ["method.name=tfkd-self", "train.iters=2", "data.batch_size=2", "data.crop=32",
                             "data.check=false", "eval.max_images=1", "teacher.model=deeplabv3_resnet18",
                             f"teacher.checkpoint={ckpt}", f"output.dir={tmp_path / 'run'}"])
-    rec = train(cfg, show_progress=False)
+    rec = train(cfg, show_progress=False).to_dict()
     assert rec["status"] == "completed" and rec["method"] == "tfkd-self"
     bad = build_config({}, ["method.name=tfkd-self", "train.iters=1", "data.check=false", "teacher.model=deeplabv3_resnet50",
                             f"teacher.checkpoint={ckpt}", f"output.dir={tmp_path / 'bad'}"])

@@ -12,8 +12,10 @@ import yaml
 
 from conftest import ROOT, assert_one_line_error, run_cli
 from sdesbench.errors import ConfigError
-from sdesbench.report import write_table
-from sdesbench.experiments import PRESETS, expand, list_tables, load_spec, parse_sweep_values, sweep_spec
+from sdesbench.experiments.plan import Sweep
+from sdesbench.experiments.spec import PRESETS, list_tables, load_spec
+from sdesbench.experiments.sweeps import parse_sweep_values, sweep_spec
+from sdesbench.report import write_report as write_table
 
 # every run as short as possible: the tests check plumbing, not accuracy
 SHORT = ["--set", "train.iters=2", "--set", "data.crop=48", "--set", "data.batch_size=2", "--set", "eval.max_images=4"]
@@ -35,7 +37,7 @@ def test_every_spec_expands_in_every_preset(tmp_path):
     for table in list_tables():
         spec = load_spec(table)
         for preset in PRESETS:
-            plans = expand(spec, preset, [0, 1], tmp_path)
+            plans = Sweep(table, preset, (0, 1), tmp_path).plans(spec)
             assert plans, (table, preset)
             for p in plans:
                 # each planned run either has a validated config or says why it cannot run
@@ -43,30 +45,30 @@ def test_every_spec_expands_in_every_preset(tmp_path):
                 assert {"iters", "crop", "batch", "lr"} <= set(p.protocol), (table, p.key)
                 if p.cfg is not None:
                     assert Path(p.cfg.output.dir).name == p.cfg.identity_hash()
-        paper = spec["presets"]["paper"]
-        iters = {"voc": 30000, "cityscapes": 45000, "camvid": 5000}[spec["dataset"]]
-        assert paper["train"]["iters"] == iters and paper["data"]["crop"] == [512, 512]
-        assert paper["data"]["batch_size"] == 8 and paper["train"]["lr"] == 0.01
+        paper = spec.presets["paper"]
+        iters = {"voc": 30000, "cityscapes": 45000, "camvid": 5000}[spec.dataset]
+        assert paper.train["iters"] == iters and paper.data["crop"] == [512, 512]
+        assert paper.data["batch_size"] == 8 and paper.train["lr"] == 0.01
 
 
 @pytest.mark.skipif(not PAPER_TABLES.is_file(), reason="../shared/paper/tables.yaml is absent")
 def test_spec_numbers_are_the_papers():
     ref = yaml.safe_load(PAPER_TABLES.read_text())
-    t1 = {g["model"]: {r["label"]: r["miou"] for r in g["rows"]} for g in load_spec("table1")["groups"]}
+    t1 = {g.model: {r.label: r.miou for r in g.rows} for g in load_spec("table1").groups}
     assert t1 == ref["table1"]["rows"]
-    t2 = {g["model"]: {r["label"].replace(" ", "-"): r for r in g["rows"]} for g in load_spec("table2")["groups"]}
+    t2 = {g.model: {r.label.replace(" ", "-"): r for r in g.rows} for g in load_spec("table2").groups}
     for model, entry in ref["table2"]["rows"].items():
         for label, vals in entry["results"].items():
-            assert t2[model][label]["miou"] == vals["miou"], (model, label)
-            assert t2[model][label].get("pa") == vals.get("pa"), (model, label)
-    assert t2["deeplabv3_resnet50"]["Teacher"]["miou"] == ref["table2"]["teacher"]["miou"]
-    t3 = {g["model"]: {r["label"]: r["miou"] for r in g["rows"]} for g in load_spec("table3")["groups"]}
+            assert t2[model][label].miou == vals["miou"], (model, label)
+            assert t2[model][label].pa == vals.get("pa"), (model, label)
+    assert t2["deeplabv3_resnet50"]["Teacher"].miou == ref["table2"]["teacher"]["miou"]
+    t3 = {g.model: {r.label: r.miou for r in g.rows} for g in load_spec("table3").groups}
     assert t3 == {m: e["results"] for m, e in ref["table3"]["rows"].items()}
-    assert [r["miou"] for r in load_spec("table4")["groups"][0]["rows"]] == [67.56, 68.13, 68.37, 68.74, 68.19]
-    fig3 = load_spec("fig3")["sweeps"]
+    assert [r.miou for r in load_spec("table4").groups[0].rows] == [67.56, 68.13, 68.37, 68.74, 68.19]
+    fig3 = load_spec("fig3").sweeps
     for param, ref_sweep in ref["figure3"].items():
         lo, hi = ref_sweep["range"]
-        assert min(fig3[param]["values"]) == lo and max(fig3[param]["values"]) == hi, param
+        assert min(fig3[param].values) == lo and max(fig3[param].values) == hi, param
 
 
 def test_dry_run_table2_paper_lists_protocol_and_teacher(tmp_path):
@@ -92,13 +94,13 @@ def test_table4_smoke_run_report_and_rerun_trains_nothing(tmp_path):
     first = run_cli("run", "table4", "--preset", "smoke", "--seeds", "0", *res, *SHORT, "--no-progress")
     assert first.returncode == 0, first.stderr
     (tmp_path / "table4-smoke.md").unlink()  # `run` writes the report; `report` (in-process here) rewrites it
-    write_table("table4", "smoke", [0], tmp_path, SHORT_SETS)
+    write_table(Sweep("table4", "smoke", (0,), tmp_path, tuple(SHORT_SETS)))
     md = (tmp_path / "table4-smoke.md").read_text()
     assert (tmp_path / "table4-smoke.csv").is_file()
     rows = md_rows(md)
     assert [float(r["paper mIoU"]) for r in rows] == [67.56, 68.13, 68.37, 68.74, 68.19]
     assert "Δ mIoU" in rows[0]
-    plans = {p.row: p for p in expand(load_spec("table4"), "smoke", [0], tmp_path, SHORT_SETS)}
+    plans = {p.row: p for p in Sweep("table4", "smoke", (0,), tmp_path, tuple(SHORT_SETS)).plans()}
     for row in rows:
         cell = row["mIoU"]
         assert NUMBER.match(cell) or cell in STATUS_WORDS, cell
@@ -160,14 +162,13 @@ def write_record(out: Path, cfg, **fields) -> None:
 
 
 def test_failed_missing_and_multi_seed_cells(tmp_path):
-    plans = [p for p in expand(load_spec("table3"), "smoke", [0, 1, 2, 3], tmp_path)
-             if p.key == "EfficientNet-B0/Student"]
+    plans = [p for p in Sweep("table3", "smoke", (0, 1, 2, 3), tmp_path).plans() if p.key == "EfficientNet-B0/Student"]
     s0, s1, s2, s3 = plans
     # two completed seeds: mean ± sample std of 50 and 60 = 55.00 ± 7.07; Δ = 55 - 67.56 = -12.56
     write_record(s0.out, s0.cfg, status="completed", metrics={"miou": 0.50, "pixel_acc": 0.9})
     write_record(s1.out, s1.cfg, status="completed", metrics={"miou": 0.60, "pixel_acc": 0.9})
     write_record(s2.out, s2.cfg, status="failed", error="non-finite loss term 'ss' at iteration 3")
-    _, md = write_table("table3", "smoke", [0, 1, 2], tmp_path)
+    _, md = write_table(Sweep("table3", "smoke", (0, 1, 2), tmp_path))
     rows = {(r["Network"], r["Method"]): r for r in md_rows(md)}
     eff = rows[("EfficientNet-B0", "Student")]
     assert eff["mIoU"] == "55.00 ± 7.07" and eff["Δ mIoU"] == "-12.56" and eff["seeds"] == "2"
@@ -177,17 +178,17 @@ def test_failed_missing_and_multi_seed_cells(tmp_path):
         if key[1] != "Student":
             assert row["mIoU"] in STATUS_WORDS, row  # nothing else ran: never a number
     # seeds 2 (failed) and 3 (never run): the cell says so, with no number and no difference
-    _, md = write_table("table3", "smoke", [2], tmp_path)
+    _, md = write_table(Sweep("table3", "smoke", (2,), tmp_path))
     row = {(r["Network"], r["Method"]): r for r in md_rows(md)}[("EfficientNet-B0", "Student")]
     assert row["mIoU"] == "failed" and row["Δ mIoU"] == "—" and "non-finite loss term" in row["status"]
-    _, md = write_table("table3", "smoke", [3], tmp_path)
+    _, md = write_table(Sweep("table3", "smoke", (3,), tmp_path))
     row = {(r["Network"], r["Method"]): r for r in md_rows(md)}[("EfficientNet-B0", "Student")]
     assert row["mIoU"] == "missing" and row["seeds"] == "0"
     assert "missing" in (tmp_path / "table3-smoke.csv").read_text()
 
 
 def test_table1_report_is_wide_like_the_paper(tmp_path):
-    _, md = write_table("table1", "smoke", [0], tmp_path)
+    _, md = write_table(Sweep("table1", "smoke", (0,), tmp_path))
     header = md_rows(md)[0].keys()
     assert list(header)[2:] == ["Student", "LSR", "Tf-KD", "SAD", "SR-SS", "KL*", "AT*", "CWD*", "Ours"]
     paper_lines = [r for r in md_rows(md) if r[""] == "paper"]
@@ -198,11 +199,34 @@ def test_table1_report_is_wide_like_the_paper(tmp_path):
 
 def test_sweep_spec_sets_the_option():
     spec = load_spec("fig3")
-    rows = sweep_spec(spec, "N", [2, 4])["groups"][0]["rows"]
-    assert [r["options"] for r in rows] == [{"n_experts": 2}, {"n_experts": 4}]
+    rows = sweep_spec(spec, "N", [2, 4]).groups[0].rows
+    assert [r.options for r in rows] == [{"n_experts": 2}, {"n_experts": 4}]
 
 
 def test_unknown_table_and_preset_are_one_line(tmp_path):
     assert_one_line_error(run_cli("report", "table9", "--results", str(tmp_path)), "unknown table 'table9'")
     with pytest.raises(ConfigError, match="has no preset 'huge'"):
-        expand(load_spec("table4"), "huge", [0], tmp_path)
+        Sweep("table4", "huge", (0,), tmp_path).plans()
+
+
+def test_table2_report_has_the_profilers_flops_for_every_network_row(tmp_path, monkeypatch):
+    """The report's Params/FLOPs columns are `sdesbench profile`'s numbers (the spec's input size is
+    shrunk to 64x128 here to keep fvcore fast; the wiring is what is checked)."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    text = (ROOT / "experiments" / "table2.yaml").read_text()
+    assert "input_hw: [512, 1024]" in text
+    (specs / "table2.yaml").write_text(text.replace("input_hw: [512, 1024]", "input_hw: [64, 128]"))
+    monkeypatch.setenv("SDESBENCH_EXPERIMENTS", str(specs))
+    rep = run_cli("report", "table2", "--preset", "smoke", "--results", str(tmp_path / "results"))
+    assert rep.returncode == 0, rep.stderr
+    prof = run_cli("profile", "--classes", "19", "--input", "64x128", "--json")
+    assert prof.returncode == 0, prof.stderr
+    expected = {r["model"]: r for r in json.loads(prof.stdout)}
+    spec = {g.name: g.model for g in load_spec("table2").groups}
+    rows = md_rows(rep.stdout)
+    assert len(rows) == sum(len(g.rows) for g in load_spec("table2").groups)
+    for row in rows:
+        model = "ens_t_resnet18" if row["Method"] == "Ens-T" else spec[row["Network"]]
+        assert row["FLOPs (G)"] == f"{expected[model]['gflops']:.2f}", row
+        assert row["Params (M)"] == f"{expected[model]['params_m']:.2f}", row

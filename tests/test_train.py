@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from conftest import FAST, assert_one_line_error, read_json, run_cli
-from sdesbench.config import build_config
+from sdesbench.engine.configure import build_config
 from sdesbench.data.base import EvalView
 from sdesbench.data.tiny import TinyScenes
-from sdesbench.engine.trainer import evaluate, train
+from sdesbench.engine.evaluate import evaluate
+from sdesbench.engine.trainer import train
 from sdesbench.models import build_model
 
 
@@ -15,7 +16,7 @@ def test_short_training_beats_untrained_model_3x(tmp_path):
     torch.manual_seed(0)
     untrained = build_model("deeplabv3_resnet18", 11)
     base = evaluate(untrained, EvalView(TinyScenes(None, "val")), 11, torch.device("cpu"))["student"]["miou"]
-    rec = train(cfg, show_progress=False)
+    rec = train(cfg, show_progress=False).to_dict()
     assert rec["status"] == "completed"
     trained = rec["metrics"]["miou"]
     assert trained >= 3 * base, (trained, base)

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from conftest import FAST, assert_one_line_error, read_json, run_cli
-from sdesbench.config import ModelConfig, build_config
-from sdesbench.engine.io import save_checkpoint
+from sdesbench.config import ModelConfig
+from sdesbench.engine.configure import build_config
+from sdesbench.io import save_checkpoint
 from sdesbench.engine.trainer import Trainer, train
 from sdesbench.errors import CheckpointError, ConfigError, SdesbenchError
-from sdesbench.experiments import expand, load_spec
+from sdesbench.experiments.plan import Sweep
 from sdesbench.methods.at import AT, attention_transfer_loss, paired_stages
 from sdesbench.methods.base import MethodContext, StepInfo
 from sdesbench.methods.cwd import CWD, cwd_loss
@@ -24,7 +25,7 @@ from sdesbench.methods.kl import KL, hinton_kd_loss
 from sdesbench.methods.rdd import (RDD, RDDKL, ohem_hard_mask, tfe_pixel_weights, tfe_weighted_ce, tse_masked_ce,
                                    tse_pixel_mask)
 from sdesbench.models import build_model
-from sdesbench.registry import METHODS
+from sdesbench.methods import METHODS
 
 LN3 = math.log(3.0)
 TS_METHODS = ["kl", "at", "cwd", "rdd", "rdd+kl", "rdd+cwd"]
@@ -287,19 +288,21 @@ def test_teacher_runs_frozen_in_eval_mode_without_grad(tmp_path):
     ckpt = save_fake_teacher(tmp_path / "teacher.pt")
     trainer = Trainer(tiny_cfg(tmp_path, "kl", ckpt), show_progress=False)
     trainer.out.mkdir(parents=True)
-    trainer._setup()
-    teacher_before = copy.deepcopy(trainer.teacher.state_dict())
-    student_before = copy.deepcopy(trainer.model.state_dict())
+    trainer.setup()
+    learner = trainer.learner
+    teacher_before = copy.deepcopy(learner.teacher.state_dict())
+    student_before = copy.deepcopy(learner.model.state_dict())
     seen = {}
-    loss_terms = trainer.method.loss_terms
+    loss_terms = learner.method.loss_terms
 
     def spy(student_out, labels, step, teacher_out=None):
         seen["teacher_out"] = teacher_out
         return loss_terms(student_out, labels, step, teacher_out)
 
-    trainer.method.loss_terms = spy
-    assert trainer._train_loop() == 1
-    teacher = trainer.teacher
+    learner.method.loss_terms = spy
+    trainer._loop([])
+    assert trainer.iteration == 1
+    teacher = learner.teacher
     assert not teacher.training and all(not m.training for m in teacher.modules())
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert not seen["teacher_out"]["logits"].requires_grad
@@ -307,7 +310,7 @@ def test_teacher_runs_frozen_in_eval_mode_without_grad(tmp_path):
     assert all(torch.equal(teacher_before[k], after[k]) for k in teacher_before)  # BN running stats included
     assert any("running_mean" in k for k in teacher_before)
     # ... while the student did take a step and its BN statistics moved
-    assert not all(torch.equal(student_before[k], v) for k, v in trainer.model.state_dict().items())
+    assert not all(torch.equal(student_before[k], v) for k, v in learner.model.state_dict().items())
 
 
 def test_model_built_with_aux_runs_its_aux_head():
@@ -338,12 +341,12 @@ def test_teacher_trained_with_aux_head_loads_and_feeds_rdd_aux_kl(tmp_path):
     ckpt = tmp_path / "teacher_aux.pt"
     save_checkpoint(ckpt, {"model_name": "deeplabv3_resnet18", "num_classes": 11, "model": model.state_dict(),
                            "config": {"model": {"name": "deeplabv3_resnet18", "aux": True}}})
-    rec = train(tiny_cfg(tmp_path, "rdd", ckpt, "method.tfe_difficulty=aux_kl"), show_progress=False)
+    rec = train(tiny_cfg(tmp_path, "rdd", ckpt, "method.tfe_difficulty=aux_kl"), show_progress=False).to_dict()
     assert rec["status"] == "completed"
 
 
 def test_sdesbench_run_plans_one_teacher_first_for_table3_teacher_rows(tmp_path):
-    plans = expand(load_spec("table3"), "smoke", [0], tmp_path)
+    plans = Sweep("table3", "smoke", (0,), tmp_path).plans()
     assert plans[0].is_teacher and plans[0].cfg.method.name == "student"
     teachers = [p for p in plans if p.is_teacher]
     assert len(teachers) == 1

@@ -1,1 +1,2 @@
-"""Extra CLI command groups: each module defines `register(app: typer.Typer)` and is loaded by `sdesbench.cli`."""
+"""CLI commands: each module defines `register(app: typer.Typer)` and is loaded by `sdesbench.cli`
+(modules named `_*` hold what the commands share)."""

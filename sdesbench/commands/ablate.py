@@ -14,39 +14,38 @@ from typing import Optional
 
 import typer
 
+from sdesbench.commands._shared import (DRY_RUN_OPTION, PRESET_OPTION, PROGRESS_OPTION, RESULTS_OPTION, SEEDS_OPTION,
+                                       SETS_OPTION, err, make_sweep, print_plan)
+from sdesbench.errors import SdesbenchError
+
 
 def register(app: typer.Typer) -> None:
-    from sdesbench import cli  # registered from cli's module body, after its shared options exist
-
     @app.command()
     def ablate(
         param: str = typer.Option(..., "--param", help="alpha | beta | gamma | N"),
-        values: Optional[str] = typer.Option(None, "--values",
-                                             help="Comma-separated values (default: the spec's, e.g. gamma "
-                                                  "0,0.25,0.5,0.75,1)."),
-        preset: str = cli.PRESET_OPTION,
-        seeds: str = cli.SEEDS_OPTION,
-        results: Path = cli.RESULTS_OPTION,
-        sets: list[str] = cli.SETS_OPTION,
-        dry_run: bool = cli.DRY_RUN_OPTION,
-        progress: bool = cli.PROGRESS_OPTION,
+        values: Optional[str] = typer.Option(None, "--values", help="Comma-separated values (default: the spec's, "
+                                             "e.g. gamma 0,0.25,0.5,0.75,1)."),
+        preset: str = PRESET_OPTION,
+        seeds: str = SEEDS_OPTION,
+        results: Path = RESULTS_OPTION,
+        sets: list[str] = SETS_OPTION,
+        dry_run: bool = DRY_RUN_OPTION,
+        progress: bool = PROGRESS_OPTION,
     ):
         """Run a Figure 3 sweep of one SDES hyper-parameter (then `sdesbench report fig3` plots it)."""
-        from sdesbench.cli import err, print_plan, train_plans
-        from sdesbench.errors import SdesbenchError
-        from sdesbench.experiments import (expand, load_spec, parse_seeds, parse_sweep_values,
-                                           record_sweep_values, sweep_spec)
+        from sdesbench.experiments.launch import train_locally
+        from sdesbench.experiments.sweeps import parse_sweep_values, record_sweep_values, sweep_spec
 
-        spec = load_spec("fig3")
+        sweep = make_sweep("fig3", preset, seeds, results, sets)
+        spec = sweep.spec()
         value_list = parse_sweep_values(spec, param, values)
-        seed_list = parse_seeds(seeds)
-        plans = expand(sweep_spec(spec, param, value_list), preset, seed_list, results, sets)
+        plans = sweep.plans(sweep_spec(spec, param, value_list))
         if dry_run:
             print_plan(plans)
             return
         t0 = time.perf_counter()
-        failed = train_plans(plans, f"fig3 {param} ({preset})", results, progress)
-        record_sweep_values(results, preset, param, value_list)
+        failed = train_locally(plans, sweep, progress)
+        record_sweep_values(results, sweep.table, preset, param, value_list)
         done = sum(1 for p in plans if p.cfg is not None and p.done())
         skipped = sorted({p.skipped for p in plans if p.skipped})
         err.print(f"{param} sweep: {done}/{len(plans)} run(s) completed"

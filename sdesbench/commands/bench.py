@@ -14,8 +14,10 @@ def register(app: typer.Typer) -> None:
         methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all; student is always in)."),
         batch: Optional[int] = typer.Option(None, min=1, help="Batch size (default: 8 on CUDA, 4 on CPU)."),
         crop: Optional[int] = typer.Option(None, min=8, help="Square crop (default: 512 on CUDA, 128 on CPU)."),
-        iters: int = typer.Option(10, min=1, help="Timed steps per method (median reported)."),
-        warmup: int = typer.Option(3, min=0, help="Untimed steps first."),
+        rounds: int = typer.Option(6, min=1, help="Interleaved timing rounds (student and method blocks alternate)."),
+        steps: int = typer.Option(2, min=1, help="Steps per timed block."),
+        warmup: int = typer.Option(2, min=0, help="Untimed steps per method first."),
+        clock: Optional[str] = typer.Option(None, help="process (CPU time, the CPU default) | wall (the CUDA default)."),
         dataset: str = typer.Option("tiny", help="Dataset for the input batch, evaluation and loader."),
         data_root: Optional[str] = typer.Option(None, help="Dataset folder."),
         workers: int = typer.Option(0, min=0, help="Data-loader workers to benchmark."),
@@ -31,12 +33,14 @@ def register(app: typer.Typer) -> None:
         """Benchmark (not a test): step time and peak memory per method relative to student, and more."""
         from rich.console import Console
 
-        from sdesbench.bench import BenchSettings, format_report, run_bench
+        from sdesbench.config import parse_override
         from sdesbench.errors import ConfigError
+        from sdesbench.measure.bench import BenchSettings, format_report, run_bench
 
         if amp not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"--amp must be auto, off, bf16 or fp16, got {amp!r}")
-        from sdesbench.config import parse_override
+        if clock not in (None, "process", "wall"):
+            raise ConfigError(f"--clock must be process or wall, got {clock!r}")
 
         options: dict = {}
         for text in option:
@@ -45,7 +49,8 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(f"--option expects METHOD.KEY=VALUE, got {text!r}")
             options.setdefault(parts[0], {})[parts[1]] = value
         err = Console(stderr=True)
-        settings = BenchSettings(model=model, batch=batch, crop=crop, iters=iters, warmup=warmup,
+        settings = BenchSettings(model=model, batch=batch, crop=crop, rounds=rounds, steps=steps, warmup=warmup,
+                                 clock=clock,
                                  methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                                  dataset=dataset, data_root=data_root, workers=workers, eval_images=eval_images,
                                  device=device, amp=amp, peak_tflops=peak_tflops, tables=tables, options=options)

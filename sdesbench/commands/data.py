@@ -70,8 +70,8 @@ def stats(
 ):
     """Per-class pixel counts over a split (ignored pixels excluded), cached by the file list's
     fingerprint in $SDESBENCH_CACHE (default ~/.cache/sdesbench). SDES uses them for its class split."""
+    from sdesbench.data import DATASETS
     from sdesbench.data.base import class_pixel_counts
-    from sdesbench.registry import DATASETS
 
     ds = DATASETS.get(dataset)(root, split)
     counts = class_pixel_counts(ds, stats_cache_dir())
@@ -99,11 +99,11 @@ def throughput(
     """Decode + augment throughput (random scale 0.5-2, crop padded with 255, flip, normalise) in images/s."""
     import platform
 
-    from sdesbench.data.throughput import measure_throughput
-    from sdesbench.registry import DATASETS
+    from sdesbench.data import DATASETS
+    from sdesbench.measure.throughput import loader_throughput
 
     ds = DATASETS.get(dataset)(root, split)
-    r = measure_throughput(ds, (crop, crop), images, workers=workers)
+    r = loader_throughput(ds, (crop, crop), images, workers=workers)
     cpu = f", {r['per_cpu_s']:.1f} per CPU-second" if "per_cpu_s" in r else ""
     out.print(f"{dataset}/{split}, {crop}x{crop} crops, {r['images']} images in {r['seconds']:.1f} s: "
               f"{r['images_per_s']:.1f} images/s, {r['per_worker']:.1f} per worker{cpu} "

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from sdesbench.profile import parse_size, profile_rows
+        from sdesbench.measure.profile import parse_size, profile_rows
 
         records = profile_rows(model, parse_size(input) if input else None, classes)
         if as_json:

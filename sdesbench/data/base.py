@@ -22,6 +22,9 @@ from torch.utils.data import Dataset, Sampler
 
 from sdesbench.data.transforms import JointTrainTransform, normalize
 from sdesbench.errors import DataError
+from sdesbench.registry import Registry
+
+DATASETS = Registry("dataset")
 
 
 class SegDataset(Dataset):
@@ -56,6 +59,11 @@ class SegDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.load(index)
+
+
+def build_dataset(name: str, root: str | Path | None, split: str) -> SegDataset:
+    """The registered dataset `name` over `root` (else $SDESBENCH_DATA/<name>), split `split`."""
+    return DATASETS.get(name)(root, split)
 
 
 def resolve_root(name: str, root: str | Path | None) -> Path:

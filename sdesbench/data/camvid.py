@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sdesbench import IGNORE_INDEX
 from sdesbench.data.files import FileSegDataset, build_lut, file_name, pair_by_key, stems
-from sdesbench.registry import DATASETS
+from sdesbench.data.base import DATASETS
 
 CLASS_NAMES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                "Pedestrian", "Bicyclist"]

@@ -21,11 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sdesbench import IGNORE_INDEX
-from sdesbench.data.base import SegDataset, mask_class_counts, resolve_root, save_class_pixel_counts, stats_cache_path
+from sdesbench.data.base import DATASETS, SegDataset, mask_class_counts, resolve_root, save_class_pixel_counts, stats_cache_path
 from sdesbench.data.files import FileSegDataset, describe_values, read_image, read_label
-from sdesbench.engine.io import write_json
+from sdesbench.io import write_json
 from sdesbench.errors import DataError
-from sdesbench.registry import DATASETS
 
 Inspection = tuple[list[str], torch.Tensor]  # (problem lines, per-class pixel counts)
 

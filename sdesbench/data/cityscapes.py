@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sdesbench import IGNORE_INDEX
 from sdesbench.data.files import FileSegDataset, build_lut, pair_by_key, stems
-from sdesbench.registry import DATASETS
+from sdesbench.data.base import DATASETS
 
 CLASS_NAMES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",

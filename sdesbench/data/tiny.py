@@ -22,8 +22,7 @@ import math
 import torch
 
 from sdesbench import IGNORE_INDEX
-from sdesbench.data.base import SegDataset
-from sdesbench.registry import DATASETS
+from sdesbench.data.base import DATASETS, SegDataset
 
 CLASS_NAMES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                "Pedestrian", "Bicyclist"]

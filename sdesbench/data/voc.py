@@ -19,7 +19,7 @@ from pathlib import Path, PurePath
 from sdesbench import IGNORE_INDEX
 from sdesbench.data.files import FileSegDataset, build_lut, file_name, pair_by_key, stems
 from sdesbench.errors import DataError
-from sdesbench.registry import DATASETS
+from sdesbench.data.base import DATASETS
 
 CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",

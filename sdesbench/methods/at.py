@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from sdesbench.config import rng
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 from sdesbench.models.base import to_size
-from sdesbench.registry import METHODS
+from sdesbench.methods.base import METHODS
 
 
 def spatial_attention(feature: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,9 @@ from torch import nn
 from sdesbench.config import from_dict
 from sdesbench.errors import ConfigError
 from sdesbench.models.base import SegmentationModel
+from sdesbench.registry import Registry
+
+METHODS = Registry("method")
 
 
 @dataclass

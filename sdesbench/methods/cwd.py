@@ -34,11 +34,9 @@ from torch import nn
 
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
-from sdesbench.methods.base import MethodContext
-from sdesbench.methods.base import check_choice
+from sdesbench.methods.base import METHODS, MethodContext, check_choice
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 from sdesbench.models.base import to_size
-from sdesbench.registry import METHODS
 
 CWD_TARGETS = ("logits", "decoder_feature", "last_stage")
 ADAPTER_MODES = ("auto", "always", "never")

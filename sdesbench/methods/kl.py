@@ -28,7 +28,7 @@ import torch
 from sdesbench.config import rng
 from sdesbench.methods.losses import hinton_kd_loss, valid_mask
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
-from sdesbench.registry import METHODS
+from sdesbench.methods.base import METHODS
 
 
 @dataclass

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.methods.losses import valid_mask
-from sdesbench.methods.base import check_choice
+from sdesbench.methods.base import METHODS, check_choice
 from sdesbench.methods.student import Student
-from sdesbench.registry import METHODS
 
 SPREADS = ("all", "others")
 

@@ -59,14 +59,12 @@ import torch.nn.functional as F
 
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
-from sdesbench.methods.base import MethodContext, StepInfo
+from sdesbench.methods.base import METHODS, MethodContext, StepInfo, check_choice
 from sdesbench.methods.cwd import CWDOptions, CWDTerm, check_cwd_options
 from sdesbench.methods.kl import KLOptions, kd_term
 from sdesbench.methods.losses import class_kl_map
 from sdesbench.methods.losses import valid_mask
-from sdesbench.methods.base import check_choice
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
-from sdesbench.registry import METHODS
 
 TFE_DIFFICULTIES = ("auto", "aux_kl", "entropy", "true_prob")
 TSE_COMBINES = ("xor", "or", "and", "student")

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
-from sdesbench.methods.base import check_choice
+from sdesbench.methods.base import METHODS, check_choice
 from sdesbench.methods.student import Student
-from sdesbench.registry import METHODS
 
 REDUCTIONS = ("mean", "sum")
 

@@ -65,10 +65,9 @@ from torch import nn
 from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
-from sdesbench.methods.base import Method, MethodContext, check_choice
+from sdesbench.methods.base import METHODS, Method, MethodContext, check_choice
 from sdesbench.methods.losses import class_kl_map, pixel_ce
 from sdesbench.models.experts import LightExpertDecoder
-from sdesbench.registry import METHODS
 
 # ----------------------------------------------------------------------------- class groups (Eq. 2)
 

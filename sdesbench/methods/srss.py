@@ -25,9 +25,8 @@ from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
 from sdesbench.methods.losses import hinton_kd_loss, pixel_ce, valid_mask
-from sdesbench.methods.base import check_choice
+from sdesbench.methods.base import METHODS, check_choice
 from sdesbench.methods.student import Student
-from sdesbench.registry import METHODS
 
 SRL_FORMS = ("pixel_kl", "presence_bce")
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sdesbench.config import rng
-from sdesbench.methods.base import Method
+from sdesbench.methods.base import METHODS, Method
 from sdesbench.methods.losses import task_terms
-from sdesbench.registry import METHODS
 
 
 @METHODS.register("student")

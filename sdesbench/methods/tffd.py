@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdesbench.config import rng
-from sdesbench.methods.base import check_choice
+from sdesbench.methods.base import METHODS, check_choice
 from sdesbench.methods.student import Student
-from sdesbench.registry import METHODS
 
 CHANNEL_MATCHES = ("pool", "truncate", "adapter")
 PAIRINGS = ("all", "consecutive")

@@ -18,9 +18,8 @@ from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
 from sdesbench.methods.losses import hinton_kd_loss, valid_mask
-from sdesbench.methods.base import check_choice
+from sdesbench.methods.base import METHODS, check_choice
 from sdesbench.methods.student import Student
-from sdesbench.registry import METHODS
 
 SOFTENINGS = ("log", "prob")
 

@@ -19,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdesbench.registry import Registry
+
+MODELS = Registry("model")
+
 
 class SegmentationModel(nn.Module):
     num_classes: int

@@ -28,8 +28,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
 from sdesbench.errors import ConfigError
-from sdesbench.models.base import SegmentationModel
-from sdesbench.registry import MODELS
+from sdesbench.models.base import MODELS, SegmentationModel
 
 
 class DeepLabDecoder(nn.Module):

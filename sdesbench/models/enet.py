@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdesbench.models.realtime import RealtimeSegNet
-from sdesbench.registry import MODELS
+from sdesbench.models.base import MODELS
 
 
 def _bn_act(channels: int, prelu: bool) -> list[nn.Module]:

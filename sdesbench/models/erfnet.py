@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdesbench.models.realtime import RealtimeSegNet
-from sdesbench.registry import MODELS
+from sdesbench.models.base import MODELS
 
 BN_EPS = 1e-3
 

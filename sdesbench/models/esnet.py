@@ -24,7 +24,7 @@ from torch import nn
 
 from sdesbench.models.erfnet import BN_EPS, DownsamplerBlock, FactorizedResidual, SymmetricDecoder
 from sdesbench.models.realtime import RealtimeSegNet
-from sdesbench.registry import MODELS
+from sdesbench.models.base import MODELS
 
 
 class PFCU(nn.Module):

@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from sdesbench.errors import ConfigError
-from sdesbench.models import build_model, count_params
+from sdesbench.models import MODELS, build_model, count_params
 from sdesbench.models.experts import LightExpertDecoder
-from sdesbench.registry import MODELS
 
 ENS_T = "ens_t_resnet18"
 ENS_T_EXPERTS = 4
@@ -61,13 +60,12 @@ class LogitsOnly(nn.Module):
 
 class EnsembleTeacher(nn.Module):
     """The SDES self-ensemble teacher as profiled in Table 2: the student (encoder + its decoder) and
-    `n_experts` light expert decoders on the encoder's last stage."""
+    the expert decoders on the encoder's stages (routing pixels between them costs no FLOPs)."""
 
-    def __init__(self, student: nn.Module, n_experts: int):
+    def __init__(self, student: nn.Module, experts: nn.ModuleList):
         super().__init__()
         self.student = student
-        self.experts = nn.ModuleList(LightExpertDecoder(student.stage_channels[-1], student.num_classes)
-                                     for _ in range(n_experts))
+        self.experts = experts
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.student(x)
@@ -77,7 +75,10 @@ class EnsembleTeacher(nn.Module):
 def build_profiled(model: str, num_classes: int) -> nn.Module:
     """The network a profile row measures, in eval mode, returning tensors only."""
     if model == ENS_T:
-        net: nn.Module = EnsembleTeacher(build_model("deeplabv3_resnet18", num_classes), ENS_T_EXPERTS)
+        student = build_model("deeplabv3_resnet18", num_classes)
+        experts = nn.ModuleList(LightExpertDecoder(student.stage_channels[-1], num_classes)
+                                for _ in range(ENS_T_EXPERTS))
+        net: nn.Module = EnsembleTeacher(student, experts)
     else:
         net = LogitsOnly(build_model(model, num_classes))
     return net.eval()
@@ -139,3 +140,11 @@ def profile_rows(model: str | None = None, input_size: tuple[int, int] | None = 
             "params_rel_diff": rel_diff(params_m, paper_params), "gflops_rel_diff": rel_diff(gflops, paper_gflops),
         })
     return records
+
+
+def model_profile(model: str, num_classes: int, input_size: tuple[int, int] | list[int]) -> dict:
+    """Params (M) and fvcore GFLOPs of one network at `input_size` with `num_classes` classes: the
+    numbers `sdesbench profile --model M --classes C --input HxW --json` prints (the report's
+    Params / FLOPs columns use this)."""
+    (record,) = profile_rows(model, tuple(input_size), num_classes)
+    return {"params_m": record["params_m"], "gflops": record["gflops"]}

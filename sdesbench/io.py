@@ -1,6 +1,13 @@
-"""Atomic writes (temporary file in the same folder, then rename) and checkpoint loading."""
+"""Files the suite writes and reads: atomic writes, checkpoints, JSON records.
+
+Every write goes through `_atomic` (a temporary file in the same folder, fsync, rename), so a
+reader never sees half a file and a failed write leaves the previous version intact. A full
+disk, whatever layer notices it (the OS, or torch's zip writer), becomes one `StorageError`
+line naming the file.
+"""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -10,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sdesbench.errors import CheckpointError, SdesbenchError
+from sdesbench.errors import CheckpointError, SdesbenchError, StorageError
 
 CHECKPOINT_FORMAT = "sdesbench-checkpoint-v1"
 
@@ -19,6 +26,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _no_space(e: BaseException) -> bool:
+    """Whether `e` says the disk is full: an OSError with ENOSPC/EDQUOT, or torch's zip writer
+    reporting a short write (it raises RuntimeError 'enforce fail at inline_container.cc')."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("inline_container" in text or "No space left" in text)
 
 
 def _atomic(path: Path, write) -> None:
@@ -31,9 +47,11 @@ def _atomic(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if _no_space(e):
+            raise StorageError(f"no space left on device writing {path}") from None
         raise
 
 
@@ -43,6 +61,15 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     _atomic(Path(path), lambda f: f.write(text.encode()))
+
+
+def read_json(path: str | Path) -> Any:
+    """The parsed file; `StorageError` (one line) when it exists but cannot be read or parsed."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StorageError(f"{p} is unreadable ({type(e).__name__})") from None
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

@@ -1,17 +1,16 @@
-"""Cluster sweeps: submit the runs of a table as Slurm jobs through submitit.
+"""Launching a table's runs: here, one after another (`local`), or as Slurm jobs (`slurm`).
 
-`sdesbench run TABLE --launcher slurm` plans the runs exactly like the local launcher, then
-submits one job per run that is not done yet. A student whose teacher is still to be trained
-gets the Slurm dependency `afterok:<teacher job id>`, so it starts only once its teacher
-finished successfully (and never if it failed). Finished runs are skipped, and a resubmitted
-sweep continues each unfinished run from its last checkpoint (`resume=True`), as locally.
+Both launchers take the runs `plan.expand` made, skip the finished ones and train each distinct
+run folder once, teachers before their students; a rerun continues every unfinished run from its
+last checkpoint (`resume="auto"`).
 
-A job with `--slurm-gpus N > 1` runs N tasks on one node, one per GPU; submitit's
-`TorchDistributedEnvironment` exports RANK/WORLD_SIZE/MASTER_ADDR, and the Trainer runs DDP as
-under torchrun (`data.batch_size` is per GPU). On a time limit, submitit signals the job and
-requeues it (the callable is checkpointable); the requeued job resumes from the last checkpoint.
-
-submitit is an optional dependency (`pip install 'sdesbench[cluster]'`); only this module needs it.
+`slurm`: one submitit job per run still to do. A student whose teacher is still to be trained gets
+the Slurm dependency `afterok:<teacher job id>`, so it starts only once its teacher finished
+successfully (and never if it failed). A job with `--slurm-gpus N > 1` runs N tasks on one node,
+one per GPU; submitit's `TorchDistributedEnvironment` exports RANK/WORLD_SIZE/MASTER_ADDR, and
+the Trainer runs DDP as under torchrun (`data.batch_size` is per GPU). On a time limit, submitit
+signals the job and requeues it (the callable is checkpointable); the requeued job resumes from
+the last checkpoint. submitit is an optional dependency (`pip install 'sdesbench[cluster]'`).
 """
 from __future__ import annotations
 
@@ -21,9 +20,80 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+import torch
+from rich.console import Console
+
 from sdesbench.config import parse_override
-from sdesbench.errors import ConfigError, SdesbenchError
-from sdesbench.experiments import PlannedRun
+from sdesbench.engine import distributed as D
+from sdesbench.engine.configure import build_config
+from sdesbench.engine.record import read_record
+from sdesbench.engine.trainer import train
+from sdesbench.errors import ConfigError, Interrupted, RunLocked, SdesbenchError, StorageError
+from sdesbench.experiments.plan import PlannedRun, Sweep
+from sdesbench.io import check_writable
+
+console = Console(stderr=True)
+LAUNCHERS = ("local", "slurm")
+
+
+def pending_runs(plans: Sequence[PlannedRun], sweep: Sweep) -> list[PlannedRun]:
+    """List skipped rows, then return the distinct run folders not done yet (teachers first)."""
+    check_writable(sweep.results)
+    first_seed = min((p.seed for p in plans), default=0)
+    for p in plans:
+        if p.skipped and p.seed == first_seed:
+            console.print(f"[yellow]skip[/yellow] {p.key}: {p.skipped}")
+    unique, seen = [], set()
+    for p in plans:
+        if p.cfg is not None and str(p.out) not in seen:
+            seen.add(str(p.out))
+            if not p.done():
+                unique.append(p)
+    console.print(f"{sweep.title}: {len(unique)} run(s) to train, {len(seen) - len(unique)} already done")
+    return unique
+
+
+def _teacher_finished(folder: str) -> bool:
+    try:
+        rec = read_record(folder)
+    except StorageError:
+        return False
+    return rec is not None and rec.completed
+
+
+def train_locally(plans: Sequence[PlannedRun], sweep: Sweep, progress: bool) -> int:
+    """Train the planned runs not done yet here, one after another (each distinct run folder once,
+    teachers first). Returns the number of runs that failed or could not start; skipped rows are
+    only listed. A run that another process is training (its lock is held) is left to that process.
+    SIGINT/SIGTERM stop the sweep after the current run saved its checkpoint; rerunning continues."""
+    unique = pending_runs(plans, sweep)
+    failed = 0
+    for i, p in enumerate(unique, 1):
+        console.print(f"[{i}/{len(unique)}] {p.key} seed {p.seed} -> {p.out}")
+        if not all(_teacher_finished(d) for d in p.depends_on):
+            console.print(f"[red]skip[/red] {p.key}: its teacher did not finish")
+            failed += 1
+            continue
+        if torch.cuda.is_available():  # peak memory per run, not per process
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            train(p.cfg, resume="auto", show_progress=progress)
+        except Interrupted:
+            raise
+        except RunLocked as e:
+            console.print(f"[yellow]skip[/yellow] {p.key}: {e} (rerun `sdesbench run` when it has finished)")
+        except SdesbenchError as e:
+            console.print(f"[red]failed[/red] {p.key}: {e}")
+            failed += 1
+    return failed
+
+
+def check_launcher(launcher: str) -> None:
+    """A known launcher whose optional dependency is installed, or one clear line."""
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"unknown launcher {launcher!r}; choose {' or '.join(LAUNCHERS)}")
+    if launcher == "slurm" and importlib.util.find_spec("submitit") is None:
+        raise SdesbenchError("--launcher slurm needs submitit: pip install 'sdesbench[cluster]'")
 
 
 @dataclass
@@ -62,14 +132,6 @@ def job_graph(runs: Sequence[PlannedRun]) -> list[Job]:
     return [Job(r, [index[d] for d in r.depends_on if d in index]) for r in order]
 
 
-def check_launcher(launcher: str) -> None:
-    """A known launcher whose optional dependency is installed, or one clear line."""
-    if launcher not in ("local", "slurm"):
-        raise ConfigError(f"unknown launcher {launcher!r}; choose local or slurm")
-    if launcher == "slurm" and importlib.util.find_spec("submitit") is None:
-        raise SdesbenchError("--launcher slurm needs submitit: pip install 'sdesbench[cluster]'")
-
-
 class Executor(Protocol):  # what submit() needs of a submitit executor
     def update_parameters(self, **kwargs: Any) -> None: ...
 
@@ -82,20 +144,16 @@ class TrainJob:
     def __call__(self, cfg_dict: dict[str, Any], cwd: str) -> dict[str, Any] | None:
         import submitit
 
-        from sdesbench.config import build_config
-        from sdesbench.engine import distributed as D
-        from sdesbench.engine.trainer import train
-
         os.chdir(cwd)  # run folders and teacher checkpoints are relative to where the sweep was started
         if submitit.JobEnvironment().num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
             D.init_from_env()
         main = D.is_main()
         try:
-            rec = train(build_config(cfg_dict), resume=True, show_progress=False)
+            rec = train(build_config(cfg_dict), resume="auto", show_progress=False)
         finally:
             D.cleanup()
-        return rec.get("metrics") if main else None
+        return {"miou": rec.metrics.miou, "pixel_acc": rec.metrics.pixel_acc} if main and rec.metrics else None
 
     def checkpoint(self, cfg_dict: dict[str, Any], cwd: str) -> Any:
         """On a time limit submitit requeues this call; the Trainer resumes from its last checkpoint."""
@@ -166,13 +224,11 @@ def submit_runs(runs: Sequence[PlannedRun], results: Path, partition: str | None
     return [(j.run, str(h.job_id)) for j, h in zip(jobs, handles)]
 
 
-def submit_launcher(launcher: str, runs: Sequence[PlannedRun], results: Path, partition: str | None, gpus: int,
-                    time_min: int, sets: Sequence[str], report_cmd: str) -> None:
-    """The few lines `sdesbench run` delegates to for a launcher other than `local`."""
-    from rich.console import Console
-
-    check_launcher(launcher)
-    err = Console(stderr=True)
-    for run, job_id in submit_runs(runs, results, partition, gpus, time_min, sets):
-        err.print(f"submitted {job_id}: {run.key} seed {run.seed} -> {run.out}")
-    err.print(f"when the jobs have finished: {report_cmd}")
+def submit_to_slurm(plans: Sequence[PlannedRun], sweep: Sweep, partition: str | None, gpus: int, time_min: int,
+                    sets: Sequence[str]) -> list[tuple[PlannedRun, str]]:
+    """`sdesbench run --launcher slurm`: the runs still to do as jobs; returns (run, job id) pairs."""
+    check_launcher("slurm")
+    submitted = submit_runs(pending_runs(plans, sweep), sweep.results, partition, gpus, time_min, sets)
+    for run, job_id in submitted:
+        console.print(f"submitted {job_id}: {run.key} seed {run.seed} -> {run.out}")
+    return submitted

@@ -1,0 +1,48 @@
+"""What several commands share: the table options (`run`, `ablate`, `report`), the dry-run plan table,
+and the consoles everything prints to (results on stdout, progress and notes on stderr)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sdesbench.experiments.plan import PlannedRun, Sweep, parse_seeds
+
+out = Console()
+err = Console(stderr=True)
+
+PRESET_OPTION = typer.Option("smoke", help="paper | mini | smoke")
+SEEDS_OPTION = typer.Option("0", help="Comma-separated seeds, e.g. 0,1,2.")
+RESULTS_OPTION = typer.Option(Path("results"), help="Results folder.")
+SETS_OPTION = typer.Option([], "--set", help="Override config values for every run: section.key=value.")
+DRY_RUN_OPTION = typer.Option(False, "--dry-run", help="List the runs with their protocol; train nothing.")
+PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress")
+
+
+def make_sweep(table: str, preset: str, seeds: str, results: Path, sets: list[str]) -> Sweep:
+    return Sweep(table, preset, parse_seeds(seeds), results, tuple(sets or ()))
+
+
+def print_plan(plans: list[PlannedRun]) -> None:
+    """`--dry-run`: every run with its protocol, dependency (teacher) and status; trains nothing."""
+    t = Table(title="planned runs", show_lines=False)
+    cols = ("row", "seed", "model", "method", "dataset", "train/eval split", "iters", "crop", "batch", "lr", "tau",
+            "N", "expert", "teacher", "depends on", "status")
+    for col in cols:
+        t.add_column(col, overflow="fold")
+    for p in plans:
+        pr = p.protocol
+        model = p.cfg.model.name if p.cfg else p.model
+        deps = ", ".join(d.split("/runs/")[-1] for d in p.depends_on)
+        status = f"skipped: {p.skipped}" if p.cfg is None else ("done" if p.done() else "to run")
+        t.add_row(p.key, str(p.seed), model, "student" if p.is_teacher else p.method, str(pr.get("dataset", "")),
+                  f"{pr.get('train_split', '')}/{pr.get('eval_split', '')}", str(pr.get("iters", "")),
+                  "x".join(map(str, pr.get("crop", []))), str(pr.get("batch", "")), str(pr.get("lr", "")),
+                  str(pr.get("tau", "")), str(pr.get("N", "")), str(pr.get("expert", "")), str(pr.get("teacher", "")),
+                  deps, status)
+    Console(width=300).print(t)
+    n_run = len({str(p.out) for p in plans if p.cfg is not None})
+    out.print(f"{len(plans)} planned rows/teachers, {n_run} distinct runs, "
+              f"{sum(1 for p in plans if p.cfg is None)} skipped; nothing was trained (--dry-run)")
