@@ -206,3 +206,20 @@ def test_unknown_table_and_preset_are_one_line(tmp_path):
     assert_one_line_error(run_cli("report", "table9", "--results", str(tmp_path)), "unknown table 'table9'")
     with pytest.raises(ConfigError, match="has no preset 'huge'"):
         expand(load_spec("table4"), "huge", [0], tmp_path)
+
+
+def test_camvid_paper_presets_evaluate_on_test_and_mini_on_val(tmp_path):
+    """CamVid numbers in the literature are test-split numbers (CIRKD's and RDD's eval.py read
+    camvid_test_list.txt); `mini` stays on val because the shared copy has no test split."""
+    for table in ("table3", "table4", "fig3"):
+        spec = load_spec(table)
+        for preset, eval_split in (("paper", "test"), ("mini", "val")):
+            plans = expand(spec, preset, [0], tmp_path)
+            assert plans, (table, preset)
+            for p in plans:
+                assert p.cfg is not None, (table, preset, p.key, p.skipped)
+                assert p.cfg.data.name == "camvid", (table, preset, p.key)
+                assert (p.cfg.data.train_split, p.cfg.data.eval_split) == ("train", eval_split), (table, preset, p.key)
+    # training on train + val is one override away, and still evaluates on test
+    plans = expand(load_spec("table3"), "paper", [0], tmp_path, ["data.train_split=trainval"])
+    assert {(p.cfg.data.train_split, p.cfg.data.eval_split) for p in plans} == {("trainval", "test")}
