@@ -72,9 +72,13 @@ def read_json(path: str | Path) -> Any:
         raise StorageError(f"{p} is unreadable ({type(e).__name__})") from None
 
 
+def write_torch(path: str | Path, obj: Any) -> None:
+    """`torch.save` of tensors / dicts of tensors, atomically (readable with weights_only=True)."""
+    _atomic(Path(path), lambda f: torch.save(obj, f))
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    state = {"format": CHECKPOINT_FORMAT, **state}
-    _atomic(Path(path), lambda f: torch.save(state, f))
+    write_torch(path, {"format": CHECKPOINT_FORMAT, **state})
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

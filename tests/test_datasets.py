@@ -65,6 +65,124 @@ def make_camvid(root):
     return root
 
 
+def camvid_label_c():
+    """Road (3) in the left 20 columns, Pavement (4) in the right 12: 480 + 288 labelled pixels."""
+    lab = np.full((H, W), 3, np.uint8)
+    lab[:, 20:] = 4
+    return lab
+
+
+CAMVID_SPLITS = {"train": [("0001TP_b.png", camvid_label_b), ("0001TP_a.png", camvid_label_a)],  # list order != sorted
+                 "val": [("Seq05_c.png", camvid_label_a)], "test": [("Seq05_t.png", camvid_label_c)]}
+
+
+def make_camvid_layout(root, layout: str):
+    """All three splits; lists in SegNet's form (train.txt ..., absolute foreign paths, no trainval list) or
+    in CIRKD's (camvid_<split>_list.txt with root-relative paths, trainval included) in the folder `layout`
+    names: "cirkd" (root), "cirkd:list" or "cirkd:list/CamVid". An unlisted pair in train/ is no sample."""
+    for split, samples in CAMVID_SPLITS.items():
+        for i, (name, label) in enumerate(samples):
+            write_image(root / split / name, seed=10 * len(split) + i)
+            write_label(root / f"{split}annot" / name, label())
+    write_image(root / "train" / "0001TP_unlisted.png", seed=99)
+    write_label(root / "trainannot" / "0001TP_unlisted.png", camvid_label_c())
+    lines = {s: [f"{s}/{n} {s}annot/{n}" for n, _ in samples] for s, samples in CAMVID_SPLITS.items()}
+    if layout == "segnet":
+        for split, entries in lines.items():
+            (root / f"{split}.txt").write_text("".join(f"/SegNet/CamVid/{e.replace(' ', ' /SegNet/CamVid/')}\n"
+                                                       for e in entries))
+        return root
+    folder = root.joinpath(*layout.split(":")[1:])
+    folder.mkdir(parents=True, exist_ok=True)
+    lines["trainval"] = lines["train"] + lines["val"]
+    for split, entries in lines.items():
+        (folder / f"camvid_{split}_list.txt").write_text("".join(f"{e}\n" for e in entries))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["segnet", "cirkd", "cirkd:list", "cirkd:list/CamVid"])
+def test_camvid_splits_from_segnet_and_cirkd_lists_load_and_check(tmp_path, layout):
+    root = make_camvid_layout(tmp_path / "CamVid", layout)
+    if layout == "segnet":
+        assert (root / "train.txt").read_text().startswith(
+            "/SegNet/CamVid/train/0001TP_b.png /SegNet/CamVid/trainannot/0001TP_b.png\n")
+    else:  # CIRKD's form: dataset/list/CamVid/camvid_train_list.txt of winycg/CIRKD
+        assert root.joinpath(*layout.split(":")[1:], "camvid_train_list.txt").read_text().startswith(
+            "train/0001TP_b.png trainannot/0001TP_b.png\n")
+    names = {s: [CamVid(root, s).pairs[i][0].relative_to(root).as_posix() for i in range(len(CamVid(root, s)))]
+             for s in CamVid.splits}
+    assert names == {"train": ["train/0001TP_b.png", "train/0001TP_a.png"], "val": ["val/Seq05_c.png"],
+                     "test": ["test/Seq05_t.png"],
+                     "trainval": ["train/0001TP_b.png", "train/0001TP_a.png", "val/Seq05_c.png"]}
+    trainval = CamVid(root, "trainval")
+    assert [lab.relative_to(root).as_posix() for _, lab in trainval.pairs] == [
+        "trainannot/0001TP_b.png", "trainannot/0001TP_a.png", "valannot/Seq05_c.png"]
+    image, mask = CamVid(root, "test").load(0)
+    expected_rgb = np.random.default_rng(40).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    assert torch.equal(image, torch.from_numpy(expected_rgb).permute(2, 0, 1))
+    assert (mask[:, :20] == 3).all() and (mask[:, 20:] == 4).all()
+    assert (trainval.load(2)[1][23] == 255).all()  # the val label's void row
+
+    proc = run_cli("data", "check", "camvid", "--root", str(root), "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["problems"] == [] and report["warnings"] == [] and proc.stderr == ""
+    assert report["splits"] == {"train": 2, "val": 1, "test": 1, "trainval": 3}
+    # labels a (Sky 384, Road 352) and b (Car 744) in train, a again in val; c (Road 480, Pavement 288) in test
+    share = report["class_pixel_share"]
+    assert share["trainval"]["Sky"] == pytest.approx(2 * 384 / (2 * 736 + 744))
+    assert share["trainval"]["Car"] == pytest.approx(744 / (2 * 736 + 744))
+    assert share["test"]["Road"] == pytest.approx(480 / 768) and share["test"]["Pavement"] == pytest.approx(288 / 768)
+
+
+def test_camvid_list_problems_and_absent_test_split(tmp_path):
+    root = make_camvid_layout(tmp_path / "CamVid", "cirkd:list/CamVid")
+    lists = root / "list" / "CamVid"
+    with open(lists / "camvid_test_list.txt", "a") as f:
+        f.write("test/Seq05_gone.png testannot/Seq05_gone.png\n")  # listed, missing
+        f.write("test/Seq05_t.png valannot/Seq05_c.png\n")  # a label that is not the image's
+    report = check_dataset("camvid", root, show_progress=False)
+    assert report["problems"] == [
+        f"{lists}/camvid_test_list.txt:3: label valannot/Seq05_c.png does not belong to image test/Seq05_t.png "
+        "(expected testannot/Seq05_t.png)",
+        f"{root}/test/Seq05_gone.png: listed in {lists}/camvid_test_list.txt but missing"]
+    assert report["splits"]["test"] == 1
+    # without test/ and a test list the split is absent: optional for the checker, one clear line for a run
+    for p in (root / "test").iterdir():
+        p.unlink()
+    (root / "test").rmdir()
+    (lists / "camvid_test_list.txt").unlink()
+    report = check_dataset("camvid", root, show_progress=False)
+    assert report["problems"] == [] and set(report["splits"]) == {"train", "val", "trainval"}
+    with pytest.raises(DataError, match=re.escape(f"camvid: split 'test' not found under {root} (no test/ folder, "
+                                                  "no test.txt or camvid_test_list.txt)")):
+        CamVid(root, "test")
+
+
+def test_check_warns_about_grey_and_rgba_images_and_still_passes(tmp_path):
+    root = make_camvid(tmp_path / "camvid")
+    grey = np.random.default_rng(7).integers(0, 256, (H, W), dtype=np.uint8)
+    Image.fromarray(grey, mode="L").save(root / "train" / "0001TP_a.png")
+    rgba = np.random.default_rng(8).integers(0, 256, (H, W, 4), dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(root / "val" / "Seq05_c.png")
+    proc = run_cli("data", "check", "camvid", "--root", str(root), "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["problems"] == []
+    assert report["warnings"] == [
+        f"{root}/train/0001TP_a.png: image is mode L (greyscale, its grey level copied to R, G and B); "
+        "converted to RGB when loaded",
+        f"{root}/val/Seq05_c.png: image is mode RGBA (RGB with alpha, alpha dropped); converted to RGB when loaded"]
+    assert proc.stderr.splitlines() == [f"warning: {w}" for w in report["warnings"]]
+    assert report["class_pixel_share"]["val"]["Sky"] == pytest.approx(384 / 736)  # the labels are read as before
+    # converted as before: grey copied to three channels, alpha dropped
+    assert torch.equal(CamVid(root, "train").load(0)[0], torch.from_numpy(grey).expand(3, H, W))
+    assert torch.equal(CamVid(root, "val").load(0)[0], torch.from_numpy(rgba[..., :3]).permute(2, 0, 1))
+    ensure_checked(CamVid(root, "train"), CamVid(root, "val"), tmp_path / "cache")  # warnings do not stop training
+    text = run_cli("data", "check", "camvid", "--root", str(root), "--no-progress")
+    assert text.returncode == 0 and "0 problem(s), 2 warning(s) found" in text.stdout
+
+
 def test_camvid_loader_maps_void_to_ignore_and_uses_list_file_names(tmp_path):
     root = make_camvid(tmp_path / "camvid")
     ds = CamVid(root, "train")
@@ -159,8 +277,8 @@ def test_check_json_counts_and_hand_computed_shares_via_cli(tmp_path):
     proc = run_cli("data", "check", "camvid", "--root", str(root), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert set(report) == {"splits", "class_pixel_share", "problems"}
-    assert report["splits"] == {"train": 2, "val": 1} and report["problems"] == []
+    assert set(report) == {"splits", "class_pixel_share", "problems", "warnings"}
+    assert report["splits"] == {"train": 2, "val": 1, "trainval": 3} and report["problems"] == []
     train = report["class_pixel_share"]["train"]
     total = 384 + 352 + 744  # labelled pixels of labels a and b (void excluded)
     assert train["Sky"] == pytest.approx(384 / total) and train["Road"] == pytest.approx(352 / total)
@@ -207,7 +325,7 @@ def test_checker_reports_every_problem_one_line_each_naming_the_file(tmp_path):
     assert len(truncated) == 1 and "truncated" in truncated[0]
     assert any(x.startswith(f"cannot read image {root}/val/Seq05_c.png: ") for x in lines), lines
     assert len(lines) == 7
-    assert report["splits"] == {"train": 2, "val": 2}
+    assert report["splits"] == {"train": 2, "val": 2, "trainval": 4}
 
 
 def test_checker_reports_truncated_image_rgb_label_and_missing_split(tmp_path):
@@ -226,7 +344,7 @@ def test_checker_reports_truncated_image_rgb_label_and_missing_split(tmp_path):
         f"label {root}/trainannot/0001TP_b.png is a RGB image; expected 8-bit class indices (mode L or P)",
         f"{root}: split 'val' not found",
     ]
-    assert report["splits"] == {"train": 2}
+    assert report["splits"] == {"train": 2}  # no val: no trainval either
 
 
 def test_cityscapes_and_voc_orphans(tmp_path):
@@ -307,7 +425,9 @@ def test_real_camvid_check_matches_readme():
     proc = run_cli("data", "check", "camvid", "--root", "../shared/data/camvid", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["splits"] == {"train": 367, "val": 101} and report["problems"] == []
+    has_test = (CAMVID / "test").is_dir()  # the shared copy withholds it
+    assert report["splits"] == {"train": 367, "val": 101, "trainval": 468} | ({"test": 233} if has_test else {})
+    assert report["problems"] == []
     expected = readme_shares()
     for split in ("train", "val"):
         share = report["class_pixel_share"][split]

@@ -230,3 +230,20 @@ def test_table2_report_has_the_profilers_flops_for_every_network_row(tmp_path, m
         model = "ens_t_resnet18" if row["Method"] == "Ens-T" else spec[row["Network"]]
         assert row["FLOPs (G)"] == f"{expected[model]['gflops']:.2f}", row
         assert row["Params (M)"] == f"{expected[model]['params_m']:.2f}", row
+
+
+def test_camvid_paper_presets_evaluate_on_test_and_mini_on_val(tmp_path):
+    """CamVid numbers in the literature are test-split numbers (CIRKD's and RDD's eval.py read
+    camvid_test_list.txt); `mini` stays on val because the shared copy has no test split."""
+    for table in ("table3", "table4", "fig3"):
+        spec = load_spec(table)
+        for preset, eval_split in (("paper", "test"), ("mini", "val")):
+            plans = Sweep(table, preset, (0,), tmp_path).plans(spec)
+            assert plans, (table, preset)
+            for p in plans:
+                assert p.cfg is not None, (table, preset, p.key, p.skipped)
+                assert p.cfg.data.name == "camvid", (table, preset, p.key)
+                assert (p.cfg.data.train_split, p.cfg.data.eval_split) == ("train", eval_split), (table, preset, p.key)
+    # training on train + val is one override away, and still evaluates on test
+    plans = Sweep("table3", "paper", (0,), tmp_path, ("data.train_split=trainval",)).plans()
+    assert {(p.cfg.data.train_split, p.cfg.data.eval_split) for p in plans} == {("trainval", "test")}

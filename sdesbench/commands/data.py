@@ -32,7 +32,8 @@ def check(
 ):
     """Validate a dataset folder: counts per split, orphaned, unreadable or truncated files, size
     mismatches, label values outside the known set, and per-class pixel shares (of labelled pixels).
-    Exits non-zero with one line per problem on stderr when anything is wrong."""
+    Exits non-zero with one line per problem on stderr when anything is wrong. Images that are not RGB
+    (grey, RGBA, ...) are converted on load: one `warning:` line each on stderr, exit status unchanged."""
     from sdesbench.data.check import check_dataset
 
     report = check_dataset(dataset, root, show_progress=progress)
@@ -42,6 +43,8 @@ def check(
         _print_report(report)
     for line in report["problems"]:
         print(line, file=sys.stderr)
+    for line in report["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
     if report["problems"]:
         raise typer.Exit(1)
 
@@ -57,8 +60,9 @@ def _print_report(report: dict) -> None:
         for name in report["class_pixel_share"][splits[0]]:
             t.add_row(name, *(f"{100 * report['class_pixel_share'][s][name]:.2f}" for s in splits))
         out.print(t)
-    n = len(report["problems"])
-    out.print(f"{n} problem(s) found (listed on stderr)" if n else "no problems found")
+    n, w = len(report["problems"]), len(report["warnings"])
+    warned = f", {w} warning(s)" if w else ""
+    out.print(f"{n} problem(s){warned} found (listed on stderr)" if n or w else "no problems found")
 
 
 @data_app.command("stats")

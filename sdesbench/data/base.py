@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from sdesbench.data.transforms import JointTrainTransform, normalize
 from sdesbench.errors import DataError
+from sdesbench.io import write_torch
 from sdesbench.registry import Registry
 
 DATASETS = Registry("dataset")
@@ -159,10 +161,7 @@ def stats_cache_path(ds: SegDataset, cache_dir: Path) -> Path:
 
 
 def save_class_pixel_counts(path: Path, counts: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks may write the same cache at once
-    torch.save(counts, tmp)
-    os.replace(tmp, path)
+    write_torch(path, counts)  # atomic: DDP ranks may write the same cache at once
 
 
 def mask_class_counts(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -171,13 +170,33 @@ def mask_class_counts(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.bincount(valid.flatten().long(), minlength=num_classes)
 
 
+def read_cache_entry(path: Path, read: Callable[[Path], Any], valid: Callable[[Any], bool]) -> Any | None:
+    """The value cached in `path`, or None for a miss. A truncated, corrupt or malformed entry is a
+    miss too (the caller recomputes and rewrites it), said in one line on stderr."""
+    if not path.is_file():
+        return None
+    try:
+        value = read(path)
+        if valid(value):
+            return value
+        reason = "unexpected content"
+    except Exception as e:  # whatever the decoder raises on a damaged file
+        first_line = str(e).strip().split("\n")[0][:100]
+        reason = f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
+    print(f"note: cache entry {path} was unreadable ({reason}); recomputing it", file=sys.stderr)
+    return None
+
+
 def class_pixel_counts(ds: SegDataset, cache_dir: Path | None = None) -> torch.Tensor:
     """Per-class pixel counts over a split (ignored pixels excluded), cached by file-list fingerprint."""
     cache = None
     if cache_dir is not None:
         cache = stats_cache_path(ds, cache_dir)
-        if cache.is_file():
-            return torch.load(cache, weights_only=True)
+        cached = read_cache_entry(cache, lambda p: torch.load(p, weights_only=True),
+                                  lambda c: isinstance(c, torch.Tensor) and c.dtype == torch.int64
+                                  and tuple(c.shape) == (ds.num_classes,) and bool((c >= 0).all()))
+        if cached is not None:
+            return cached
     counts = torch.zeros(ds.num_classes, dtype=torch.int64)
     for i in range(len(ds)):
         counts += mask_class_counts(ds.load(i)[1], ds.num_classes)

@@ -32,15 +32,22 @@ from sdesbench.data.base import SegDataset
 from sdesbench.errors import DataError
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """RGB uint8 3xHxW; DataError naming the file when it is missing, corrupt or truncated."""
+def decode_image(path: Path) -> tuple[torch.Tensor, str]:
+    """(RGB uint8 3xHxW, the file's own PIL mode); DataError naming the file when it is missing,
+    corrupt or truncated. Grey, palette and RGBA images are converted (alpha dropped)."""
     try:
         with Image.open(path) as im:
             im.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES is False)
-            rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))
+            mode = im.mode
+            rgb = np.array(im if mode == "RGB" else im.convert("RGB"))
     except Exception as e:
         raise DataError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), mode
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """RGB uint8 3xHxW; DataError naming the file when it is missing, corrupt or truncated."""
+    return decode_image(path)[0]
 
 
 def read_label(path: Path) -> torch.Tensor:
@@ -141,9 +148,14 @@ def stems(folder: Path, suffix: str) -> dict[str, Path]:
             if p.name.endswith(suffix) and p.is_file()}
 
 
+def path_parts(entry: str) -> list[str]:
+    """The components of a path written on another machine (either slash)."""
+    return [p for p in re.split(r"[\\/]", entry) if p]
+
+
 def file_name(entry: str) -> str:
     """The last component of a path written on another machine (either slash)."""
-    return re.split(r"[\\/]", entry)[-1]
+    return path_parts(entry)[-1]
 
 
 def pair_by_key(images: dict[str, Path], labels: dict[str, Path], expected_image, expected_label,
