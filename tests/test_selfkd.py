@@ -276,12 +276,15 @@ def test_srss_exits_train_and_stay_out_of_the_student():
     ("tfkd", "correct_prob", 0.05, "must exceed 1/C"),
     ("tfkd", "softening", "exp", "method.softening must be one of"),
     ("tfkd-self", "temperature", 0, "method.temperature=0.0 is out of range"),
+    ("tfkd-self", "class_reduction", "max", "method.class_reduction must be one of"),
+    ("tfkd-self", "multiplier", -1, "method.multiplier=-1.0 is out of range"),
     ("sad", "warmup_fraction", 1.5, "method.warmup_fraction=1.5 is out of range"),
     ("sad", "reduction", "max", "method.reduction must be one of"),
     ("srss", "srl_form", "kl", "method.srl_form must be one of"),
     ("srss", "srf_weight", -1, "method.srf_weight=-1.0 is out of range"),
     ("tffd", "channel_match", "conv", "method.channel_match must be one of"),
     ("tffd", "pairing", "some", "method.pairing must be one of"),
+    ("tffd", "intra_detach_salient", "maybe", "method.intra_detach_salient"),
 ])
 def test_bad_option_is_one_config_error_line(name, key, value, needle):
     with pytest.raises(ConfigError) as e:

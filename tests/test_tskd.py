@@ -145,6 +145,8 @@ def test_cwd_hand_computed():
     # normalised over positions, not channels: a per-position constant shift of a channel changes nothing
     assert cwd_loss(student + torch.tensor([5.0, -2.0]).view(1, 2, 1, 1), teacher, 2.0).item() == \
         pytest.approx(math.log(4 / 3), rel=1e-5)
+    # CIRKD's normalisation by a 1-channel student (before its adapter): tau^2 / (B*1) * sum = 2 ln(4/3)
+    assert cwd_loss(student, teacher, 2.0, norm_channels=1).item() == pytest.approx(2 * math.log(4 / 3), rel=1e-6)
 
 
 def test_cwd_is_zero_when_student_matches_teacher():
@@ -167,6 +169,8 @@ def test_cwd_on_features_adds_adapter_only_when_channels_differ():
         build_method("cwd", fake_ctx(model=student, teacher=wider), cwd_on="last_stage", cwd_adapter="never")
     with pytest.raises(ConfigError, match="cwd_on='pixels'"):
         build_method("cwd", cwd_on="pixels")
+    with pytest.raises(ConfigError, match="cwd_channel_norm='both'"):
+        build_method("cwd", cwd_channel_norm="both")
     # the adapter is trained: the CWD term sends it a gradient; features of other sizes are resized
     out_s = {"decoder_feature": torch.randn(1, 4, 3, 3)}
     out_t = {"decoder_feature": torch.randn(1, 8, 6, 6)}

@@ -20,6 +20,13 @@ Choices:
   1x1 convolution (no bias, as CIRKD) to the teacher's channel count when the counts differ
   (`cwd_adapter=auto`), always (`always`) or never (`never`: differing counts are an error).
   The adapter is trained with the student and never enters its state dict.
+- Normalisation with an adapter: C in tau^2/(B*C) is the channel count of the compared maps, the
+  teacher's (`cwd_channel_norm=teacher`, default), so the term stays a mean over the C_T
+  per-channel KLs whatever the student's width, as in Eq. 3 and in losses that receive the student
+  map after its adapter (e.g. mmrazor's `ChannelWiseDivergence`, which reads C from the map it is
+  given). CIRKD's `CriterionCWD` (winycg/CIRKD, losses/cwd.py) reads C from the student map before
+  its 1x1 conv, i.e. divides by C_S: its value is C_T/C_S times ours. `cwd_channel_norm=student`
+  reproduces it (tests/conformance/cwd.json). Without an adapter both choices are the same.
 - When spatial sizes differ (features of different strides) the student map is resized
   (bilinear) to the teacher's size.
 """
@@ -40,11 +47,14 @@ from sdesbench.models.base import to_size
 
 CWD_TARGETS = ("logits", "decoder_feature", "last_stage")
 ADAPTER_MODES = ("auto", "always", "never")
+CHANNEL_NORMS = ("teacher", "student")
 
 
-def cwd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
-    """Shu et al. 2021 Eq. 3: tau^2/(B*C) * sum_{b,c} KL(softmax_HW(teacher_bc/tau) || softmax_HW(student_bc/tau))."""
-    b, c = teacher.shape[:2]
+def cwd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float, norm_channels: int | None = None) -> torch.Tensor:
+    """Shu et al. 2021 Eq. 3: tau^2/(B*C) * sum_{b,c} KL(softmax_HW(teacher_bc/tau) || softmax_HW(student_bc/tau)).
+
+    C is the teacher's channel count unless `norm_channels` names another (CIRKD's C_S; module docstring)."""
+    b, c = teacher.shape[0], norm_channels or teacher.shape[1]
     log_p_t = F.log_softmax(teacher.detach().float().flatten(2) / tau, dim=2)
     log_p_s = F.log_softmax(student.float().flatten(2) / tau, dim=2)
     return tau ** 2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum() / (b * c)
@@ -71,11 +81,13 @@ class CWDOptions:
     cwd_tau: float = field(default=4.0, metadata=rng(1e-3, doc="temperature of the per-channel softmax"))
     cwd_on: str = "logits"  # logits | decoder_feature | last_stage
     cwd_adapter: str = "auto"  # 1x1 conv student->teacher channels: auto (when counts differ) | always | never
+    cwd_channel_norm: str = "teacher"  # C in tau^2/(B*C): teacher (compared maps) | student (CIRKD, before its adapter)
 
 
 def check_cwd_options(opts: CWDOptions) -> None:
     check_choice("cwd_on", opts.cwd_on, CWD_TARGETS)
     check_choice("cwd_adapter", opts.cwd_adapter, ADAPTER_MODES)
+    check_choice("cwd_channel_norm", opts.cwd_channel_norm, CHANNEL_NORMS)
 
 
 class CWDTerm(nn.Module):
@@ -96,10 +108,11 @@ class CWDTerm(nn.Module):
     def forward(self, student_out: dict[str, Any], teacher_out: dict[str, Any]) -> torch.Tensor:
         s = pick_map(student_out, self.opts.cwd_on)
         t = pick_map(teacher_out, self.opts.cwd_on)
+        norm_channels = s.shape[1] if self.opts.cwd_channel_norm == "student" else None
         if self.adapter is not None:
             s = self.adapter(s)
         s = to_size(s, t.shape[-2:])
-        return self.opts.cwd_weight * cwd_loss(s, t, self.opts.cwd_tau)
+        return self.opts.cwd_weight * cwd_loss(s, t, self.opts.cwd_tau, norm_channels)
 
 
 @METHODS.register("cwd")
