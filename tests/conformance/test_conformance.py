@@ -26,7 +26,7 @@ from sdesbench.methods.sad import sad_loss
 from sdesbench.methods.srss import (SelfRegulation, class_presence, presence_loss, sr_feature_loss,
                                     sr_presence_loss)
 from sdesbench.methods.tffd import intra_layer_loss
-from sdesbench.registry import METHODS
+from sdesbench.methods import METHODS
 
 HERE = Path(__file__).resolve().parent
 REL = 1e-5
