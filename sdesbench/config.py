@@ -176,7 +176,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         choices = typing.get_args(tp)
         if value in choices and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}"
+        leaf = key.rsplit(".", 1)[-1]
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {leaf}={value!r}"
                           f"{did_you_mean(value, choices)}")
     if tp is Any:
         return value

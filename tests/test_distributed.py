@@ -1,5 +1,4 @@
 """DDP on CPU with gloo: sharded evaluation equals single-process evaluation; torchrun training writes one record."""
-import os
 import subprocess
 import sys
 

@@ -196,7 +196,7 @@ def test_rdd_tfe_weights_hand_computed():
     aux = logits_1x([0.0, 0.0], [0.0, 0.0])
     assert tfe_pixel_weights(teacher, aux, labels, "aux_kl").flatten().tolist() == \
         pytest.approx([math.sqrt(3) / 2, 1.0], rel=1e-6)
-    with pytest.raises(ConfigError, match="aux head"):
+    with pytest.raises(ValueError, match="aux head"):  # RDD refuses such a teacher when built (next test)
         tfe_pixel_weights(teacher, None, labels, "aux_kl")
 
 

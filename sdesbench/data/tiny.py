@@ -17,7 +17,6 @@ Real datasets at the paper's 512 crops have no such gap.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -33,7 +33,7 @@ Choices:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,13 @@ from torch import nn
 
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
-from sdesbench.methods.base import METHODS, MethodContext, check_choice
+from sdesbench.methods.base import METHODS, MethodContext
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 from sdesbench.models.base import to_size
 
-CWD_TARGETS = ("logits", "decoder_feature", "last_stage")
-ADAPTER_MODES = ("auto", "always", "never")
-CHANNEL_NORMS = ("teacher", "student")
+CwdTarget = Literal["logits", "decoder_feature", "last_stage"]
+AdapterMode = Literal["auto", "always", "never"]  # 1x1 conv student->teacher channels; auto: when counts differ
+ChannelNorm = Literal["teacher", "student"]  # C in tau^2/(B*C): the compared maps' | CIRKD's (before its adapter)
 
 
 def cwd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float, norm_channels: int | None = None) -> torch.Tensor:
@@ -60,7 +60,7 @@ def cwd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float, norm_chan
     return tau ** 2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum() / (b * c)
 
 
-def map_channels(model: Any, target: str, num_classes: int) -> int:
+def map_channels(model: Any, target: CwdTarget, num_classes: int) -> int:
     """Channels of the map `target` for a SegmentationModel."""
     if target == "logits":
         return num_classes
@@ -69,7 +69,7 @@ def map_channels(model: Any, target: str, num_classes: int) -> int:
     return model.stage_channels[-1]
 
 
-def pick_map(out: dict[str, Any], target: str) -> torch.Tensor:
+def pick_map(out: dict[str, Any], target: CwdTarget) -> torch.Tensor:
     if target == "last_stage":
         return out["stages"][-1]
     return out[target]
@@ -79,15 +79,9 @@ def pick_map(out: dict[str, Any], target: str) -> torch.Tensor:
 class CWDOptions:
     cwd_weight: float = field(default=3.0, metadata=rng(0.0, doc="weight of the CWD term"))
     cwd_tau: float = field(default=4.0, metadata=rng(1e-3, doc="temperature of the per-channel softmax"))
-    cwd_on: str = "logits"  # logits | decoder_feature | last_stage
-    cwd_adapter: str = "auto"  # 1x1 conv student->teacher channels: auto (when counts differ) | always | never
-    cwd_channel_norm: str = "teacher"  # C in tau^2/(B*C): teacher (compared maps) | student (CIRKD, before its adapter)
-
-
-def check_cwd_options(opts: CWDOptions) -> None:
-    check_choice("cwd_on", opts.cwd_on, CWD_TARGETS)
-    check_choice("cwd_adapter", opts.cwd_adapter, ADAPTER_MODES)
-    check_choice("cwd_channel_norm", opts.cwd_channel_norm, CHANNEL_NORMS)
+    cwd_on: CwdTarget = "logits"
+    cwd_adapter: AdapterMode = "auto"
+    cwd_channel_norm: ChannelNorm = "teacher"
 
 
 class CWDTerm(nn.Module):
@@ -124,10 +118,6 @@ class CWD(TeacherStudentMethod):
     @dataclass
     class Options(CWDOptions, TeacherStudentOptions):
         pass
-
-    @classmethod
-    def check_options(cls, opts, num_classes):
-        check_cwd_options(opts)
 
     def __init__(self, options, ctx: MethodContext):
         super().__init__(options, ctx)

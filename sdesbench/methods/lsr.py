@@ -6,6 +6,8 @@ cross-entropy to it. Nothing else changes (same model, no extra modules).
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from dataclasses import dataclass, field
 
 import torch
@@ -14,13 +16,13 @@ import torch.nn.functional as F
 from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.methods.losses import valid_mask
-from sdesbench.methods.base import METHODS, check_choice
+from sdesbench.methods.base import METHODS
 from sdesbench.methods.student import Student
 
-SPREADS = ("all", "others")
+Spread = Literal["all", "others"]  # all: uniform over all C classes; others: over the C - 1 wrong ones
 
 
-def label_smoothed_ce(logits: torch.Tensor, labels: torch.Tensor, epsilon: float, spread: str = "all",
+def label_smoothed_ce(logits: torch.Tensor, labels: torch.Tensor, epsilon: float, spread: Spread = "all",
                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Szegedy et al. 2016, Sec. 7: H(q', p) with q'(k) = (1 - eps) delta(k, y) + eps u(k).
 
@@ -61,11 +63,7 @@ class LabelSmoothing(Student):
     @dataclass
     class Options(Student.Options):
         epsilon: float = field(default=0.1, metadata=rng(0.0, 1.0, doc="smoothing mass moved off the true class"))
-        spread: str = field(default="all", metadata=rng(doc="all: uniform over all C classes; others: over C-1"))
-
-    @classmethod
-    def check_options(cls, opts, num_classes):
-        check_choice("spread", opts.spread, SPREADS)
+        spread: Spread = "all"
 
     def loss_terms(self, student_out, labels, step, teacher_out=None):
         terms = super().loss_terms(student_out, labels, step, teacher_out)

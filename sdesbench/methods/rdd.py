@@ -52,22 +52,22 @@ Choices and differences from the public code:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
-from sdesbench.methods.base import METHODS, MethodContext, StepInfo, check_choice
-from sdesbench.methods.cwd import CWDOptions, CWDTerm, check_cwd_options
+from sdesbench.methods.base import METHODS, MethodContext, StepInfo
+from sdesbench.methods.cwd import CWDOptions, CWDTerm
 from sdesbench.methods.kl import KLOptions, kd_term
 from sdesbench.methods.losses import class_kl_map
 from sdesbench.methods.losses import valid_mask
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 
-TFE_DIFFICULTIES = ("auto", "aux_kl", "entropy", "true_prob")
-TSE_COMBINES = ("xor", "or", "and", "student")
+Difficulty = Literal["aux_kl", "entropy", "true_prob"]  # TFE-RDD's per-pixel difficulty (module docstring)
+TseCombine = Literal["xor", "or", "and", "student"]  # TSE-RDD: which hard pixels the student learns from
 
 
 def true_class_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -77,19 +77,18 @@ def true_class_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def tfe_pixel_weights(teacher_logits: torch.Tensor, teacher_aux: torch.Tensor | None, labels: torch.Tensor,
-                      difficulty: str = "entropy") -> torch.Tensor:
-    """TFE-RDD weights w_i = exp(-d_i) (B x H x W, no gradient); d_i per `difficulty` (module docstring)."""
+                      difficulty: Difficulty = "entropy") -> torch.Tensor:
+    """TFE-RDD weights w_i = exp(-d_i) (B x H x W, no gradient); d_i per `difficulty` (module docstring).
+    `aux_kl` needs the teacher's aux logits (RDD checks that the teacher has an aux head when built)."""
     with torch.no_grad():
         if difficulty == "aux_kl":
             if teacher_aux is None:
-                raise ConfigError("method.tfe_difficulty=aux_kl needs a teacher with an aux head (model.aux=true)")
+                raise ValueError("difficulty 'aux_kl' needs the teacher's aux head logits")
             return torch.exp(-class_kl_map(teacher_aux, teacher_logits))
         if difficulty == "entropy":
             log_p = F.log_softmax(teacher_logits.float(), dim=1)
             return torch.exp((log_p.exp() * log_p).sum(1))
-        if difficulty == "true_prob":
-            return true_class_prob(teacher_logits, labels)
-    raise ConfigError(f"method.tfe_difficulty={difficulty!r}: choose one of {', '.join(TFE_DIFFICULTIES[1:])}")
+        return true_class_prob(teacher_logits, labels)
 
 
 def tfe_weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -116,7 +115,7 @@ def ohem_hard_mask(logits: torch.Tensor, labels: torch.Tensor, thresh: float, mi
     return valid & (prob <= threshold)
 
 
-def tse_pixel_mask(student_hard: torch.Tensor, teacher_hard: torch.Tensor, combine: str = "xor") -> torch.Tensor:
+def tse_pixel_mask(student_hard: torch.Tensor, teacher_hard: torch.Tensor, combine: TseCombine = "xor") -> torch.Tensor:
     """TSE-RDD: the pixels the student learns from (xor: hard for exactly one of the two networks)."""
     if combine == "xor":
         return student_hard ^ teacher_hard
@@ -124,9 +123,7 @@ def tse_pixel_mask(student_hard: torch.Tensor, teacher_hard: torch.Tensor, combi
         return student_hard | teacher_hard
     if combine == "and":
         return student_hard & teacher_hard
-    if combine == "student":
-        return student_hard
-    raise ConfigError(f"method.tse_combine={combine!r}: choose one of {', '.join(TSE_COMBINES)}")
+    return student_hard  # "student": the student's own hard pixels (plain OHEM)
 
 
 def tse_masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -140,15 +137,10 @@ def tse_masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
 @dataclass
 class RDDOptions:
     tfe_fraction: float = field(default=0.2, metadata=rng(0.0, 1.0, doc="fraction of iterations in stage 1 (TFE)"))
-    tfe_difficulty: str = "auto"  # auto | aux_kl | entropy | true_prob (module docstring)
+    tfe_difficulty: Literal["auto", "aux_kl", "entropy", "true_prob"] = "auto"  # auto: aux_kl with a teacher aux head
     ohem_thresh: float = field(default=0.7, metadata=rng(0.0, 1.0, doc="OHEM true-class probability threshold"))
     ohem_min_kept: float = field(default=0.1, metadata=rng(0.0, 1.0, doc="OHEM keeps at least this fraction"))
-    tse_combine: str = "xor"  # xor | or | and | student
-
-
-def check_rdd_options(opts: RDDOptions) -> None:
-    check_choice("tfe_difficulty", opts.tfe_difficulty, TFE_DIFFICULTIES)
-    check_choice("tse_combine", opts.tse_combine, TSE_COMBINES)
+    tse_combine: TseCombine = "xor"
 
 
 @METHODS.register("rdd")
@@ -160,10 +152,6 @@ class RDD(TeacherStudentMethod):
     @dataclass
     class Options(RDDOptions, TeacherStudentOptions):
         pass
-
-    @classmethod
-    def check_options(cls, opts, num_classes):
-        check_rdd_options(opts)
 
     def __init__(self, options, ctx: MethodContext):
         super().__init__(options, ctx)
@@ -228,11 +216,6 @@ class RDDCWD(RDD):
     @dataclass
     class Options(CWDOptions, RDDOptions, TeacherStudentOptions):
         pass
-
-    @classmethod
-    def check_options(cls, opts, num_classes):
-        check_rdd_options(opts)
-        check_cwd_options(opts)
 
     def __init__(self, options, ctx: MethodContext):
         super().__init__(options, ctx)

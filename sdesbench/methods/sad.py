@@ -8,6 +8,8 @@ switched on only after a warm-up (the attention of an untrained model carries no
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from dataclasses import dataclass, field
 
 import torch
@@ -15,10 +17,10 @@ import torch.nn.functional as F
 
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
-from sdesbench.methods.base import METHODS, check_choice
+from sdesbench.methods.base import METHODS
 from sdesbench.methods.student import Student
 
-REDUCTIONS = ("mean", "sum")
+Reduction = Literal["mean", "sum"]  # over the positions of an attention map
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -33,7 +35,7 @@ def spatial_softmax(att: torch.Tensor) -> torch.Tensor:
 
 
 def sad_pair_loss(shallow: torch.Tensor, deep: torch.Tensor, p: float = 2.0, detach_target: bool = True,
-                  reduction: str = "mean") -> torch.Tensor:
+                  reduction: Reduction = "mean") -> torch.Tensor:
     """SAD Eq. 2 for one pair: L_d(Psi(A_m), Psi(A_{m+1})), Psi = Phi(B(G^p_sum(A))), L_d = squared L2.
 
     The deeper map G(A_{m+1}) is bilinearly resized (B) to the shallower map's size -- sizes may be
@@ -57,7 +59,7 @@ def sad_pair_loss(shallow: torch.Tensor, deep: torch.Tensor, p: float = 2.0, det
 
 
 def sad_loss(stages: list[torch.Tensor], first_stage: int = 0, p: float = 2.0, detach_target: bool = True,
-             reduction: str = "mean") -> torch.Tensor:
+             reduction: Reduction = "mean") -> torch.Tensor:
     """SAD Eq. 3 restricted to the encoder: sum over consecutive pairs (m, m + 1), m >= first_stage."""
     pairs = range(first_stage, len(stages) - 1)
     return sum((sad_pair_loss(stages[m], stages[m + 1], p, detach_target, reduction) for m in pairs),
@@ -89,11 +91,7 @@ class SelfAttentionDistillation(Student):
         p: float = field(default=2.0, metadata=rng(1.0, doc="exponent of G^p_sum"))
         first_stage: int = field(default=0, metadata=rng(0, doc="first encoder stage of the distilled pairs"))
         detach_target: bool = True  # the deeper attention map is a fixed target
-        reduction: str = field(default="mean", metadata=rng(doc="mean over positions, or sum over positions"))
-
-    @classmethod
-    def check_options(cls, opts, num_classes):
-        check_choice("reduction", opts.reduction, REDUCTIONS)
+        reduction: Reduction = "mean"
 
     def __init__(self, options, ctx):
         super().__init__(options, ctx)

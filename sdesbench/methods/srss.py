@@ -15,6 +15,8 @@ dict). The decoder's output is the deepest exit. Losses:
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from dataclasses import dataclass, field
 
 import torch
@@ -25,10 +27,10 @@ from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
 from sdesbench.methods.losses import hinton_kd_loss, pixel_ce, valid_mask
-from sdesbench.methods.base import METHODS, check_choice
+from sdesbench.methods.base import METHODS
 from sdesbench.methods.student import Student
 
-SRL_FORMS = ("pixel_kl", "presence_bce")
+SrlForm = Literal["pixel_kl", "presence_bce"]  # SR-L: per-pixel KL, or class-presence BCE
 
 
 class ExitHead(nn.Module):
@@ -115,13 +117,9 @@ class SelfRegulation(Student):
         presence_weight: float = field(default=0.25, metadata=rng(0.0, doc="weight of the class-presence BCE"))
         srf_weight: float = field(default=1.25, metadata=rng(0.0, doc="weight of SR-F (shallow-to-deep)"))
         srl_weight: float = field(default=1.25, metadata=rng(0.0, doc="weight of SR-L (deep-to-shallow)"))
-        srl_form: str = field(default="pixel_kl", metadata=rng(doc="pixel_kl | presence_bce"))
+        srl_form: SrlForm = "pixel_kl"
         temperature: float = field(default=1.0, metadata=rng(1e-3, doc="SR-L KL temperature"))
         exit_channels: int = field(default=256, metadata=rng(1, doc="width of the exit heads"))
-
-    @classmethod
-    def check_options(cls, opts, num_classes):
-        check_choice("srl_form", opts.srl_form, SRL_FORMS)
 
     def __init__(self, options, ctx):
         super().__init__(options, ctx)

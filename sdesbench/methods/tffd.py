@@ -11,6 +11,8 @@ distillation loss, value and gradients (tests/conformance/tffd.json).
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from dataclasses import dataclass, field
 from itertools import combinations
 
@@ -19,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdesbench.config import rng
-from sdesbench.methods.base import METHODS, check_choice
+from sdesbench.methods.base import METHODS
 from sdesbench.methods.student import Student
 
-CHANNEL_MATCHES = ("pool", "truncate", "adapter")
-PAIRINGS = ("all", "consecutive")
+ChannelMatch = Literal["pool", "truncate", "adapter"]  # how a shallow map meets a deeper one's channel count
+Pairing = Literal["all", "consecutive"]  # all stage pairs i < j, or consecutive stages only
 
 
 def channel_saliency(feature: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,7 @@ def match_channels(x: torch.Tensor, channels: int, mode: str) -> torch.Tensor:
     return pooled.reshape(b, h, w, channels).permute(0, 3, 1, 2)
 
 
-def inter_layer_loss(shallow: torch.Tensor, deep: torch.Tensor, channel_match: str = "pool",
+def inter_layer_loss(shallow: torch.Tensor, deep: torch.Tensor, channel_match: ChannelMatch = "pool",
                      adapter: nn.Module | None = None) -> torch.Tensor:
     """Tf-FD inter-layer term: MSE(shallow, sg(deep)) after bringing both to a common shape.
 
@@ -90,7 +92,7 @@ def inter_layer_loss(shallow: torch.Tensor, deep: torch.Tensor, channel_match: s
     return F.mse_loss(s, d)
 
 
-def stage_pairs(num_stages: int, pairing: str) -> list[tuple[int, int]]:
+def stage_pairs(num_stages: int, pairing: Pairing) -> list[tuple[int, int]]:
     """(shallow, deep) index pairs: every pair i < j ("all", as the public code's three pairs of
     three stages) or consecutive stages only."""
     if pairing == "consecutive":
@@ -131,13 +133,8 @@ class TeacherFreeFeatureDistillation(Student):
         inter_weight: float = field(default=5e-4, metadata=rng(0.0, doc="weight of the inter-layer term (public 5e-4)"))
         intra_detach_salient: bool = False  # stop the intra-layer gradient on the salient half (public code: no)
         warmup_fraction: float = field(default=1 / 12, metadata=rng(0.0, 1.0, doc="linear ramp length (fraction)"))
-        channel_match: str = field(default="pool", metadata=rng(doc="pool | truncate | adapter"))
-        pairing: str = field(default="all", metadata=rng(doc="all pairs i<j, or consecutive stages"))
-
-    @classmethod
-    def check_options(cls, opts, num_classes):
-        check_choice("channel_match", opts.channel_match, CHANNEL_MATCHES)
-        check_choice("pairing", opts.pairing, PAIRINGS)
+        channel_match: ChannelMatch = "pool"
+        pairing: Pairing = "all"
 
     def __init__(self, options, ctx):
         super().__init__(options, ctx)

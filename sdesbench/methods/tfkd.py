@@ -10,6 +10,8 @@ options are parsed, so an option could not switch it; a second name keeps both r
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from dataclasses import dataclass, field
 
 import torch
@@ -18,11 +20,11 @@ from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
 from sdesbench.methods.losses import hinton_kd_loss, valid_mask
-from sdesbench.methods.base import METHODS, check_choice
+from sdesbench.methods.base import METHODS
 from sdesbench.methods.student import Student
 
-SOFTENINGS = ("log", "prob")
-CLASS_REDUCTIONS = ("sum", "mean")
+Softening = Literal["log", "prob"]  # the virtual teacher: softmax(log p^d / T) | softmax(p^d / T)
+ClassReduction = Literal["sum", "mean"]  # the KL over classes: sum (Eq. 8) | mean (public loss_kd_self)
 
 
 def virtual_teacher(labels: torch.Tensor, num_classes: int, correct_prob: float,
@@ -38,7 +40,7 @@ def virtual_teacher(labels: torch.Tensor, num_classes: int, correct_prob: float,
 
 
 def tfkd_reg_loss(student_logits: torch.Tensor, labels: torch.Tensor, correct_prob: float, temperature: float,
-                  softening: str = "log", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                  softening: Softening = "log", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The distillation part of Tf-KD_reg (Eq. 10): KL from the softened virtual teacher p^d_T.
 
     softening="log" (the paper's D_KL(p^d_T, p_T)): the virtual teacher is softened like any
@@ -58,7 +60,7 @@ def tfkd_reg_loss(student_logits: torch.Tensor, labels: torch.Tensor, correct_pr
 
 
 def tfkd_self_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                   temperature: float, class_reduction: str = "sum", multiplier: float = 1.0) -> torch.Tensor:
+                   temperature: float, class_reduction: ClassReduction = "sum", multiplier: float = 1.0) -> torch.Tensor:
     """The distillation part of Tf-KD_self (Eq. 8): multiplier * T^2 * KL(p^t_T || p_T) per labelled pixel.
 
     class_reduction="sum": the KL of each pixel summed over its C classes (Eq. 8's KL), mean over the
@@ -87,11 +89,10 @@ class TeacherFreeKD(Student):
         alpha: float = field(default=0.1, metadata=rng(0.0, 1.0, doc="weight of the KL term; CE gets 1 - alpha"))
         temperature: float = field(default=20.0, metadata=rng(1e-3, doc="softening temperature T"))
         correct_prob: float = field(default=0.99, metadata=rng(0.0, 1.0, doc="virtual teacher's probability a"))
-        softening: str = field(default="log", metadata=rng(doc="log: softmax(log p^d / T); prob: softmax(p^d / T)"))
+        softening: Softening = "log"
 
     @classmethod
     def check_options(cls, opts, num_classes):
-        check_choice("softening", opts.softening, SOFTENINGS)
         if num_classes is not None and opts.correct_prob <= 1.0 / num_classes:
             raise ConfigError(f"method.correct_prob={opts.correct_prob} must exceed 1/C = {1 / num_classes:.4f} "
                               "(the virtual teacher must favour the labelled class)")
@@ -135,12 +136,8 @@ class TeacherFreeKDSelf(Student):
         alpha: float = field(default=0.95, metadata=rng(0.0, 1.0, doc="weight of the KL term; CE gets 1 - alpha"))
         temperature: float = field(default=6.0, metadata=rng(1e-3, doc="softening temperature T"))
         same_architecture: bool = True  # refuse a teacher whose architecture differs from the student's
-        class_reduction: str = field(default="sum", metadata=rng(doc="KL over classes: sum (Eq. 8) | mean (public code)"))
+        class_reduction: ClassReduction = "sum"
         multiplier: float = field(default=1.0, metadata=rng(0.0, doc="scale of the KL (public code: per config)"))
-
-    @classmethod
-    def check_options(cls, opts, num_classes):
-        check_choice("class_reduction", opts.class_reduction, CLASS_REDUCTIONS)
 
     def __init__(self, options, ctx):
         super().__init__(options, ctx)
