@@ -81,17 +81,31 @@ def eval_cmd(
     data_root: Optional[Path] = typer.Option(None, help="Dataset folder (default: the one it was trained on)."),
     split: Optional[str] = typer.Option(None, help="Split to evaluate (default: the run's eval split)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    scale: Optional[float] = typer.Option(None, help="Resize the input by this factor for inference; logits are "
+                                          "resized back and scored at the label's size (default: the run's eval.scale)."),
+    size: Optional[str] = typer.Option(None, help="Resize the input to HxW instead (e.g. 180x240)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
-    """Evaluate a checkpoint on whole images (mIoU, pixel accuracy, per-class IoU)."""
+    """Evaluate a checkpoint on whole images (mIoU, pixel accuracy, per-class IoU), optionally resized."""
     from sdesbench.config import build_config
     from sdesbench.data.base import EvalView
     from sdesbench.engine.io import load_checkpoint
     from sdesbench.engine.trainer import build_dataset, evaluate, pick_device
     from sdesbench.models import build_model
 
+    from sdesbench.errors import ConfigError
+
+    if scale is not None and size is not None:
+        raise ConfigError("--scale and --size exclude each other; give one")
+    sets = [f"eval.scale={scale}", "eval.size=null"] if scale is not None else []
+    if size is not None:
+        try:
+            h, w = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--size: expected HxW such as 180x240, got {size!r}") from None
+        sets += [f"eval.size=[{h}, {w}]", "eval.scale=1.0"]
     state = load_checkpoint(checkpoint)
-    cfg = build_config({k: v for k, v in state["config"].items()})
+    cfg = build_config({k: v for k, v in state["config"].items()}, sets)
     if data_root is not None:
         cfg.data.root = str(data_root)
     ds = build_dataset(cfg, split or cfg.data.eval_split)
@@ -99,12 +113,14 @@ def eval_cmd(
     model.load_state_dict(state["model"])
     dev = pick_device(device)
     model.to(dev)
-    metrics = evaluate(model, EvalView(ds), state["num_classes"], dev)["student"]
+    metrics = evaluate(model, EvalView(ds), state["num_classes"], dev, scale=cfg.eval.scale,
+                       size=cfg.eval.size)["student"]
     if as_json:
-        out.print_json(data={"checkpoint": str(checkpoint), "iteration": state["iteration"], **metrics,
-                             "class_names": list(ds.class_names)})
+        out.print_json(data={"checkpoint": str(checkpoint), "iteration": state["iteration"], "scale": cfg.eval.scale,
+                             "size": cfg.eval.size, **metrics, "class_names": list(ds.class_names)})
         return
-    out.print(f"{checkpoint} (iteration {state['iteration']}): mIoU {100 * metrics['miou']:.2f}  "
+    at = f"size {cfg.eval.size[0]}x{cfg.eval.size[1]}" if cfg.eval.size else f"scale {cfg.eval.scale:g}"
+    out.print(f"{checkpoint} (iteration {state['iteration']}, input {at}): mIoU {100 * metrics['miou']:.2f}  "
               f"PA {100 * metrics['pixel_acc']:.2f}")
     for name, iou in zip(ds.class_names, metrics["per_class_iou"]):
         out.print(f"  {name:<14} {'—' if iou is None else f'{100 * iou:6.2f}'}")

@@ -72,6 +72,9 @@ class TrainConfig:
     poly_power: float = field(default=0.9, metadata=rng(0.0))
     seed: int = field(default=0, metadata=rng(0))
     checkpoint_every: int = field(default=100, metadata=rng(1))
+    # also keep checkpoints/iter_<k>.pt at every multiple k of this (a multiple of checkpoint_every),
+    # e.g. to measure loss balance along training (`sdesbench balance`); off by default
+    keep_checkpoints_every: int | None = field(default=None, metadata=rng(1))
     log_every: int = field(default=10, metadata=rng(1))
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "off"  # off | auto | bf16 | fp16 (CUDA only)
@@ -85,6 +88,10 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = field(default=1, metadata=rng(1))
     max_images: int | None = field(default=None, metadata=rng(1))
+    # inference on the image resized by `scale` (or to `size` = [H, W]); logits are resized back and
+    # scored at the label's size. 1.0 = the paper's whole image as it is. `size` excludes scale != 1.
+    scale: float = field(default=1.0, metadata=rng(0.01, doc="input scale for inference"))
+    size: list[int] | None = None
 
 
 @dataclass
@@ -109,8 +116,11 @@ class RunConfig:
         """Hash of everything that changes the result (not where it is written, nor logging)."""
         d = self.to_dict()
         d.pop("output")
-        for k in ("log_every", "checkpoint_every", "device"):
+        for k in ("log_every", "checkpoint_every", "keep_checkpoints_every", "device"):
             d["train"].pop(k)
+        for k, default in (("scale", 1.0), ("size", None)):  # added later: at their defaults a run keeps its hash
+            if d["eval"][k] == default:
+                d["eval"].pop(k)
         d["data"].pop("workers")
         d["data"].pop("check")
         d["data"].pop("root")
@@ -289,6 +299,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.crop must be [H, W] with both >= 8, got {cfg.data.crop}")
     if len(cfg.data.scale) != 2 or not 0 < cfg.data.scale[0] <= cfg.data.scale[1]:
         raise ConfigError(f"data.scale must be [min, max] with 0 < min <= max, got {cfg.data.scale}")
+    if cfg.eval.size is not None and (len(cfg.eval.size) != 2 or min(cfg.eval.size) < 8):
+        raise ConfigError(f"eval.size must be [H, W] with both >= 8, got {cfg.eval.size}")
+    if cfg.eval.size is not None and cfg.eval.scale != 1.0:
+        raise ConfigError(f"eval.size={cfg.eval.size} and eval.scale={cfg.eval.scale} exclude each other; set one")
+    keep, every = cfg.train.keep_checkpoints_every, cfg.train.checkpoint_every
+    if keep is not None and keep % every:
+        raise ConfigError(f"train.keep_checkpoints_every={keep} must be a multiple of train.checkpoint_every={every}")
     if cfg.train.amp not in ("off", "auto", "bf16", "fp16"):
         raise ConfigError(f"train.amp must be off, auto, bf16 or fp16, got {cfg.train.amp!r}")
     dev = cfg.train.device

@@ -2,11 +2,13 @@
 
 Iteration-based SGD with poly decay (torch's PolynomialLR, stepped every iteration), a seeded
 and resumable data stream, loss terms from the method, a checkpoint every K iterations and at
-the end, whole-image evaluation and one atomic JSON results record per run.
+the end, evaluation on whole images (optionally resized: eval.scale / eval.size) and one atomic
+JSON results record per run.
 
 Output folder layout (`output.dir`):
     config.yaml          the full resolved configuration
     checkpoints/last.pt  model, method modules, optimizer, scheduler, RNG, iteration
+    checkpoints/iter_<k>.pt  copies kept every `train.keep_checkpoints_every` iterations (off by default)
     log.jsonl            loss terms and lr every `train.log_every` iterations
     results.json         the results record (status completed | failed | interrupted)
 """
@@ -24,9 +26,10 @@ import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -43,7 +46,7 @@ from sdesbench.engine.metrics import ConfusionMatrix, predict
 from sdesbench.errors import CheckpointError, Interrupted, NumericalFault, RunLocked, SdesbenchError
 from sdesbench.methods.base import Method, MethodContext, StepInfo
 from sdesbench.models import build_model, count_params
-from sdesbench.models.base import SegmentationModel
+from sdesbench.models.base import SegmentationModel, to_size
 from sdesbench.registry import DATASETS, METHODS
 
 console = Console(stderr=True)
@@ -112,11 +115,29 @@ def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device) -> Segm
     return teacher
 
 
+def inference_input(images: torch.Tensor, scale: float = 1.0, size: Sequence[int] | None = None) -> torch.Tensor:
+    """The evaluation input: `images` resized to `size` (H, W) or to `scale` times their size, bilinear
+    and antialiased like the training crops' rescaling (`data.transforms`); unchanged at scale 1."""
+    h, w = images.shape[-2:]
+    target = (int(size[0]), int(size[1])) if size is not None else (max(1, round(h * scale)), max(1, round(w * scale)))
+    if target == (h, w):
+        return images
+    return F.interpolate(images, size=target, mode="bilinear", align_corners=False, antialias=True)
+
+
 @torch.no_grad()
 def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, device: torch.device,
              batch_size: int = 1, method: Method | None = None, amp: torch.dtype | None = None,
-             show_progress: bool = False) -> dict[str, dict[str, Any]]:
-    """Whole-image evaluation; returns {"student": metrics, <extra prediction name>: metrics, ...}."""
+             show_progress: bool = False, scale: float = 1.0,
+             size: Sequence[int] | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluation on whole images; returns {"student": metrics, <extra prediction name>: metrics, ...}.
+
+    `scale` / `size` (eval.scale, eval.size): the input is resized for inference (`inference_input`),
+    the student's logits are resized back (bilinear) to the label's size and the metrics are computed
+    at the label's resolution, as mmsegmentation's test pipeline does. Extra predictions (SDES's
+    Ens-T) are computed from those label-sized logits and the full-resolution labels, so they go
+    through the same resize. The default (scale 1, no size) scores the image as it is.
+    """
     was_training = model.training
     model.eval()
     if method is not None:
@@ -131,7 +152,8 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                out = model(images)
+                out = model(inference_input(images, scale, size))
+                out = {**out, "logits": to_size(out["logits"], labels.shape[-2:])}
                 extra = method.eval_predictions(out, labels) if method is not None else {}
             mats["student"].update(predict(out["logits"]), labels)
             for name, logits in extra.items():
@@ -267,7 +289,11 @@ class Trainer:
 
     def _save(self, iteration: int) -> None:
         if D.is_main():
-            save_checkpoint(self.ckpt_path, self._state(iteration))
+            state = self._state(iteration)
+            save_checkpoint(self.ckpt_path, state)
+            keep = self.cfg.train.keep_checkpoints_every
+            if keep and iteration % keep == 0:  # kept for measuring along training (`sdesbench balance`)
+                save_checkpoint(self.ckpt_path.with_name(f"iter_{iteration}.pt"), state)
         D.barrier()
 
     def _restore(self) -> None:
@@ -372,7 +398,8 @@ class Trainer:
 
         D.broadcast_state(self.unit.module if hasattr(self.unit, "module") else self.unit)  # rank 0's BN stats
         metrics = evaluate(self.model, EvalView(self.eval_set, cfg.eval.max_images), self.num_classes, self.device,
-                           cfg.eval.batch_size, method=self.method, amp=self.amp, show_progress=self.show_progress)
+                           cfg.eval.batch_size, method=self.method, amp=self.amp, show_progress=self.show_progress,
+                           scale=cfg.eval.scale, size=cfg.eval.size)
         return self._record("completed", iteration, metrics)
 
     def _loader(self) -> DataLoader:

@@ -1,0 +1,1 @@
+"""Measurements on trained runs (loss balance along training, ...), read by commands and reports."""
