@@ -86,6 +86,9 @@ class TrainConfig:
     poly_power: float = field(default=0.9, metadata=rng(0.0))
     seed: int = field(default=0, metadata=rng(0))
     checkpoint_every: int = field(default=100, metadata=rng(1, hash="never"))
+    # also keep checkpoints/iter_<k>.pt at every multiple k of this (a multiple of checkpoint_every),
+    # e.g. to measure loss balance along training (`sdesbench balance`); off by default
+    keep_checkpoints_every: int | None = field(default=None, metadata=rng(1, hash="never"))
     log_every: int = field(default=10, metadata=rng(1, hash="never"))
     device: Device = field(default="auto", metadata=NOT_HASHED)
     amp: AmpMode = "off"  # CUDA only; auto = bf16 where supported, fp16 + GradScaler otherwise
@@ -99,6 +102,10 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = field(default=1, metadata=rng(1))
     max_images: int | None = field(default=None, metadata=rng(1))
+    # inference on the image resized by `scale` (or to `size` = [H, W]); logits are resized back and
+    # scored at the label's size. 1.0 = the paper's whole image as it is. `size` excludes scale != 1.
+    scale: float = field(default=1.0, metadata=rng(0.01, doc="input scale for inference", hash="when_set"))
+    size: list[int] | None = field(default=None, metadata=HASHED_WHEN_SET)
 
 
 @dataclass
@@ -332,6 +339,13 @@ def parse_config(data: dict[str, Any] | None = None, overrides: list[str] | None
         raise ConfigError(f"data.crop must be [H, W] with both >= 8, got {cfg.data.crop}")
     if len(cfg.data.scale) != 2 or not 0 < cfg.data.scale[0] <= cfg.data.scale[1]:
         raise ConfigError(f"data.scale must be [min, max] with 0 < min <= max, got {cfg.data.scale}")
+    if cfg.eval.size is not None and (len(cfg.eval.size) != 2 or min(cfg.eval.size) < 8):
+        raise ConfigError(f"eval.size must be [H, W] with both >= 8, got {cfg.eval.size}")
+    if cfg.eval.size is not None and cfg.eval.scale != 1.0:
+        raise ConfigError(f"eval.size={cfg.eval.size} and eval.scale={cfg.eval.scale} exclude each other; set one")
+    keep, every = cfg.train.keep_checkpoints_every, cfg.train.checkpoint_every
+    if keep is not None and keep % every:
+        raise ConfigError(f"train.keep_checkpoints_every={keep} must be a multiple of train.checkpoint_every={every}")
     dev = cfg.train.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {dev!r}")

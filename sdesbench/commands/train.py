@@ -63,30 +63,45 @@ def register(app: typer.Typer) -> None:
         data_root: Optional[Path] = typer.Option(None, help="Dataset folder (default: the one it was trained on)."),
         split: Optional[str] = typer.Option(None, help="Split to evaluate (default: the run's eval split)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
+        scale: Optional[float] = typer.Option(None, help="Resize the input by this factor for inference; logits are "
+                                              "resized back and scored at the label's size (default: the run's "
+                                              "eval.scale)."),
+        size: Optional[str] = typer.Option(None, help="Resize the input to HxW instead (e.g. 180x240)."),
         as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     ):
-        """Evaluate a checkpoint on whole images (mIoU, pixel accuracy, per-class IoU)."""
+        """Evaluate a checkpoint on whole images (mIoU, pixel accuracy, per-class IoU), optionally resized."""
         from sdesbench.data.base import EvalView, build_dataset
         from sdesbench.engine.configure import build_config
         from sdesbench.engine.evaluate import evaluate
         from sdesbench.engine.runtime import pick_device
+        from sdesbench.errors import ConfigError
         from sdesbench.io import load_checkpoint
+        from sdesbench.measure.profile import parse_size
         from sdesbench.models import build_model
 
+        if scale is not None and size is not None:
+            raise ConfigError("--scale and --size exclude each other; give one")
+        sets = [f"eval.scale={scale}", "eval.size=null"] if scale is not None else []
+        if size is not None:
+            h, w = parse_size(size, "--size", multiple=1)
+            sets += [f"eval.size=[{h}, {w}]", "eval.scale=1.0"]
         state = load_checkpoint(checkpoint)
-        cfg = build_config(dict(state["config"]))
+        cfg = build_config(dict(state["config"]), sets)
         root = str(data_root) if data_root is not None else cfg.data.root
         ds = build_dataset(cfg.data.name, root, split or cfg.data.eval_split)
         model = build_model(cfg.model, state["num_classes"])
         model.load_state_dict(state["model"])
         dev = pick_device(device)
         model.to(dev)
-        metrics = evaluate(model, EvalView(ds), state["num_classes"], dev)["student"]
+        metrics = evaluate(model, EvalView(ds), state["num_classes"], dev, scale=cfg.eval.scale,
+                           size=cfg.eval.size)["student"]
         if as_json:
-            out.print_json(data={"checkpoint": str(checkpoint), "iteration": state["iteration"], **metrics,
+            out.print_json(data={"checkpoint": str(checkpoint), "iteration": state["iteration"],
+                                 "scale": cfg.eval.scale, "size": cfg.eval.size, **metrics,
                                  "class_names": list(ds.class_names)})
             return
-        out.print(f"{checkpoint} (iteration {state['iteration']}): mIoU {100 * metrics['miou']:.2f}  "
+        at = f"size {cfg.eval.size[0]}x{cfg.eval.size[1]}" if cfg.eval.size else f"scale {cfg.eval.scale:g}"
+        out.print(f"{checkpoint} (iteration {state['iteration']}, input {at}): mIoU {100 * metrics['miou']:.2f}  "
                   f"PA {100 * metrics['pixel_acc']:.2f}")
         for name, iou in zip(ds.class_names, metrics["per_class_iou"]):
             out.print(f"  {name:<14} {'—' if iou is None else f'{100 * iou:6.2f}'}")

@@ -3,9 +3,10 @@ offers (SDES's Ens-T), accumulated on the device and all-reduced under DDP."""
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from torch.utils.data import DataLoader
@@ -15,17 +16,35 @@ from sdesbench.engine import distributed as D
 from sdesbench.engine.metrics import ConfusionMatrix, predict
 from sdesbench.methods.base import Method
 from sdesbench.models import SegmentationModel
+from sdesbench.models.base import to_size
 
 console = Console(stderr=True)
+
+
+def inference_input(images: torch.Tensor, scale: float = 1.0, size: Sequence[int] | None = None) -> torch.Tensor:
+    """The evaluation input: `images` resized to `size` (H, W) or to `scale` times their size, bilinear
+    and antialiased like the training crops' rescaling (`data.transforms`); unchanged at scale 1."""
+    h, w = images.shape[-2:]
+    target = (int(size[0]), int(size[1])) if size is not None else (max(1, round(h * scale)), max(1, round(w * scale)))
+    if target == (h, w):
+        return images
+    return F.interpolate(images, size=target, mode="bilinear", align_corners=False, antialias=True)
 
 
 @torch.no_grad()
 def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, device: torch.device,
              batch_size: int = 1, method: Method | None = None, amp: torch.dtype | None = None,
-             show_progress: bool = False,
-             should_stop: Callable[[], bool] = lambda: False) -> dict[str, dict[str, Any]] | None:
-    """Whole-image evaluation; returns {"student": metrics, <extra prediction name>: metrics, ...},
-    or None when `should_stop()` became true between two batches (a signal during the evaluation)."""
+             show_progress: bool = False, should_stop: Callable[[], bool] = lambda: False, scale: float = 1.0,
+             size: Sequence[int] | None = None) -> dict[str, dict[str, Any]] | None:
+    """Evaluation on whole images; returns {"student": metrics, <extra prediction name>: metrics, ...},
+    or None when `should_stop()` became true between two batches (a signal during the evaluation).
+
+    `scale` / `size` (eval.scale, eval.size): the input is resized for inference (`inference_input`),
+    the student's logits are resized back (bilinear) to the label's size and the metrics are computed
+    at the label's resolution, as mmsegmentation's test pipeline does. Extra predictions (SDES's
+    Ens-T) are computed from those label-sized logits and the full-resolution labels, so they go
+    through the same resize. The default (scale 1, no size) scores the image as it is.
+    """
     was_training = model.training
     model.eval()
     if method is not None:
@@ -42,7 +61,8 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
                 break
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                out = model(images)
+                out = model(inference_input(images, scale, size))
+                out = {**out, "logits": to_size(out["logits"], labels.shape[-2:])}
                 extra = method.eval_predictions(out, labels) if method is not None else {}
             mats["student"].update(predict(out["logits"]), labels)
             for name, logits in extra.items():

@@ -113,9 +113,13 @@ class ProgressHook(HookBase):
 
 
 class CheckpointHook(HookBase):
+    """`checkpoints/last.pt`; with `train.keep_checkpoints_every` also a copy `iter_<k>.pt` kept at
+    every multiple k (to measure along training, e.g. `sdesbench balance`)."""
+
     def after_step(self, trainer):
         if trainer.at_interval(trainer.cfg.train.checkpoint_every):
-            trainer.save_checkpoint()
+            keep = trainer.cfg.train.keep_checkpoints_every
+            trainer.save_checkpoint(keep_copy=bool(keep) and trainer.iteration % keep == 0)
 
     def after_train(self, trainer):
         if trainer.stop_signal is not None and trainer.last_checkpoint_iter != trainer.iteration:
@@ -137,7 +141,8 @@ class FinalEvaluationHook(HookBase):
         trainer.final_metrics = evaluate(
             learner.model, EvalView(trainer.eval_set, cfg.eval.max_images), trainer.num_classes,
             learner.runtime.device, cfg.eval.batch_size, method=learner.method, amp=learner.runtime.amp,
-            show_progress=self.show_progress, should_stop=lambda: trainer.stop_signal is not None)
+            show_progress=self.show_progress, should_stop=lambda: trainer.stop_signal is not None,
+            scale=cfg.eval.scale, size=cfg.eval.size)
 
 
 def run_hooks(hooks: list[HookBase], stage: str, trainer: Any) -> None:

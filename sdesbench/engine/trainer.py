@@ -8,6 +8,7 @@ ends with one atomic results record (`engine/record.py`).
 Output folder layout (`output.dir`):
     config.yaml          the full resolved configuration
     checkpoints/last.pt  model, method modules, optimizer, scheduler, RNG, iteration
+    checkpoints/iter_<k>.pt  copies kept every `train.keep_checkpoints_every` iterations (off by default)
     log.jsonl            loss terms and lr every `train.log_every` iterations
     results.json         the results record (status completed | failed | interrupted)
 
@@ -128,9 +129,13 @@ class Trainer:
             "elapsed": self.elapsed,
         }
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, keep_copy: bool = False) -> None:
+        """`checkpoints/last.pt` (and `iter_<k>.pt` with `keep_copy`)."""
         if D.is_main():
-            save_checkpoint(self.ckpt_path, self._state())
+            state = self._state()
+            save_checkpoint(self.ckpt_path, state)
+            if keep_copy:
+                save_checkpoint(self.ckpt_path.with_name(f"iter_{self.iteration}.pt"), state)
         D.barrier()
         self.last_checkpoint_iter = self.iteration
 

@@ -102,13 +102,14 @@ def rel_diff(measured: float | None, paper: float | None) -> float | None:
     return (measured - paper) / paper
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, option: str = "--input", multiple: int = 8) -> tuple[int, int]:
+    """'HxW' -> (H, W), both at least 8 and multiples of `multiple` (profiling: 8, the output stride)."""
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ConfigError(f"--input: expected HxW such as 512x1024, got {text!r}") from None
-    if h < 8 or w < 8 or h % 8 or w % 8:
-        raise ConfigError(f"--input: height and width must be multiples of 8 and at least 8, got {text!r}")
+        raise ConfigError(f"{option}: expected HxW such as 512x1024, got {text!r}") from None
+    if h < 8 or w < 8 or h % multiple or w % multiple:
+        raise ConfigError(f"{option}: height and width must be multiples of {multiple} and at least 8, got {text!r}")
     return h, w
 
 
