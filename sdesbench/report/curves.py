@@ -4,8 +4,9 @@ Left, the training loss (the sum of the weighted loss terms, from each run's `lo
 the validation mIoU of the periodic evaluations (`history` in `results.json`, `eval.every`) against
 the iteration, for every row of the table: the mean over the completed seeds, with a band from
 their minimum to their maximum. A run without periodic evaluations shows its final mIoU as a point.
-Rows that report the student are solid lines; Ens-T rows (the experts' ensemble, read from the
-history of the same run) are dotted; teachers are dashed and named "teacher: <model>". Everything
+Rows that report the student are solid lines; Ens-T (the experts' ensemble, read from the history of
+the same run: an Ens-T row, or the Ens-T of an SDES row in a table without one) is dotted; teachers
+are dashed and named "teacher: <model>". Everything
 comes from the small files kept in git, so a fresh clone draws the same plot.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sdesbench.experiments.plan import PlannedRun, Sweep
 from sdesbench.experiments.spec import Spec
 
 Series = dict[int, float]  # iteration -> value
+EXTRA_NAMES = {"ens_t": "Ens-T"}
 
 
 def loss_series(folder: Path) -> Series:
@@ -62,6 +64,7 @@ def aggregate(series: list[Series]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 class Line:
     label: str
     style: str  # "-" student, ":" Ens-T, "--" teacher
+    family: str = ""  # lines of one row (its student and its Ens-T) share a colour
     losses: list[Series] = field(default_factory=list)
     vals: list[Series] = field(default_factory=list)
     curve: bool = False
@@ -76,27 +79,38 @@ def completed(plan: PlannedRun) -> RunRecord | None:
 
 
 def curve_lines(plans: list[PlannedRun]) -> list[Line]:
-    """One line per table row (seeds pooled) and per teacher that is not itself a row's run."""
+    """One line per table row (seeds pooled), per teacher that is not itself a row's run, and per extra
+    prediction (Ens-T) a row's runs evaluated that no row of the table reports already."""
     groups = {p.group for p in plans if not p.is_teacher}
-    lines: dict[str, Line] = {}
     row_runs = {str(p.out) for p in plans if not p.is_teacher and p.out is not None}
+    reported = {(str(p.out), p.metric_source) for p in plans if not p.is_teacher and p.out is not None}
+    lines: dict[tuple[str, str], Line] = {}
     for p in plans:
         if p.is_teacher and str(p.out) in row_runs:
             continue  # the teacher is the Student row's own run (KL*, AT*, CWD*): drawn once
         rec = completed(p) if p.cfg is not None else None
         name = p.row if len(groups) == 1 else f"{p.group} / {p.row}"
+        source = "student" if p.is_teacher else p.metric_source
         if p.is_teacher:
-            line = lines.setdefault(p.key, Line(f"teacher: {p.row}", "--"))
+            line = lines.setdefault((p.key, source), Line(f"teacher: {p.row}", "--", p.key))
         else:
-            style = "-" if p.metric_source == "student" else ":"
-            line = lines.setdefault(p.key, Line(name + ("" if style == "-" else " (experts' ensemble)"), style))
+            style = "-" if source == "student" else ":"
+            line = lines.setdefault((p.key, source), Line(name + ("" if style == "-" else " (experts' ensemble)"),
+                                                          style, p.key))
         if rec is None:
             continue
         if line.style != ":":  # an Ens-T row shares its run's loss with the Ours row
             line.losses.append(loss_series(p.out))
-        points, is_curve = val_series(rec, "student" if p.is_teacher else p.metric_source)
+        points, is_curve = val_series(rec, source)
         line.vals.append(points)
         line.curve = line.curve or is_curve
+        if source != "student" or p.is_teacher:
+            continue
+        for extra in dict.fromkeys(k for e in rec.history for k in e.extra):
+            if (str(p.out), extra) not in reported:  # e.g. the Ens-T of an SDES row, in a table without its row
+                ens = lines.setdefault((p.key, extra), Line(f"{name} ({EXTRA_NAMES.get(extra, extra)})", ":", p.key))
+                ens.vals.append(val_series(rec, extra)[0])
+                ens.curve = True
     return list(lines.values())
 
 
@@ -106,14 +120,15 @@ def write_curves(sweep: Sweep, spec: Spec) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     lines = curve_lines(sweep.plans(spec))
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4.6))
-    colours = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20")
+    families = list(dict.fromkeys(line.family for line in lines))
+    colours = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
     drawn = 0
-    for k, line in enumerate(lines):
-        colour = colours(k % colours.N)
+    for line in lines:
+        colour = colours(families.index(line.family) % colours.N)
         x, mean, lo, hi = aggregate([s for s in line.losses if s])
         if len(x):
             ax_loss.plot(x, mean, line.style, color=colour, label=line.label)
@@ -132,7 +147,10 @@ def write_curves(sweep: Sweep, spec: Spec) -> Path:
                     color="tab:red")
     ax_loss.set(xlabel="iteration", ylabel="training loss (sum of weighted terms)", title="training loss")
     if any(len(aggregate([s for s in ln.losses if s])[0]) for ln in lines):
-        ax_loss.set_yscale("log")
+        ax_loss.set_yscale("log")  # methods add terms of very different sizes
+        ax_loss.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax_loss.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax_loss.tick_params(axis="y", which="minor", labelsize=7)
     final_only = any(ln.vals and not ln.curve for ln in lines)
     ax_val.set(xlabel="iteration", ylabel="mIoU (%)",
                title="validation mIoU" + (" (◆: final evaluation only, no eval.every)" if final_only else ""))
