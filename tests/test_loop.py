@@ -93,7 +93,7 @@ def test_tensorboard_scalars_equal_the_log(runs):
                     expected[(f"val/per_class_iou/{name}", step)] = iou
         else:
             for key, value in line.items():
-                if key != "iter":
+                if key != "iter" and value is not None:
                     expected[(f"train/{key}", step)] = value
     assert sum("val" in line for line in lines) == 4 and sum("loss" in line for line in lines) == 4
     assert {"train/loss", "train/lr", "train/ss", "train/dped", "train/dfed", "train/images_per_s"} <= \
@@ -104,6 +104,46 @@ def test_tensorboard_scalars_equal_the_log(runs):
     assert found.keys() == expected.keys()
     for key, value in expected.items():  # TensorBoard stores float32
         assert found[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+def test_a_resumed_run_keeps_its_history_log_and_events(runs, tmp_path, monkeypatch):
+    """Stopped by a signal after iteration 2 (a checkpoint there), then resumed: the same history, log
+    and TensorBoard scalars as the uninterrupted run, and the same final metrics."""
+    import signal
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sdesbench.engine.hooks import HookBase
+    from sdesbench.engine.trainer import Trainer
+    from sdesbench.errors import Interrupted
+
+    class StopAfterTwo(HookBase):
+        def after_step(self, trainer):
+            if trainer.iteration == 2:
+                trainer.stop_signal = signal.SIGTERM
+
+    original = Trainer.build_hooks
+    monkeypatch.setattr(Trainer, "build_hooks", lambda self: original(self) + [StopAfterTwo()])
+    out = tmp_path / "resumed"
+    with pytest.raises(Interrupted):
+        tiny_run(out, "eval.every=1", "eval.every_max_images=2")
+    assert [e.iteration for e in read_record(out).history] == [1, 2]  # an interrupted record keeps it too
+    monkeypatch.setattr(Trainer, "build_hooks", original)
+    cfg = build_config(SDES, TINY + ["eval.every=1", "eval.every_max_images=2", f"output.dir={out}"])
+    rec = train(cfg, resume="required", show_progress=False)
+    ref_out, _, ref = runs["watched"]
+    assert rec.history == ref.history and rec.best == ref.best and rec.metrics == ref.metrics
+
+    def without_timing(folder):
+        lines = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if k != "images_per_s"} for line in lines]
+
+    assert without_timing(out) == without_timing(ref_out)
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()  # two event files, the second purging what the first wrote after iteration 2
+    steps = [ev.step for ev in acc.Scalars("val/miou")]
+    assert steps == [1, 2, 3, 4]
+    assert [ev.value for ev in acc.Scalars("val/miou")] == pytest.approx([e.miou for e in ref.history], rel=1e-6)
 
 
 def test_per_image_counts_reproduce_the_final_metrics(runs):
@@ -205,3 +245,29 @@ def test_paper_presets_validate_ten_times_per_run_and_smoke_never():
         assert "every" not in spec.preset_settings("smoke").get("eval", {}), table
         plan = next(p for p in Sweep(table, "paper", (0,)).plans(spec) if p.cfg is not None)
         assert plan.cfg.eval.every == paper["eval"]["every"]
+
+
+def test_committed_tables_regenerate_from_the_committed_records(tmp_path):
+    """What a fresh clone holds (the records git tracks, no checkpoints) rebuilds the committed tables
+    byte for byte."""
+    import shutil
+    import subprocess
+
+    from sdesbench.experiments.plan import Sweep
+    from sdesbench.report import build_report
+
+    tracked = subprocess.run(["git", "ls-files", "results/runs"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0 or not tracked.stdout.strip():
+        pytest.skip("not a git checkout with committed run records")
+    files = tracked.stdout.split()
+    assert {f.rsplit("/", 1)[-1] for f in files} == {"results.json", "log.jsonl", "image_counts.npz", "config.yaml"}
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, tmp_path / f)
+    results = tmp_path / "results"
+    for table in ("table4", "fig3"):
+        written = build_report(Sweep(table, "smoke", (0,), results))
+        assert written.kept is None
+        for suffix in (".md", ".csv"):
+            name = f"{table}-smoke{suffix}"
+            assert (results / name).read_bytes() == (ROOT / "results" / name).read_bytes(), name

@@ -213,6 +213,14 @@ def test_curves_are_the_mean_and_range_over_seeds(results):
     assert x.tolist() == [10, 20, 30, 40] and mean[0] == pytest.approx(2.0) and (lo[0], hi[0]) == (1.0, 3.0)
     ours = lines["L_SS + L_DPED + L_DFED"]
     assert not ours.curve and aggregate(ours.vals)[0].tolist() == [40]  # no history: the final point
+    # Table 2: the ResNet-50 teacher is dashed, the Ens-T row dotted, the students solid; Table 3's KL* learns
+    # from the trained Student of its own network, which stays the solid Student line
+    table3 = {ln.label: ln.style for ln in curve_lines(Sweep("table3", "smoke", (0,), results).plans())}
+    assert table3["EfficientNet-B0 / Student"] == "-" and not any(k.startswith("teacher") for k in table3)
+    styles = {ln.label: ln.style for ln in curve_lines(Sweep("table2", "smoke", (0,), results).plans())}
+    assert styles["DeepLabV3-ResNet-50 (teacher) / Teacher"] == "--"  # the KL/AT/CWD teacher's own row
+    assert styles["DeepLabV3-ResNet-18 / Ens-T (experts' ensemble)"] == ":"
+    assert styles["DeepLabV3-ResNet-18 / Ours"] == styles["ERFNet / Student"] == "-"
     path = build_report(Sweep("table4", "smoke", (0, 1, 2), results), ReportOptions(curves=True)).files[-1]
     assert path.name == "table4-smoke-curves.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -84,6 +84,11 @@ def curve_lines(plans: list[PlannedRun]) -> list[Line]:
     groups = {p.group for p in plans if not p.is_teacher}
     row_runs = {str(p.out) for p in plans if not p.is_teacher and p.out is not None}
     reported = {(str(p.out), p.metric_source) for p in plans if not p.is_teacher and p.out is not None}
+    # runs that teach another network (Table 2's ResNet-50): dashed even where a row reports them; a
+    # network's own trained Student that teaches its KL*/AT*/CWD* rows stays the Student line
+    teaching = {str(t.out) for t in plans if t.is_teacher and t.cfg is not None
+                and any(str(t.out) in p.depends_on and p.cfg is not None and p.cfg.model.name != t.cfg.model.name
+                        for p in plans)}
     lines: dict[tuple[str, str], Line] = {}
     for p in plans:
         if p.is_teacher and str(p.out) in row_runs:
@@ -94,9 +99,9 @@ def curve_lines(plans: list[PlannedRun]) -> list[Line]:
         if p.is_teacher:
             line = lines.setdefault((p.key, source), Line(f"teacher: {p.row}", "--", p.key))
         else:
-            style = "-" if source == "student" else ":"
-            line = lines.setdefault((p.key, source), Line(name + ("" if style == "-" else " (experts' ensemble)"),
-                                                          style, p.key))
+            style = ("--" if str(p.out) in teaching else "-") if source == "student" else ":"
+            suffix = "" if source == "student" else " (experts' ensemble)"
+            line = lines.setdefault((p.key, source), Line(name + suffix, style, p.key))
         if rec is None:
             continue
         if line.style != ":":  # an Ens-T row shares its run's loss with the Ours row
