@@ -20,8 +20,8 @@ def register(app: typer.Typer) -> None:
     ):
         """Write a PNG grid: image | ground truth | each run's prediction (and Ens-T where the run has it)."""
         from sdesbench.engine.predict import load_run
-        from sdesbench.report.qualitative import write_grid
+        from sdesbench.report.qualitative import run_label, write_grid
 
-        runs = [(str(d), load_run(d, device)) for d in run_dirs]
+        runs = [(run_label(run), run) for run in (load_run(d, device) for d in run_dirs)]
         path = write_grid(runs, images, split, out_path)
         err.print(f"wrote {path}")

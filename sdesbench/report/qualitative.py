@@ -40,6 +40,11 @@ def colourise(labels: torch.Tensor, palette: list[tuple[int, int, int]]) -> np.n
     return lut[index]
 
 
+def run_label(run: TrainedRun) -> str:
+    """A short column title for a run given by its folder: method, network and the folder's name."""
+    return f"{run.cfg.method.name}\n{run.cfg.model.name}\n{run.folder.name}"
+
+
 def write_grid(runs: list[tuple[str, TrainedRun]], images: int, split: str | None, out: Path,
                title: str = "") -> Path:
     """PNG grid of `runs` (label, run) on the first `images` images of `split` of the first run's dataset."""
@@ -62,7 +67,9 @@ def write_grid(runs: list[tuple[str, TrainedRun]], images: int, split: str | Non
     columns: list[tuple[str, list[torch.Tensor]]] = []
     for label, run in runs:
         for name, maps in predict(run, dataset, indices).items():
-            columns.append((label if name == "student" else f"{label}\n({PREDICTION_NAMES.get(name, name)})", maps))
+            extra = "" if name == "student" else f" ({PREDICTION_NAMES.get(name, name)})"
+            first, _, rest = label.partition("\n")
+            columns.append((first + extra + ("\n" + rest if rest else ""), maps))
     samples = [dataset.load(i) for i in indices]
     height, width = samples[0][1].shape
     cell = 2.4
@@ -81,7 +88,7 @@ def write_grid(runs: list[tuple[str, TrainedRun]], images: int, split: str | Non
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(name, fontsize=8)
+                ax.set_title(name, fontsize=7)
         axes[r][0].set_ylabel(dataset.sample_id(i).rsplit("/", 1)[-1], fontsize=7)
     handles = [Patch(facecolor=np.asarray(rgb) / 255, edgecolor="0.5", label=n)
                for n, rgb in zip(dataset.class_names, palette)]
