@@ -238,7 +238,8 @@ def test_report_keeps_a_table_with_more_measured_cells(results, tmp_path):
                          "are not here); --force replaces it")
     assert kept.files == [] and {p: (res / p).read_bytes() for p in before} == before
     r = run_cli("report", "table4", "--seeds", "0,1,2", "--results", str(res))
-    assert r.returncode == 0 and "note: kept" in r.stderr and "wrote" not in r.stderr, r.stderr
+    assert r.returncode == 0 and "wrote" not in r.stderr, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("note: ")] == [f"note: {kept.kept}"]
     assert {p: (res / p).read_bytes() for p in before} == before
     # --force replaces it
     forced = build_report(sweep, ReportOptions(force=True))

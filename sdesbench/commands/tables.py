@@ -92,9 +92,9 @@ def register(app: typer.Typer) -> None:
             written = build_report(make_sweep(table, preset, seeds, results, sets), options)
             print(written.md)
             for note in ([written.kept] if written.kept else []) + written.notes:
-                err.print(f"note: {note}")
+                err.print(f"note: {note}", soft_wrap=True)  # one line, whatever the terminal's width
             if written.files:
-                err.print("wrote " + ", ".join(map(str, written.files)))
+                err.print("wrote " + ", ".join(map(str, written.files)), soft_wrap=True)
 
     @app.command("list")
     def list_cmd(what: str = typer.Argument("all", help="tables | models | datasets | methods | all")):
