@@ -106,11 +106,18 @@ class EvalConfig:
     # scored at the label's size. 1.0 = the paper's whole image as it is. `size` excludes scale != 1.
     scale: float = field(default=1.0, metadata=rng(0.01, doc="input scale for inference", hash="when_set"))
     size: list[int] | None = field(default=None, metadata=HASHED_WHEN_SET)
+    # periodic validation every `every` iterations (and at the last one) on the first `every_max_images`
+    # images of the evaluation set: a curve and a `best` beside the table's final-iteration metric. It
+    # changes nothing in the training (engine/hooks.py), so neither field is part of the run's hash.
+    every: int | None = field(default=None, metadata=rng(1, doc="iterations between periodic evaluations",
+                                                         hash="never"))
+    every_max_images: int | None = field(default=None, metadata=rng(1, hash="never"))
 
 
 @dataclass
 class OutputConfig:
     dir: str = "results/runs/default"
+    tensorboard: bool = True  # event files in <dir>/tensorboard (loss terms, lr, images/s, validation metrics)
 
 
 @dataclass

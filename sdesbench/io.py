@@ -63,6 +63,10 @@ def write_text(path: str | Path, text: str) -> None:
     _atomic(Path(path), lambda f: f.write(text.encode()))
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic(Path(path), lambda f: f.write(data))
+
+
 def read_json(path: str | Path) -> Any:
     """The parsed file; `StorageError` (one line) when it exists but cannot be read or parsed."""
     p = Path(path)

@@ -179,8 +179,19 @@ def test_a_version_1_record_still_loads(tmp_path):
     assert rec.completed and rec.method == "sdes" and rec.iterations == 40
     assert rec.metrics.miou == v1["metrics"]["miou"] and rec.scores("ens_t").miou == v1["extra_metrics"]["ens_t"]["miou"]
     assert rec.per_class_iou == v1["per_class_iou"] and rec.config == v1["config"]
-    # written back, it is the same record with its schema number
-    assert rec.to_dict() == {"schema": SCHEMA_VERSION, **v1}
+    # written back, it is the same record with its schema number and the fields later versions added, empty
+    assert rec.to_dict() == {"schema": SCHEMA_VERSION, **v1, **V3_FIELDS}
+
+
+V3_FIELDS = {"history": [], "best": None, "image_counts": None}  # added by schema 3
+
+
+def test_a_version_2_record_still_loads(tmp_path):
+    v2 = {"schema": 2, **json.loads((ROOT / "tests" / "fixtures" / "results_v1.json").read_text())}
+    (tmp_path / "results.json").write_text(json.dumps(v2))
+    rec = read_record(tmp_path)
+    assert rec.completed and rec.history == [] and rec.best is None and rec.image_counts is None
+    assert rec.to_dict() == {**v2, "schema": SCHEMA_VERSION, **V3_FIELDS}
 
 
 def test_records_round_trip_through_json(tmp_path):

@@ -36,7 +36,7 @@ def _eval_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         metrics = evaluate(_fixed_model(), EvalView(TinyScenes(None, "val"), N_VAL), TinyScenes.num_classes,
-                           torch.device("cpu"))
+                           torch.device("cpu"), per_image=True)
         assert len(D.shard_sampler(EvalView(TinyScenes(None, "val"), N_VAL))) == (4 if rank == 0 else 3)
         if rank == 0:
             torch.save(metrics, out_file)
@@ -46,13 +46,16 @@ def _eval_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
 def test_two_gloo_processes_evaluate_exactly_like_one(tmp_path):
     single = evaluate(_fixed_model(), EvalView(TinyScenes(None, "val"), N_VAL), TinyScenes.num_classes,
-                      torch.device("cpu"))
+                      torch.device("cpu"), per_image=True)
     out = tmp_path / "ddp.pt"
     mp.spawn(_eval_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=False)
     assert ddp["student"]["miou"] == single["student"]["miou"]
     assert ddp["student"]["pixel_acc"] == single["student"]["pixel_acc"]
     assert ddp["student"]["per_class_iou"] == single["student"]["per_class_iou"]
+    # per-image counts gathered from both ranks, each image at its own index (rank 0: 0, 2, 4, 6; rank 1: 1, 3, 5)
+    assert ddp["student"]["image_counts"].shape == (N_VAL, 3, TinyScenes.num_classes)
+    assert torch.equal(ddp["student"]["image_counts"], single["student"]["image_counts"])
 
 
 def test_torchrun_two_cpu_processes_train_and_write_one_record(tmp_path):

@@ -63,20 +63,38 @@ def register(app: typer.Typer) -> None:
         results: Path = RESULTS_OPTION,
         sets: list[str] = typer.Option([], "--set", help="The --set values the runs were made with (part of their "
                                        "hash)."),
+        stats: bool = typer.Option(False, "--stats", help="Add a per-image paired bootstrap against each group's "
+                                   "Student row (from the runs' per-image counts; one seed suffices)."),
+        formats: list[str] = typer.Option(["md"], "--format", help="md (Markdown + CSV, always) | latex (also "
+                                          "<table>-<preset>.tex); repeatable."),
+        curves: bool = typer.Option(False, "--curves", help="Also <table>-<preset>-curves.png: training loss and "
+                                    "validation mIoU against the iteration for every row."),
+        qualitative: int = typer.Option(0, "--qualitative", min=0, help="Also <table>-<preset>-qualitative.png: "
+                                        "the Student / Ours / teacher predictions on the first N images."),
+        force: bool = typer.Option(False, "--force", help="Replace a table even when it holds more measured cells "
+                                   "than the new one."),
     ):
         """Write results/<table>-<preset>.md/.csv (fig3: PNG plots too): measured mean ± std beside the paper."""
         from sdesbench.experiments.spec import list_tables, load_spec
         from sdesbench.io import check_writable
-        from sdesbench.report import write_report
+        from sdesbench.report import ReportOptions, build_report
 
+        unknown = [f for f in formats if f not in ("md", "latex")]
+        if unknown:
+            raise SdesbenchError(f"--format must be md or latex, got {unknown[0]!r}")
         names = tables or list_tables()
         for table in names:
             load_spec(table)  # unknown names fail before anything is written
         check_writable(results)
+        options = ReportOptions(stats=stats, latex="latex" in formats, curves=curves, qualitative=qualitative,
+                                force=force)
         for table in names:
-            md_path, md = write_report(make_sweep(table, preset, seeds, results, sets))
-            print(md)
-            err.print(f"wrote {md_path} and {md_path.with_suffix('.csv')}")
+            written = build_report(make_sweep(table, preset, seeds, results, sets), options)
+            print(written.md)
+            for note in ([written.kept] if written.kept else []) + written.notes:
+                err.print(f"note: {note}", soft_wrap=True)  # one line, whatever the terminal's width
+            if written.files:
+                err.print("wrote " + ", ".join(map(str, written.files)), soft_wrap=True)
 
     @app.command("list")
     def list_cmd(what: str = typer.Argument("all", help="tables | models | datasets | methods | all")):

@@ -3,7 +3,7 @@ without them everything degrades to a single process (rank 0 of 1)."""
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -83,6 +83,19 @@ def broadcast_state(module: nn.Module) -> None:
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src=0)
+
+
+def gather_rows(rows: torch.Tensor, indices: list[int], n: int) -> torch.Tensor:
+    """Every rank's `rows` (one per dataset index in `indices`) placed at their indices in one
+    n x ... tensor on every rank; the rows themselves outside DDP."""
+    if not is_distributed():
+        return rows
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, (indices, rows.cpu()))
+    out = torch.zeros((n, *rows.shape[1:]), dtype=rows.dtype)
+    for idx, part in parts:
+        out[torch.as_tensor(idx, dtype=torch.long)] = part
+    return out
 
 
 def all_true(flag: bool, device: torch.device) -> bool:

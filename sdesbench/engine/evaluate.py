@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from sdesbench.data.base import EvalView
 from sdesbench.engine import distributed as D
-from sdesbench.engine.metrics import ConfusionMatrix, predict
+from sdesbench.engine.metrics import ConfusionMatrix, image_counts, predict
 from sdesbench.methods.base import Method
 from sdesbench.models import SegmentationModel
 from sdesbench.models.base import to_size
@@ -32,12 +32,29 @@ def inference_input(images: torch.Tensor, scale: float = 1.0, size: Sequence[int
 
 
 @torch.no_grad()
+def predictions(model: SegmentationModel, images: torch.Tensor, labels: torch.Tensor, method: Method | None = None,
+                amp: torch.dtype | None = None, scale: float = 1.0,
+                size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Logits at the label's size of the student ("student") and of every extra prediction the method
+    offers (SDES's "ens_t"), for images already on the device; the model must be in eval mode."""
+    with torch.autocast(images.device.type, dtype=amp) if amp else nullcontext():
+        out = model(inference_input(images, scale, size))
+        out = {**out, "logits": to_size(out["logits"], labels.shape[-2:])}
+        extra = method.eval_predictions(out, labels) if method is not None else {}
+    return {"student": out["logits"], **extra}
+
+
+@torch.no_grad()
 def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, device: torch.device,
              batch_size: int = 1, method: Method | None = None, amp: torch.dtype | None = None,
              show_progress: bool = False, should_stop: Callable[[], bool] = lambda: False, scale: float = 1.0,
-             size: Sequence[int] | None = None) -> dict[str, dict[str, Any]] | None:
+             size: Sequence[int] | None = None, per_image: bool = False) -> dict[str, dict[str, Any]] | None:
     """Evaluation on whole images; returns {"student": metrics, <extra prediction name>: metrics, ...},
     or None when `should_stop()` became true between two batches (a signal during the evaluation).
+
+    `per_image`: each metrics dict also holds "image_counts", the images x 3 x classes true positive,
+    false positive and false negative counts (`metrics.image_counts`) in dataset order, gathered from
+    every rank under DDP: what a per-image bootstrap needs, without evaluating again.
 
     `scale` / `size` (eval.scale, eval.size): the input is resized for inference (`inference_input`),
     the student's logits are resized back (bilinear) to the label's size and the metrics are computed
@@ -52,6 +69,7 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
     sampler = D.shard_sampler(dataset) if D.is_distributed() else None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=0)
     mats: dict[str, ConfusionMatrix] = {"student": ConfusionMatrix(num_classes, device)}
+    rows: dict[str, list[torch.Tensor]] = {}
     progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), console=console,
                         disable=not show_progress, transient=True)
     with progress:
@@ -60,13 +78,11 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
             if should_stop():
                 break
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                out = model(inference_input(images, scale, size))
-                out = {**out, "logits": to_size(out["logits"], labels.shape[-2:])}
-                extra = method.eval_predictions(out, labels) if method is not None else {}
-            mats["student"].update(predict(out["logits"]), labels)
-            for name, logits in extra.items():
-                mats.setdefault(name, ConfusionMatrix(num_classes, device)).update(predict(logits), labels)
+            for name, logits in predictions(model, images, labels, method, amp, scale, size).items():
+                pred = predict(logits)
+                mats.setdefault(name, ConfusionMatrix(num_classes, device)).update(pred, labels)
+                if per_image:
+                    rows.setdefault(name, []).append(image_counts(pred, labels, num_classes).cpu())
             progress.advance(task)
     model.train(was_training)
     if method is not None:
@@ -77,4 +93,8 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
     for name, mat in mats.items():
         mat.all_reduce()
         results[name] = mat.compute()
+        if per_image:
+            mine = torch.cat(rows[name]) if rows.get(name) else torch.zeros(0, 3, num_classes, dtype=torch.int64)
+            indices = list(sampler) if sampler is not None else list(range(len(dataset)))
+            results[name]["image_counts"] = D.gather_rows(mine, indices, len(dataset))
     return results

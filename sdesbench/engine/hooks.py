@@ -6,15 +6,25 @@ training (like nested context managers unwinding, so the signal handlers are res
 after the final evaluation they protect):
 
 - `SignalHook`: SIGINT/SIGTERM set `trainer.stop_signal`; the loop stops after the current step.
-- `LogHook`: loss terms, total and lr to `log.jsonl` every `train.log_every` iterations.
+- `LogHook`: every `train.log_every` iterations publishes the training scalars (loss terms, total,
+  lr, images/s) and writes every published event to `log.jsonl`.
+- `TensorBoardHook`: every published event as TensorBoard scalars in `<out>/tensorboard`.
 - `ProgressHook`: the rich progress bar.
+- `PeriodicEvaluationHook`: with `eval.every`, validation every `eval.every` iterations and at the
+  last one (`trainer.history`, published as "val" events), without touching the training.
 - `CheckpointHook`: `checkpoints/last.pt` every `train.checkpoint_every` iterations, at the end,
   and when a signal stops the run.
-- `FinalEvaluationHook`: the whole-image evaluation once the schedule is complete.
+- `FinalEvaluationHook`: the whole-image evaluation once the schedule is complete (the table's
+  metric), with per-image counts.
 
-A new duty (periodic evaluation, TensorBoard) is a new hook appended in `Trainer.build_hooks`.
-Hooks receive the `Trainer` and read and write its public state: `iteration`, `start_iter`, `total_iters`,
-`terms`, `last_step_s`, `stop_signal`, `failed`, `final_metrics`, `learner`, `cfg`, `out`.
+Events: a hook that measures something calls `trainer.publish(event)`, a dict with "iter" and either
+training scalars or a section ("val": {...}); every hook's `on_event` sees it (the writers: log.jsonl,
+TensorBoard). `event_scalars` names the TensorBoard tags: "train/<key>" for a training scalar,
+"<section>/<key>/..." for the numbers of a section (None, an absent class, is skipped).
+
+A new duty is a new hook appended in `Trainer.build_hooks`. Hooks receive the `Trainer` and read
+and write its public state: `iteration`, `start_iter`, `total_iters`, `terms`, `last_step_s`,
+`stop_signal`, `failed`, `final_metrics`, `history`, `learner`, `cfg`, `out`.
 """
 from __future__ import annotations
 
@@ -22,11 +32,14 @@ import json
 import signal
 from typing import Any
 
+import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sdesbench.data.base import EvalView
 from sdesbench.engine import distributed as D
 from sdesbench.engine.evaluate import console, evaluate
+from sdesbench.engine.record import Evaluation, Scores
+from sdesbench.errors import SdesbenchError
 
 
 class HookBase:
@@ -38,6 +51,26 @@ class HookBase:
 
     def after_train(self, trainer: Any) -> None:
         """Runs however the loop ended (completed, stopped by a signal, failed)."""
+
+    def on_event(self, trainer: Any, event: dict[str, Any]) -> None:
+        """An event another hook published (`trainer.publish`)."""
+
+
+def event_scalars(event: dict[str, Any]) -> dict[str, float]:
+    """TensorBoard tag -> value of an event (module docstring)."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix] = float(value)
+
+    for key, value in event.items():
+        if key != "iter":
+            walk(key if isinstance(value, dict) else f"train/{key}", value)
+    return out
 
 
 class SignalHook(HookBase):
@@ -57,12 +90,15 @@ def log_values(trainer: Any) -> dict[str, float]:
 
 
 class LogHook(HookBase):
-    """`log.jsonl`: one line per logged iteration. A resumed run first drops the lines written after
-    its checkpoint (a killed run logged them, the resumed run logs them again); a fresh run starts
-    an empty log."""
+    """`log.jsonl`: one line per event, i.e. per logged iteration ({"iter", "lr", "loss", <terms>,
+    "images_per_s"}) and per periodic evaluation ({"iter", "val": {...}}). A resumed run first drops
+    the lines written after its checkpoint (a killed run logged them, the resumed run logs them
+    again); a fresh run starts an empty log."""
 
     def before_train(self, trainer):
         self.file = None
+        self.images = 0
+        self.seconds = 0.0
         if not D.is_main():
             return
         path = trainer.out / "log.jsonl"
@@ -78,16 +114,53 @@ class LogHook(HookBase):
         self.file = open(path, "a")
 
     def after_step(self, trainer):
-        if self.file is None or not trainer.at_interval(trainer.cfg.train.log_every):
+        self.images += trainer.cfg.data.batch_size * D.world_size()
+        self.seconds += trainer.last_step_s
+        if not trainer.at_interval(trainer.cfg.train.log_every):
             return
         total = round(float(sum(trainer.terms.values()).detach()), 5)
-        line = {"iter": trainer.iteration, "lr": trainer.lr, "loss": total, **log_values(trainer)}
-        self.file.write(json.dumps(line) + "\n")
-        self.file.flush()
+        rate = round(self.images / self.seconds, 3) if self.seconds > 0 else None
+        self.images, self.seconds = 0, 0.0
+        trainer.publish({"iter": trainer.iteration, "lr": trainer.lr, "loss": total, **log_values(trainer),
+                         "images_per_s": rate})
+
+    def on_event(self, trainer, event):
+        if self.file is not None:
+            self.file.write(json.dumps(event) + "\n")
+            self.file.flush()
 
     def after_train(self, trainer):
         if self.file is not None:
             self.file.close()
+            self.file = None
+
+
+class TensorBoardHook(HookBase):
+    """TensorBoard event files in `<out>/tensorboard` (`output.tensorboard`): the scalars of every
+    published event at its iteration. A resumed run purges what the killed run wrote after its
+    checkpoint (`purge_step`), as the log does."""
+
+    def before_train(self, trainer):
+        self.writer = None
+        if not D.is_main() or not trainer.cfg.output.tensorboard:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # a third-party dependency, not the project's code
+            raise SdesbenchError("output.tensorboard=true needs the tensorboard package (pip install tensorboard), "
+                                 "or set output.tensorboard=false") from None
+        self.writer = SummaryWriter(str(trainer.out / "tensorboard"),
+                                    purge_step=trainer.start_iter + 1 if trainer.start_iter else None)
+
+    def on_event(self, trainer, event):
+        if self.writer is not None:
+            for tag, value in event_scalars(event).items():
+                self.writer.add_scalar(tag, value, event["iter"])
+
+    def after_train(self, trainer):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 class ProgressHook(HookBase):
@@ -126,9 +199,84 @@ class CheckpointHook(HookBase):
             trainer.save_checkpoint()
 
 
+def evaluation_entry(trainer: Any, metrics: dict[str, dict[str, Any]], images: int) -> Evaluation:
+    student = metrics["student"]
+    return Evaluation(trainer.iteration, images, student["miou"], student["pixel_acc"],
+                      dict(zip(trainer.class_names, student["per_class_iou"])),
+                      {k: Scores(v["miou"], v["pixel_acc"]) for k, v in metrics.items() if k != "student"})
+
+
+class PeriodicEvaluationHook(HookBase):
+    """With `eval.every`: the student (and e.g. Ens-T) evaluated every `eval.every` iterations and at
+    the last one, on the first `eval.every_max_images` images of the evaluation set, appended to
+    `trainer.history` and published as a "val" event (log.jsonl, TensorBoard).
+
+    It leaves the training exactly as it was: the random-number state is restored after each
+    evaluation (its data loader draws a seed from it) and so is every module's train/eval mode. At
+    the last iteration, when the periodic images are the final evaluation's, the final evaluation is
+    reused rather than run twice; this hook's `after_train` therefore runs after the final one (it
+    comes before `FinalEvaluationHook` in the list). It comes before `CheckpointHook` so that a
+    checkpoint written at an evaluated iteration holds that evaluation (resume keeps the history)."""
+
+    def __init__(self, every: int | None):
+        self.every = every
+
+    def images(self, trainer: Any) -> int:
+        limits = [len(trainer.eval_set), trainer.cfg.eval.max_images, trainer.cfg.eval.every_max_images]
+        return min(n for n in limits if n is not None)
+
+    def due(self, trainer: Any) -> bool:
+        evaluated = trainer.history and trainer.history[-1].iteration == trainer.iteration
+        return bool(self.every) and trainer.iteration % self.every == 0 and not evaluated
+
+    def before_train(self, trainer):
+        # a run resumed from a checkpoint whose own evaluation a signal cut short evaluates it now
+        if trainer.start_iter and trainer.iteration < trainer.total_iters and self.due(trainer):
+            self.evaluate(trainer)
+
+    def after_step(self, trainer):
+        if trainer.iteration < trainer.total_iters and self.due(trainer):
+            self.evaluate(trainer)
+
+    def after_train(self, trainer):
+        done = trainer.history and trainer.history[-1].iteration == trainer.iteration
+        if not self.every or trainer.final_metrics is None or done:
+            return
+        if self.images(trainer) == trainer.final_images:
+            self.add(trainer, evaluation_entry(trainer, trainer.final_metrics, trainer.final_images))
+        else:
+            self.evaluate(trainer)
+
+    def evaluate(self, trainer: Any) -> None:
+        learner, cfg = trainer.learner, trainer.cfg
+        device = learner.runtime.device
+        modes = [(m, m.training) for m in learner.plain_unit.modules()]
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        n = self.images(trainer)
+        with torch.random.fork_rng(devices=cuda):
+            D.broadcast_state(learner.plain_unit)  # rank 0's BatchNorm statistics (DDP broadcasts them anyway)
+            metrics = evaluate(learner.model, EvalView(trainer.eval_set, n), trainer.num_classes, device,
+                               cfg.eval.batch_size, method=learner.method, amp=learner.runtime.amp,
+                               should_stop=lambda: trainer.stop_signal is not None, scale=cfg.eval.scale,
+                               size=cfg.eval.size)
+        for module, mode in modes:
+            module.training = mode
+        if metrics is not None:  # None: a signal arrived during the evaluation
+            self.add(trainer, evaluation_entry(trainer, metrics, n))
+
+    def add(self, trainer: Any, entry: Evaluation) -> None:
+        trainer.history.append(entry)
+        val: dict[str, Any] = {"images": entry.images, "miou": entry.miou, "pixel_acc": entry.pixel_acc,
+                               "per_class_iou": entry.per_class_iou}
+        val.update({k: {"miou": v.miou, "pixel_acc": v.pixel_acc} for k, v in entry.extra.items()})
+        trainer.publish({"iter": entry.iteration, "val": val})
+
+
 class FinalEvaluationHook(HookBase):
-    """Evaluates the finished schedule (the table metric). A signal during the evaluation stops it:
-    the run is then recorded as interrupted, and `--resume` runs only the evaluation again."""
+    """Evaluates the finished schedule (the table metric), with the per-image counts a bootstrap
+    needs. A signal during the evaluation stops it: the run is then recorded as interrupted, and
+    `--resume` runs only the evaluation again."""
 
     def __init__(self, show_progress: bool):
         self.show_progress = show_progress
@@ -138,11 +286,13 @@ class FinalEvaluationHook(HookBase):
             return
         learner, cfg = trainer.learner, trainer.cfg
         D.broadcast_state(learner.plain_unit)  # rank 0's BatchNorm statistics on every rank
+        view = EvalView(trainer.eval_set, cfg.eval.max_images)
+        trainer.final_images = len(view)
         trainer.final_metrics = evaluate(
-            learner.model, EvalView(trainer.eval_set, cfg.eval.max_images), trainer.num_classes,
-            learner.runtime.device, cfg.eval.batch_size, method=learner.method, amp=learner.runtime.amp,
-            show_progress=self.show_progress, should_stop=lambda: trainer.stop_signal is not None,
-            scale=cfg.eval.scale, size=cfg.eval.size)
+            learner.model, view, trainer.num_classes, learner.runtime.device, cfg.eval.batch_size,
+            method=learner.method, amp=learner.runtime.amp, show_progress=self.show_progress,
+            should_stop=lambda: trainer.stop_signal is not None, scale=cfg.eval.scale, size=cfg.eval.size,
+            per_image=True)
 
 
 def run_hooks(hooks: list[HookBase], stage: str, trainer: Any) -> None:

@@ -51,3 +51,23 @@ class ConfusionMatrix:
         pa = float(tp.sum() / total) if total > 0 else 0.0
         per_class = [float(v) if p else None for v, p in zip(iou, present)]
         return {"miou": miou, "pixel_acc": pa, "per_class_iou": per_class}
+
+
+@torch.no_grad()
+def image_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per image and class, over labelled pixels: true positives, false positives, false negatives
+    (B x 3 x C, int64). Summed over images they are the confusion matrix's diagonal, column sums minus
+    the diagonal and row sums minus the diagonal, so any subset of images gives its own mIoU (bootstrap)."""
+    b, c = pred.shape[0], num_classes
+    offset = (torch.arange(b, device=pred.device) * c).view(b, *([1] * (pred.dim() - 1)))
+    valid = target != ignore_index
+    drop = b * c  # one extra bin for ignored pixels, dropped below
+
+    def per_image(index: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(index.flatten(), minlength=drop + 1)[:drop].view(b, c)
+
+    tp = per_image(torch.where(valid & (pred == target), target.long() + offset, drop))
+    predicted = per_image(torch.where(valid, pred.long() + offset, drop))
+    labelled = per_image(torch.where(valid, target.long() + offset, drop))
+    return torch.stack([tp, predicted - tp, labelled - tp], 1)

@@ -9,8 +9,10 @@ Output folder layout (`output.dir`):
     config.yaml          the full resolved configuration
     checkpoints/last.pt  model, method modules, optimizer, scheduler, RNG, iteration
     checkpoints/iter_<k>.pt  copies kept every `train.keep_checkpoints_every` iterations (off by default)
-    log.jsonl            loss terms and lr every `train.log_every` iterations
-    results.json         the results record (status completed | failed | interrupted)
+    log.jsonl            loss terms, lr and images/s every `train.log_every` iterations; periodic evaluations
+    tensorboard/         the same scalars as TensorBoard event files (`output.tensorboard`)
+    results.json         the results record (status completed | failed | interrupted), with `history`
+    image_counts.npz     per-image TP/FP/FN counts of the final evaluation (engine/record.py)
 
 Starting a run in a folder that already holds one: a completed run is never overwritten; a
 checkpoint (an interrupted, failed or killed run) is continued only with `resume` ("required" from
@@ -19,6 +21,7 @@ checkpoint (an interrupted, failed or killed run) is continued only with `resume
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -32,14 +35,15 @@ import yaml
 from torch.optim.lr_scheduler import PolynomialLR
 from torch.utils.data import DataLoader
 
-from sdesbench.config import RunConfig
+from sdesbench.config import RunConfig, from_dict
 from sdesbench.data.base import IterationSampler, TrainView, build_dataset, class_pixel_counts
 from sdesbench.data.check import ensure_checked
 from sdesbench.engine import distributed as D
 from sdesbench.engine import step
-from sdesbench.engine.hooks import (CheckpointHook, FinalEvaluationHook, HookBase, LogHook, ProgressHook, SignalHook,
-                                    run_hooks)
-from sdesbench.engine.record import RunRecord, Scores, read_record, write_record
+from sdesbench.engine.hooks import (CheckpointHook, FinalEvaluationHook, HookBase, LogHook, PeriodicEvaluationHook,
+                                    ProgressHook, SignalHook, TensorBoardHook, run_hooks)
+from sdesbench.engine.record import (Evaluation, ImageCounts, RunRecord, Scores, best_of, read_record,
+                                     write_image_counts, write_record)
 from sdesbench.engine.runtime import RunLock, Runtime, peak_memory_mb, provenance, set_determinism
 from sdesbench.errors import CheckpointError, Interrupted, NumericalFault, SdesbenchError, StorageError
 from sdesbench.io import check_writable, load_checkpoint, save_checkpoint, write_text
@@ -67,6 +71,9 @@ class Trainer:
         self.failed = False
         self.last_checkpoint_iter: int | None = None
         self.final_metrics: dict[str, dict[str, Any]] | None = None
+        self.final_images = 0
+        self.history: list[Evaluation] = []  # periodic evaluations (eval.every)
+        self.hooks: list[HookBase] = []
 
     # ------------------------------------------------------------------ setup
     @property
@@ -107,8 +114,15 @@ class Trainer:
                                  f"{need / 2**20:.0f} MiB")
 
     def build_hooks(self) -> list[HookBase]:
-        return [SignalHook(), LogHook(), ProgressHook(self.show_progress), CheckpointHook(),
-                FinalEvaluationHook(self.show_progress)]
+        # the order matters (engine/hooks.py): writers before the hooks that publish, the periodic
+        # evaluation before the checkpoint and before the final evaluation it may reuse
+        return [SignalHook(), LogHook(), TensorBoardHook(), ProgressHook(self.show_progress),
+                PeriodicEvaluationHook(self.cfg.eval.every), CheckpointHook(), FinalEvaluationHook(self.show_progress)]
+
+    def publish(self, event: dict[str, Any]) -> None:
+        """Hand a measurement (training scalars, an evaluation) to every hook's `on_event`."""
+        for hook in self.hooks:
+            hook.on_event(self, event)
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
@@ -127,6 +141,7 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "elapsed": self.elapsed,
+            "history": [dataclasses.asdict(e) for e in self.history],
         }
 
     def save_checkpoint(self, keep_copy: bool = False) -> None:
@@ -155,6 +170,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.start_iter = self.iteration = self.last_checkpoint_iter = int(state["iteration"])
         self.elapsed = float(state["elapsed"])
+        self.history = [from_dict(Evaluation, e, "checkpoint history") for e in state.get("history", [])]
 
     def _check_existing(self) -> None:
         """What the folder already holds decides whether this run may start (module docstring)."""
@@ -186,16 +202,27 @@ class Trainer:
             pretrained=bool(getattr(learner.model, "pretrained", False)), wall_time_s=round(self.elapsed, 3),
             iters_per_s=round(done / self.session_s, 4) if self.session_s > 0 and done > 0 else None,
             peak_memory_mb=round(peak_memory_mb(learner.runtime.device), 1), device=learner.runtime.device_name,
-            world_size=D.world_size(), amp=learner.runtime.amp_name, **provenance())
+            world_size=D.world_size(), amp=learner.runtime.amp_name, history=list(self.history),
+            best=best_of(self.history), **provenance())
         if status == "completed" and self.final_metrics is not None:
             student = self.final_metrics["student"]
             record.metrics = Scores(student["miou"], student["pixel_acc"])
             record.per_class_iou = dict(zip(self.class_names, student["per_class_iou"]))
             record.extra_metrics = {k: Scores(v["miou"], v["pixel_acc"])
                                     for k, v in self.final_metrics.items() if k != "student"}
+            if D.is_main():
+                counts = {k: v["image_counts"].numpy() for k, v in self.final_metrics.items()}
+                record.image_counts = write_image_counts(self.out, ImageCounts(self.image_ids(), counts))
         if D.is_main():
             write_record(self.out, record)
         return record
+
+    def image_ids(self) -> list[str]:
+        """Names of the final evaluation's images, relative to the dataset folder (comparable across
+        machines): which images two runs share."""
+        root = getattr(self.eval_set, "root", None)
+        ids = [self.eval_set.sample_id(i) for i in range(self.final_images)]
+        return [os.path.relpath(i, root) if root and os.path.isabs(i) else i for i in ids]
 
     # ------------------------------------------------------------------ loop
     @property
@@ -220,7 +247,7 @@ class Trainer:
         if D.is_main():
             write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         self.session_s = 0.0
-        hooks = self.build_hooks()
+        self.hooks = hooks = self.build_hooks()
         try:
             run_hooks(hooks, "before_train", self)
             self._loop(hooks)

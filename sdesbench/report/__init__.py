@@ -1,15 +1,50 @@
-"""Reports: paper tables beside the measured numbers (`tables`, with size and cost `columns`) and the
-Figure 3 sweep plots (`figures`). `write_report` writes whichever a table's spec asks for."""
+"""Reports: paper tables beside the measured numbers (`tables`, with size and cost `columns` and the
+significance tests of `stats`), the Figure 3 sweep plots (`figures`), the LaTeX table (`latex`),
+training curves (`curves`) and grids of predictions (`qualitative`). `build_report` writes whichever
+a table's spec and the options ask for; `write_report` is the plain table."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from sdesbench.errors import CheckpointError, ConfigError
 from sdesbench.experiments.plan import Sweep
+from sdesbench.io import write_text
 from sdesbench.report.figures import write_sweep_figure
-from sdesbench.report.tables import write_table
+from sdesbench.report.tables import ReportOptions, Written, write_table
+
+__all__ = ["ReportOptions", "Written", "build_report", "write_report"]
+
+
+def build_report(sweep: Sweep, options: ReportOptions | None = None) -> Written:
+    """results/<table>-<preset>.md and .csv (and the PNGs of a sweep spec), plus what `options` ask for:
+    `.tex`, `-curves.png`, `-qualitative.png`. The extras are written even when the table is kept."""
+    from sdesbench.report.curves import write_curves
+    from sdesbench.report.latex import latex_table
+    from sdesbench.report.qualitative import write_table_grid
+
+    options = options or ReportOptions()
+    spec = sweep.spec()
+    written = write_sweep_figure(sweep, spec, options) if spec.is_sweep else write_table(sweep, spec, options)
+    if options.latex and spec.is_sweep:
+        written.notes.append(f"{sweep.table} is a figure: no LaTeX table")
+    elif options.latex:
+        tex = Path(sweep.results) / f"{sweep.table}-{sweep.preset}.tex"
+        write_text(tex, latex_table(sweep, spec, written.df, written.entries))
+        written.files.append(tex)
+    if options.curves:
+        written.files.append(write_curves(sweep, spec))
+    if options.qualitative:
+        try:
+            written.files.append(write_table_grid(sweep, spec, options.qualitative))
+        except (CheckpointError, ConfigError) as e:  # a table without trained checkpoints here: said, not fatal
+            written.notes.append(f"no qualitative grid: {e}")
+    return written
 
 
 def write_report(sweep: Sweep) -> tuple[Path, str]:
-    """results/<table>-<preset>.md and .csv (and the PNGs of a sweep spec); the Markdown path and text."""
-    spec = sweep.spec()
-    return write_sweep_figure(sweep, spec) if spec.is_sweep else write_table(sweep, spec)
+    """The table alone (`sdesbench run`); says on stderr when an existing table was kept."""
+    written = build_report(sweep)
+    if written.kept:
+        print(f"note: {written.kept}", file=sys.stderr)
+    return written.md_path, written.md

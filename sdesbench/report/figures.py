@@ -13,7 +13,16 @@ from sdesbench.experiments.plan import Sweep
 from sdesbench.experiments.spec import ParameterSweep, Spec
 from sdesbench.experiments.sweeps import sweep_spec, sweep_values
 from sdesbench.report.numbers import fmt, mean_or_none
-from sdesbench.report.tables import RowResults, collect, short_status, write_outputs
+from sdesbench.report.tables import ReportOptions, RowResults, Written, collect, short_status, write_outputs
+
+
+def saver(fig: Any, dpi: int):
+    """A writer of `fig` as PNG (for `write_outputs`, which decides whether it is written)."""
+    def save(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+
+    return save
 
 
 def _mark_paper_choice(ax, best: Any) -> None:
@@ -23,7 +32,7 @@ def _mark_paper_choice(ax, best: Any) -> None:
         ax.axvline(best, color="tab:green", linestyle="--", label=f"paper: {best:g}")
 
 
-def write_sweep_figure(sweep: Sweep, spec: Spec) -> tuple[Path, str]:
+def write_sweep_figure(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) -> Written:
     """results/<table>-<preset>.md/.csv and one PNG per swept parameter (+ all of them in one PNG)."""
     import matplotlib
 
@@ -33,6 +42,7 @@ def write_sweep_figure(sweep: Sweep, spec: Spec) -> tuple[Path, str]:
     params = list(spec.sweeps)
     results = Path(sweep.results)
     frames = []
+    figures: list[tuple[Path, Any, int]] = []
     fig_all, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.6), squeeze=False)
     for i, param in enumerate(params):
         sw = spec.sweeps[param]
@@ -54,15 +64,11 @@ def write_sweep_figure(sweep: Sweep, spec: Spec) -> tuple[Path, str]:
         for a in (ax, axes[0][i]):
             _draw_sweep(a, param, sw, df, ens_by_key, entries)
         fig.tight_layout()
-        png = results / f"{sweep.table}-{sweep.preset}-{param}.png"
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
+        figures.append((results / f"{sweep.table}-{sweep.preset}-{param}.png", fig, 110))
     fig_all.suptitle(f"{spec.title} (preset {sweep.preset})")
     fig_all.tight_layout()
     all_png = results / f"{sweep.table}-{sweep.preset}.png"
-    fig_all.savefig(all_png, dpi=100)
-    plt.close(fig_all)
+    figures.append((all_png, fig_all, 100))
     df = pd.concat(frames, ignore_index=True)
     shown = df.drop(columns=["mean", "std"])
     chosen = ", ".join(f"{p}: {spec.sweeps[p].best}" for p in params)
@@ -70,7 +76,13 @@ def write_sweep_figure(sweep: Sweep, spec: Spec) -> tuple[Path, str]:
           "std over seeds. The paper gives curves, not numbers; its chosen values are marked on the plots "
           f"({chosen}).\n\n"
           f"![Figure 3]({all_png.name})\n\n{shown.to_markdown(index=False, disable_numparse=True)}\n")
-    return write_outputs(sweep, md, df)
+    try:
+        written = write_outputs(sweep, md, df, (options or ReportOptions()).force,
+                                [(path, saver(fig, dpi)) for path, fig, dpi in figures])
+    finally:
+        for _, fig, _ in figures:
+            plt.close(fig)
+    return written
 
 
 def _draw_sweep(ax, param: str, sw: ParameterSweep, df: pd.DataFrame, ens_by_key: dict[str, list[float]],

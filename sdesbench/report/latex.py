@@ -1,0 +1,136 @@
+"""A table as LaTeX, to paste into a paper (`sdesbench report TABLE --format latex`).
+
+booktabs rules, laid out like the paper's table: `long` specs one line per method under a line
+naming each network, `wide` specs (Table 1) networks as rows and methods as columns with a
+"measured" and a "paper" line per network. Measured cells are mean $\\pm$ std over seeds (the plain
+value with one seed), the best measured value of each network in bold (among the rows that report
+the student itself: never Ens-T, never a lone row), the paper's numbers in their own column (line).
+A cell without a measured number gives the run's status in italics. The file is a `table`
+environment for `\\input`; it needs `\\usepackage{booktabs,amssymb}` (amssymb for \\checkmark).
+"""
+from __future__ import annotations
+
+import statistics
+import unicodedata
+from typing import Any
+
+import pandas as pd
+
+from sdesbench.experiments.plan import Sweep
+from sdesbench.experiments.spec import Spec
+from sdesbench.report.tables import METRIC_LABEL, RowResults, short_status
+
+SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "✓": r"\checkmark{}",
+           "✗": r"$\times$", "×": r"$\times$", "—": "--", "–": "--", "±": r"$\pm$", "Δ": r"$\Delta$",
+           "α": r"$\alpha$", "β": r"$\beta$", "γ": r"$\gamma$", "τ": r"$\tau$"}
+SIZE_COLUMNS = ("Params (M)", "paper Params", "FLOPs (G)", "paper FLOPs")
+PREAMBLE = r"\usepackage{booktabs,amssymb}"
+
+
+def escape(text: Any) -> str:
+    """Text as LaTeX: special characters escaped, the symbols of the tables spelled as macros, any other
+    non-ASCII character reduced to its ASCII base (pdflatex's default input has no glyph for it)."""
+    out = []
+    for ch in str(text):
+        if ch in SPECIAL:
+            out.append(SPECIAL[ch])
+        elif ord(ch) < 128:
+            out.append(ch)
+        else:
+            out.append(unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode())
+    return "".join(out)
+
+
+def measured(values: list[float], statuses: list[str], bold: bool = False) -> str:
+    if not values:
+        return r"\textit{" + short_status(statuses) + "}"
+    text = f"{statistics.fmean(values):.2f}"
+    if len(values) > 1:
+        text += rf" $\pm$ {statistics.stdev(values):.2f}"
+    return r"\textbf{" + text + "}" if bold else text
+
+
+def paper(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "--"
+
+
+def best_rows(entries: list[RowResults], metric: str) -> set[int]:
+    """Indices (into `entries`) of the best measured mean of each group, among rows reporting the student
+    (ties all bold); a group with fewer than two such rows has none."""
+    best: set[int] = set()
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(entries):
+        if e.plan.metric_source == "student" and e.values[metric]:
+            groups.setdefault(e.plan.group, []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        means = {i: round(statistics.fmean(entries[i].values[metric]), 2) for i in members}
+        top = max(means.values())
+        best |= {i for i, m in means.items() if m == top}
+    return best
+
+
+def caption(sweep: Sweep, spec: Spec) -> str:
+    return (escape(spec.title) + f". Measured (preset \\texttt{{{escape(sweep.preset)}}}, seeds "
+            f"{','.join(map(str, sweep.seeds))}): mean $\\pm$ std over seeds, the best of each network in bold; "
+            "paper: the paper's number.")
+
+
+def wrap(sweep: Sweep, spec: Spec, columns: str, header: list[str], body: list[str]) -> str:
+    lines = [f"% {escape(spec.title)} -- written by `sdesbench report {sweep.table} --preset {sweep.preset} "
+             "--format latex`.", f"% Needs {PREAMBLE} in the preamble.",
+             r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption(sweep, spec)}}}",
+             rf"\label{{tab:{sweep.table}-{sweep.preset}}}", rf"\begin{{tabular}}{{{columns}}}", r"\toprule",
+             " & ".join(header) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def long_table(sweep: Sweep, spec: Spec, df: pd.DataFrame, entries: list[RowResults]) -> str:
+    """One line per method, a line naming each network above its rows, `\\midrule` between networks."""
+    show = list(dict.fromkeys(k for e in entries for k in e.plan.show))  # the paper's extra columns
+    sizes = [c for c in SIZE_COLUMNS if c in df.columns]
+    header = ["Method", *map(escape, show), *map(escape, sizes)]
+    for m in spec.metrics:
+        header += [escape(METRIC_LABEL.get(m, m)), "paper"]
+    columns = "l" + "c" * len(show) + "r" * len(sizes) + "rr" * len(spec.metrics)
+    bold = {m: best_rows(entries, m) for m in spec.metrics}
+    body: list[str] = []
+    group = None
+    for i, (entry, (_, line)) in enumerate(zip(entries, df.iterrows())):
+        if entry.plan.group != group:
+            if group is not None:
+                body.append(r"\midrule")
+            group = entry.plan.group
+            body.append(rf"\multicolumn{{{len(header)}}}{{l}}{{\textit{{{escape(group)}}}}} \\")
+        cells = [escape(entry.plan.row), *(escape(entry.plan.show.get(c, "")) for c in show),
+                 *(escape(line[c]) for c in sizes)]
+        for m in spec.metrics:
+            cells += [measured(entry.values[m], entry.status, i in bold[m]), paper(entry.plan.paper.get(m))]
+        body.append(" & ".join(cells) + r" \\")
+    return wrap(sweep, spec, columns, header, body)
+
+
+def wide_table(sweep: Sweep, spec: Spec, entries: list[RowResults]) -> str:
+    """Networks as rows, methods as columns: a measured and a paper line per network (and metric)."""
+    methods = list(dict.fromkeys(e.plan.row for e in entries))
+    header = ["Network", "", *map(escape, methods)]
+    body: list[str] = []
+    for m in spec.metrics:
+        bold = best_rows(entries, m)
+        for k, group in enumerate(dict.fromkeys(e.plan.group for e in entries)):
+            if k:
+                body.append(r"\midrule")
+            mine = {e.plan.row: (i, e) for i, e in enumerate(entries) if e.plan.group == group}
+            cells = [measured(mine[r][1].values[m], mine[r][1].status, mine[r][0] in bold) if r in mine else "--"
+                     for r in methods]
+            papers = [paper(mine[r][1].plan.paper.get(m)) if r in mine else "--" for r in methods]
+            label = escape(group) + (f" ({escape(METRIC_LABEL.get(m, m))})" if len(spec.metrics) > 1 else "")
+            body.append(" & ".join([label, "measured", *cells]) + r" \\")
+            body.append(" & ".join(["", "paper", *papers]) + r" \\")
+    return wrap(sweep, spec, "ll" + "r" * len(methods), header, body)
+
+
+def latex_table(sweep: Sweep, spec: Spec, df: pd.DataFrame, entries: list[RowResults]) -> str:
+    return wide_table(sweep, spec, entries) if spec.layout == "wide" else long_table(sweep, spec, df, entries)
