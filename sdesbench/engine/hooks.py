@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sdesbench.data.base import EvalView
 from sdesbench.engine import distributed as D
 from sdesbench.engine.evaluate import console, evaluate
+from sdesbench.io import append_bytes, write_text
 
 
 class HookBase:
@@ -74,16 +75,15 @@ class LogHook(HookBase):
                         kept.append(line + "\n")
                 except (ValueError, KeyError, TypeError):  # a line cut by a kill: dropped
                     continue
-        path.write_text("".join(kept))
-        self.file = open(path, "a")
+        write_text(path, "".join(kept))
+        self.path, self.file = path, open(path, "ab", buffering=0)  # unbuffered: see io.append_bytes
 
     def after_step(self, trainer):
         if self.file is None or not trainer.at_interval(trainer.cfg.train.log_every):
             return
         total = round(float(sum(trainer.terms.values()).detach()), 5)
         line = {"iter": trainer.iteration, "lr": trainer.lr, "loss": total, **log_values(trainer)}
-        self.file.write(json.dumps(line) + "\n")
-        self.file.flush()
+        append_bytes(self.file, (json.dumps(line) + "\n").encode(), self.path)
 
     def after_train(self, trainer):
         if self.file is not None:

@@ -12,6 +12,7 @@ import pandas as pd
 from sdesbench.experiments.plan import Sweep
 from sdesbench.experiments.spec import ParameterSweep, Spec
 from sdesbench.experiments.sweeps import sweep_spec, sweep_values
+from sdesbench.io import write_file
 from sdesbench.report.numbers import fmt, mean_or_none
 from sdesbench.report.tables import RowResults, collect, short_status, write_outputs
 
@@ -56,12 +57,12 @@ def write_sweep_figure(sweep: Sweep, spec: Spec) -> tuple[Path, str]:
         fig.tight_layout()
         png = results / f"{sweep.table}-{sweep.preset}-{param}.png"
         png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, dpi=110)
+        write_file(png, lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
     fig_all.suptitle(f"{spec.title} (preset {sweep.preset})")
     fig_all.tight_layout()
     all_png = results / f"{sweep.table}-{sweep.preset}.png"
-    fig_all.savefig(all_png, dpi=100)
+    write_file(all_png, lambda f: fig_all.savefig(f, format="png", dpi=100))
     plt.close(fig_all)
     df = pd.concat(frames, ignore_index=True)
     shown = df.drop(columns=["mean", "std"])
