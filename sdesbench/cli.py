@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
+import signal
 import sys
 
 import typer
@@ -22,9 +23,13 @@ from sdesbench.errors import SdesbenchError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproduce the tables of SDES (AAAI 2023) and the distillation methods it compares.")
 
-for _mod in pkgutil.iter_modules(commands.__path__):
-    if not _mod.name.startswith("_"):  # `_shared` holds what the command modules share
-        importlib.import_module(f"{commands.__name__}.{_mod.name}").register(app)
+try:  # the commands import torch, timm, ...: seconds at every start in which Ctrl-C must be one line too
+    for _mod in pkgutil.iter_modules(commands.__path__):
+        if not _mod.name.startswith("_"):  # `_shared` holds what the command modules share
+            importlib.import_module(f"{commands.__name__}.{_mod.name}").register(app)
+except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 def click_errors(name: str) -> tuple[type, ...]:
@@ -56,14 +61,31 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class SigintSeen:
+    """SIGINT handler that notes the signal, then raises KeyboardInterrupt as Python's own does. Typer
+    (0.18 to 0.29 at least) turns Ctrl-C into exit status 130, returned without a word when not
+    standalone; the note lets `main` say why. (The Trainer installs its own handler while it trains,
+    and restores this one.)"""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum, frame) -> None:
+        self.seen = True
+        signal.default_int_handler(signum, frame)
+
+
 def main() -> None:
     exit_types, abort_types = click_errors("Exit"), click_errors("Abort")
     usage_types, no_args_types = click_errors("ClickException"), click_errors("NoArgsIsHelpError")
     command = typer.main.get_command(app)
+    sigint = SigintSeen()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
+        signal.signal(signal.SIGINT, sigint)
     try:
         rv = command.main(standalone_mode=False, prog_name="sdesbench")
     except exit_types as e:
-        if isinstance(e.__cause__, KeyboardInterrupt):  # Typer turns Ctrl-C into Exit(130)
+        if sigint.seen or isinstance(e.__cause__, KeyboardInterrupt):  # Typer turns Ctrl-C into Exit(130)
             _fail("interrupted", 130)
         sys.exit(e.exit_code)
     except abort_types:
@@ -76,5 +98,7 @@ def main() -> None:
     except SdesbenchError as e:
         _fail(one_line(e), e.exit_code)
     except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    if sigint.seen:  # Typer caught the KeyboardInterrupt and returned 130
         _fail("interrupted", 130)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -12,8 +12,9 @@ import json
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
@@ -37,22 +38,48 @@ def _no_space(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("inline_container" in text or "No space left" in text)
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextmanager
+def disk_full_as_error(path: str | Path) -> Iterator[None]:
+    """Turn a full disk noticed inside the block into one `StorageError` line naming `path`."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        yield
+    except (OSError, RuntimeError) as e:
         if _no_space(e):
             raise StorageError(f"no space left on device writing {path}") from None
         raise
+
+
+def _atomic(path: Path, write) -> None:
+    with disk_full_as_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are meant to be shared
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def append_bytes(f: BinaryIO, data: bytes, path: str | Path) -> None:
+    """Append all of `data` to `f`, a file opened unbuffered (`open(path, "ab", buffering=0)`, so a
+    failed write leaves nothing behind to fail again at close). A short write (the disk filling up
+    mid-line) is continued; a full disk is one `StorageError` line naming `path`."""
+    view = memoryview(data)
+    with disk_full_as_error(path):
+        while view:
+            view = view[f.write(view):]
+
+
+def write_file(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write(f)` into a binary file that atomically becomes `path`, e.g.
+    `write_file(png, lambda f: fig.savefig(f, format="png"))`."""
+    _atomic(Path(path), write)
 
 
 def write_json(path: str | Path, data: Any) -> None:

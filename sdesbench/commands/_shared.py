@@ -3,12 +3,14 @@ and the consoles everything prints to (results on stdout, progress and notes on 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from sdesbench.experiments.plan import PlannedRun, Sweep, parse_seeds
+if TYPE_CHECKING:  # the experiments layer imports torch: loaded when a command runs, not at start-up
+    from sdesbench.experiments.plan import PlannedRun, Sweep
 
 out = Console()
 err = Console(stderr=True)
@@ -22,6 +24,8 @@ PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress")
 
 
 def make_sweep(table: str, preset: str, seeds: str, results: Path, sets: list[str]) -> Sweep:
+    from sdesbench.experiments.plan import Sweep, parse_seeds
+
     return Sweep(table, preset, parse_seeds(seeds), results, tuple(sets or ()))
 
 

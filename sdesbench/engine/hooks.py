@@ -40,6 +40,7 @@ from sdesbench.engine import distributed as D
 from sdesbench.engine.evaluate import console, evaluate
 from sdesbench.engine.record import Evaluation, Scores
 from sdesbench.errors import SdesbenchError
+from sdesbench.io import append_bytes, write_text
 
 
 class HookBase:
@@ -110,8 +111,8 @@ class LogHook(HookBase):
                         kept.append(line + "\n")
                 except (ValueError, KeyError, TypeError):  # a line cut by a kill: dropped
                     continue
-        path.write_text("".join(kept))
-        self.file = open(path, "a")
+        write_text(path, "".join(kept))
+        self.path, self.file = path, open(path, "ab", buffering=0)  # unbuffered: see io.append_bytes
 
     def after_step(self, trainer):
         self.images += trainer.cfg.data.batch_size * D.world_size()
@@ -126,8 +127,7 @@ class LogHook(HookBase):
 
     def on_event(self, trainer, event):
         if self.file is not None:
-            self.file.write(json.dumps(event) + "\n")
-            self.file.flush()
+            append_bytes(self.file, (json.dumps(event) + "\n").encode(), self.path)
 
     def after_train(self, trainer):
         if self.file is not None:

@@ -262,7 +262,10 @@ class Trainer:
         finally:
             run_hooks(hooks, "after_train", self)
         if error is not None:
-            self._record("failed", error=str(error))
+            try:
+                self._record("failed", error=str(error))
+            except StorageError as e:  # the disk that stopped the run cannot take its record either
+                raise StorageError(f"{error}; the run's record could not be written either ({e})") from None
             raise error
         if self.stop_signal is not None:
             self._record("interrupted")

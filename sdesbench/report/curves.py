@@ -21,6 +21,7 @@ from sdesbench.engine.record import RunRecord
 from sdesbench.errors import StorageError
 from sdesbench.experiments.plan import PlannedRun, Sweep
 from sdesbench.experiments.spec import Spec
+from sdesbench.io import write_file
 
 Series = dict[int, float]  # iteration -> value
 EXTRA_NAMES = {"ens_t": "Ens-T"}
@@ -171,7 +172,6 @@ def write_curves(sweep: Sweep, spec: Spec) -> Path:
     fig.suptitle(f"{spec.title} (preset {sweep.preset})", fontsize=10)
     fig.tight_layout()
     path = Path(sweep.results) / f"{sweep.table}-{sweep.preset}-curves.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    write_file(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))  # atomic
     plt.close(fig)
     return path

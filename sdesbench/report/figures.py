@@ -12,6 +12,7 @@ import pandas as pd
 from sdesbench.experiments.plan import Sweep
 from sdesbench.experiments.spec import ParameterSweep, Spec
 from sdesbench.experiments.sweeps import sweep_spec, sweep_values
+from sdesbench.io import write_file
 from sdesbench.report.numbers import fmt, mean_or_none
 from sdesbench.report.tables import ReportOptions, RowResults, Written, collect, short_status, write_outputs
 
@@ -19,8 +20,7 @@ from sdesbench.report.tables import ReportOptions, RowResults, Written, collect,
 def saver(fig: Any, dpi: int):
     """A writer of `fig` as PNG (for `write_outputs`, which decides whether it is written)."""
     def save(path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+        write_file(path, lambda f: fig.savefig(f, format="png", dpi=dpi))  # atomic; a full disk is one line
 
     return save
 

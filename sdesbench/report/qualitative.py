@@ -20,6 +20,7 @@ from sdesbench.engine.predict import TrainedRun, load_run, predict
 from sdesbench.errors import CheckpointError, ConfigError
 from sdesbench.experiments.plan import PlannedRun, Sweep
 from sdesbench.experiments.spec import Spec
+from sdesbench.io import write_file
 
 IGNORED_BLACK = (0, 0, 0)
 IGNORED_FALLBACK = (224, 224, 192)  # VOC's boundary colour, where a class is drawn black
@@ -97,8 +98,7 @@ def write_grid(runs: list[tuple[str, TrainedRun]], images: int, split: str | Non
     fig.suptitle(title or f"{dataset.name} / {dataset.split}: first {len(indices)} images", fontsize=9)
     fig.tight_layout(rect=(0, legend_in / fig_h, 1, 1 - 0.35 / fig_h))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    write_file(out, lambda f: fig.savefig(f, format="png", dpi=110))  # atomic; a full disk is one line
     plt.close(fig)
     return out
 
