@@ -106,6 +106,11 @@ class EvalConfig:
     # scored at the label's size. 1.0 = the paper's whole image as it is. `size` excludes scale != 1.
     scale: float = field(default=1.0, metadata=rng(0.01, doc="input scale for inference", hash="when_set"))
     size: list[int] | None = field(default=None, metadata=HASHED_WHEN_SET)
+    # DataLoader workers decoding the evaluation images (None: data.workers); never changes a result
+    workers: int | None = field(default=None, metadata=rng(0, hash="never"))
+
+    def loader_workers(self, data: DataConfig) -> int:
+        return data.workers if self.workers is None else self.workers
 
 
 @dataclass

@@ -142,7 +142,7 @@ class FinalEvaluationHook(HookBase):
             learner.model, EvalView(trainer.eval_set, cfg.eval.max_images), trainer.num_classes,
             learner.runtime.device, cfg.eval.batch_size, method=learner.method, amp=learner.runtime.amp,
             show_progress=self.show_progress, should_stop=lambda: trainer.stop_signal is not None,
-            scale=cfg.eval.scale, size=cfg.eval.size)
+            scale=cfg.eval.scale, size=cfg.eval.size, workers=cfg.eval.loader_workers(cfg.data))
 
 
 def run_hooks(hooks: list[HookBase], stage: str, trainer: Any) -> None:
