@@ -114,7 +114,7 @@ class FakeProcesses:
         pass
 
     def signal(self, signum):
-        pass
+        self.log.append(("signal", str(signum), -1, time.perf_counter()))
 
     def close(self):
         self.pool.shutdown(wait=True)
@@ -134,9 +134,34 @@ def test_teachers_finish_before_their_students_and_a_failure_stops_only_its_stud
     for student in ("a", "d"):
         assert events[("start", student)][1] >= events[("end", "t1")][1]
     starts = sorted((t, name) for (kind, name), (slot, t) in events.items() if kind == "start")
-    assert [n for _, n in starts[:2]] == ["t1", "t2"]  # two slots: both teachers first, concurrently
+    assert {n for _, n in starts[:2]} == {"t1", "t2"}  # two slots: both teachers first, concurrently
     assert {events[("start", n)][0] for n in ("t1", "t2")} == {0, 1}
     assert read_json(tmp_path / "c" / "results.json")["status"] == "completed"
+
+
+def test_a_signal_stops_new_runs_reaches_the_running_ones_and_raises_interrupted(tmp_path, monkeypatch):
+    import signal
+
+    from sdesbench.errors import Interrupted
+
+    monkeypatch.chdir(tmp_path)
+    plans = [planned(name, tmp_path / name) for name in ("a", "b", "c", "d")]
+
+    class SignalledDuringFirstRuns(FakeProcesses):
+        def task(self, slot, out):
+            if Path(out).name == "a":
+                time.sleep(0.1)  # b starts at once in the other slot
+                os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would, while a and b are training
+            return super().task(slot, out)
+
+    fake = SignalledDuringFirstRuns(seconds=0.5)
+    with pytest.raises(Interrupted) as e:
+        train_concurrently(plans, Sweep("table4", results=tmp_path), plan_slots(workers=2), fake)
+    assert e.value.exit_code == 128 + signal.SIGTERM and "2 run(s) not started" in str(e.value)
+    assert sorted(n for kind, n, _, _ in fake.log if kind == "start") == ["a", "b"]
+    assert ("signal", str(int(signal.SIGTERM))) in [(k, n) for k, n, _, _ in fake.log]
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 def test_a_ddp_group_slot_trains_one_run_with_two_processes(tmp_path):
