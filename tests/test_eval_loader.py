@@ -79,3 +79,18 @@ def test_distributed_shards_are_batched_within_the_shard(monkeypatch, batch):
     batches = [list(b) for b in loader.batch_sampler]
     assert sorted(i for b in batches for i in b) == [1, 3, 5]  # rank 1 of 2: every other image
     assert all(len({SIZES[i] for i in b}) == 1 for b in batches)
+
+
+def test_eval_command_with_workers_reproduces_the_recorded_metrics(tmp_path):
+    import json
+
+    from conftest import run_cli
+    from sdesbench.engine.trainer import train
+
+    cfg = build_config({}, ["train.iters=1", "data.batch_size=2", "data.crop=32", "eval.max_images=30",
+                            "eval.batch_size=4", f"output.dir={tmp_path / 'run'}"])
+    rec = train(cfg, show_progress=False)
+    proc = run_cli("eval", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--workers", "2", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    assert got["miou"] == rec.metrics.miou and got["per_class_iou"] == list(rec.per_class_iou.values())
