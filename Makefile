@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: install test smoke bench profile clean
+.PHONY: install test smoke bench doctor profile clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ smoke: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/sdesbench bench
+
+## doctor: can this machine run the suite (versions, weights, every method x precision, DDP, speed)
+doctor: $(STAMP)
+	$(VENV)/bin/sdesbench doctor
 
 profile: $(STAMP)
 	$(VENV)/bin/sdesbench profile

@@ -112,6 +112,11 @@ class EvalConfig:
     every: int | None = field(default=None, metadata=rng(1, doc="iterations between periodic evaluations",
                                                          hash="never"))
     every_max_images: int | None = field(default=None, metadata=rng(1, hash="never"))
+    # DataLoader workers decoding the evaluation images (None: data.workers); never changes a result
+    workers: int | None = field(default=None, metadata=rng(0, hash="never"))
+
+    def loader_workers(self, data: DataConfig) -> int:
+        return data.workers if self.workers is None else self.workers
 
 
 @dataclass

@@ -21,6 +21,12 @@ RESULTS_OPTION = typer.Option(Path("results"), help="Results folder.")
 SETS_OPTION = typer.Option([], "--set", help="Override config values for every run: section.key=value.")
 DRY_RUN_OPTION = typer.Option(False, "--dry-run", help="List the runs with their protocol; train nothing.")
 PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress")
+GPUS_OPTION = typer.Option(None, "--gpus", help="Train concurrently, one run per GPU (or GPU group), e.g. 0,1,2,3; "
+                           "teachers before their students.")
+GPUS_PER_RUN_OPTION = typer.Option(1, "--gpus-per-run", min=1, help="GPUs per run with --gpus: >1 trains each run "
+                                   "with DDP (torchrun-style process group, its own MASTER_PORT).")
+WORKERS_OPTION = typer.Option(None, "--workers", min=1, help="Train this many runs concurrently without --gpus (CPU: "
+                              "each with cores/workers threads), each in its own process.")
 
 
 def make_sweep(table: str, preset: str, seeds: str, results: Path, sets: list[str]) -> Sweep:

@@ -14,8 +14,9 @@ from typing import Optional
 
 import typer
 
-from sdesbench.commands._shared import (DRY_RUN_OPTION, PRESET_OPTION, PROGRESS_OPTION, RESULTS_OPTION, SEEDS_OPTION,
-                                       SETS_OPTION, err, make_sweep, print_plan)
+from sdesbench.commands._shared import (DRY_RUN_OPTION, GPUS_OPTION, GPUS_PER_RUN_OPTION, PRESET_OPTION,
+                                       PROGRESS_OPTION, RESULTS_OPTION, SEEDS_OPTION, SETS_OPTION, WORKERS_OPTION, err,
+                                       make_sweep, print_plan)
 from sdesbench.errors import SdesbenchError
 
 
@@ -31,11 +32,16 @@ def register(app: typer.Typer) -> None:
         sets: list[str] = SETS_OPTION,
         dry_run: bool = DRY_RUN_OPTION,
         progress: bool = PROGRESS_OPTION,
+        gpus: Optional[str] = GPUS_OPTION,
+        gpus_per_run: int = GPUS_PER_RUN_OPTION,
+        workers: Optional[int] = WORKERS_OPTION,
     ):
         """Run a Figure 3 sweep of one SDES hyper-parameter (then `sdesbench report fig3` plots it)."""
-        from sdesbench.experiments.launch import train_locally
+        from sdesbench.experiments.parallel import parse_gpus, plan_slots, train_here
         from sdesbench.experiments.sweeps import parse_sweep_values, record_sweep_values, sweep_spec
 
+        gpu_ids = parse_gpus(gpus) if gpus is not None else None
+        plan_slots(gpu_ids, gpus_per_run, workers)  # a bad combination fails before anything runs
         sweep = make_sweep("fig3", preset, seeds, results, sets)
         spec = sweep.spec()
         value_list = parse_sweep_values(spec, param, values)
@@ -44,7 +50,7 @@ def register(app: typer.Typer) -> None:
             print_plan(plans)
             return
         t0 = time.perf_counter()
-        failed = train_locally(plans, sweep, progress)
+        failed = train_here(plans, sweep, progress, gpu_ids, gpus_per_run, workers)
         record_sweep_values(results, sweep.table, preset, param, value_list)
         done = sum(1 for p in plans if p.cfg is not None and p.done())
         skipped = sorted({p.skipped for p in plans if p.skipped})

@@ -20,8 +20,9 @@ def register(app: typer.Typer) -> None:
         clock: Optional[str] = typer.Option(None, help="process (CPU time, the CPU default) | wall (the CUDA default)."),
         dataset: str = typer.Option("tiny", help="Dataset for the input batch, evaluation and loader."),
         data_root: Optional[str] = typer.Option(None, help="Dataset folder."),
-        workers: int = typer.Option(0, min=0, help="Data-loader workers to benchmark."),
+        workers: int = typer.Option(0, min=0, help="Loader workers to benchmark (training crops and evaluation)."),
         eval_images: int = typer.Option(10, min=1, help="Images for the evaluation benchmark."),
+        eval_batch: int = typer.Option(1, min=1, help="Evaluation batch (images of equal size are batched)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
         amp: str = typer.Option("auto", help="auto | off | bf16 | fp16 (CUDA only)."),
         peak_tflops: Optional[float] = typer.Option(None, help="Device peak TFLOP/s, if not in the built-in table."),
@@ -53,6 +54,7 @@ def register(app: typer.Typer) -> None:
                                  clock=clock,
                                  methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                                  dataset=dataset, data_root=data_root, workers=workers, eval_images=eval_images,
+                                 eval_batch=eval_batch,
                                  device=device, amp=amp, peak_tflops=peak_tflops, tables=tables, options=options)
         result = run_bench(settings, log=lambda m: err.print(f"[dim]{m}[/dim]"))
         print(json.dumps(result, indent=2) if as_json else format_report(result))

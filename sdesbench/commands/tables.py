@@ -8,9 +8,19 @@ from typing import Optional
 
 import typer
 
-from sdesbench.commands._shared import (DRY_RUN_OPTION, PRESET_OPTION, PROGRESS_OPTION, RESULTS_OPTION, SEEDS_OPTION,
-                                       SETS_OPTION, err, make_sweep, out, print_plan)
+from sdesbench.commands._shared import (DRY_RUN_OPTION, GPUS_OPTION, GPUS_PER_RUN_OPTION, PRESET_OPTION,
+                                       PROGRESS_OPTION, RESULTS_OPTION, SEEDS_OPTION, SETS_OPTION, WORKERS_OPTION, err,
+                                       make_sweep, out, print_plan)
 from sdesbench.errors import SdesbenchError
+
+
+def print_written(written) -> None:
+    """The report's Markdown on stdout; what was kept or written, one line each, on stderr."""
+    print(written.md)
+    for note in ([written.kept] if written.kept else []) + written.notes:
+        err.print(f"note: {note}", soft_wrap=True)  # one line, whatever the terminal's width
+    if written.files:
+        err.print("wrote " + ", ".join(map(str, written.files)), soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,20 +33,28 @@ def register(app: typer.Typer) -> None:
         sets: list[str] = SETS_OPTION,
         dry_run: bool = DRY_RUN_OPTION,
         progress: bool = PROGRESS_OPTION,
-        launcher: str = typer.Option("local", help="local (train here, one run after another) | slurm (submitit "
-                                                   "jobs)."),
+        launcher: str = typer.Option("local", help="local (train here: one run after another, or concurrently with "
+                                                   "--gpus/--workers) | slurm (submitit jobs)."),
         slurm_partition: Optional[str] = typer.Option(None, help="Slurm partition (--launcher slurm)."),
         slurm_gpus: int = typer.Option(1, min=0, help="GPUs per job; >1 trains each run with DDP (--launcher slurm)."),
         slurm_time: int = typer.Option(240, min=1, help="Time limit per job in minutes (--launcher slurm)."),
         slurm_sets: list[str] = typer.Option([], "--slurm-set", help="Extra submitit parameter key=value "
                                              "(repeatable)."),
+        gpus: Optional[str] = GPUS_OPTION,
+        gpus_per_run: int = GPUS_PER_RUN_OPTION,
+        workers: Optional[int] = WORKERS_OPTION,
     ):
         """Run every row of a paper table (teachers first; finished runs are skipped), then print the table."""
-        from sdesbench.experiments.launch import check_launcher, submit_to_slurm, train_locally
-        from sdesbench.report import write_report
+        from sdesbench.experiments.launch import check_launcher, submit_to_slurm
+        from sdesbench.experiments.parallel import parse_gpus, plan_slots, train_here
+        from sdesbench.report import ReportOptions, build_report
 
+        gpu_ids = parse_gpus(gpus) if gpus is not None else None
         if not dry_run:
             check_launcher(launcher)  # fail before any planning output
+            if launcher != "local" and (gpus is not None or workers is not None or gpus_per_run > 1):
+                raise SdesbenchError("--gpus, --gpus-per-run and --workers apply to --launcher local")
+            plan_slots(gpu_ids, gpus_per_run, workers)  # a bad combination fails before planning too
         sweep = make_sweep(table, preset, seeds, results, sets)
         plans = sweep.plans()
         if dry_run:
@@ -48,10 +66,9 @@ def register(app: typer.Typer) -> None:
             err.print(f"when the jobs have finished: sdesbench report {table} --preset {preset} --seeds {seeds} "
                       f"--results {results}")
             return
-        failed = train_locally(plans, sweep, progress)
-        md_path, md = write_report(sweep)
-        print(md)
-        err.print(f"wrote {md_path} and {md_path.with_suffix('.csv')} ({time.perf_counter() - t0:.0f} s)")
+        failed = train_here(plans, sweep, progress, gpu_ids, gpus_per_run, workers)
+        print_written(build_report(sweep, ReportOptions()))
+        err.print(f"{sweep.title}: {time.perf_counter() - t0:.0f} s")
         if failed:
             raise SdesbenchError(f"{failed} run(s) failed; the table shows them as failed")
 
@@ -89,12 +106,7 @@ def register(app: typer.Typer) -> None:
         options = ReportOptions(stats=stats, latex="latex" in formats, curves=curves, qualitative=qualitative,
                                 force=force)
         for table in names:
-            written = build_report(make_sweep(table, preset, seeds, results, sets), options)
-            print(written.md)
-            for note in ([written.kept] if written.kept else []) + written.notes:
-                err.print(f"note: {note}", soft_wrap=True)  # one line, whatever the terminal's width
-            if written.files:
-                err.print("wrote " + ", ".join(map(str, written.files)), soft_wrap=True)
+            print_written(build_report(make_sweep(table, preset, seeds, results, sets), options))
 
     @app.command("list")
     def list_cmd(what: str = typer.Argument("all", help="tables | models | datasets | methods | all")):

@@ -67,6 +67,8 @@ def register(app: typer.Typer) -> None:
                                               "resized back and scored at the label's size (default: the run's "
                                               "eval.scale)."),
         size: Optional[str] = typer.Option(None, help="Resize the input to HxW instead (e.g. 180x240)."),
+        workers: Optional[int] = typer.Option(None, min=0, help="Loader workers decoding the images (default: the "
+                                              "run's eval.workers, else its data.workers)."),
         as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     ):
         """Evaluate a checkpoint on whole images (mIoU, pixel accuracy, per-class IoU), optionally resized."""
@@ -93,8 +95,9 @@ def register(app: typer.Typer) -> None:
         model.load_state_dict(state["model"])
         dev = pick_device(device)
         model.to(dev)
-        metrics = evaluate(model, EvalView(ds), state["num_classes"], dev, scale=cfg.eval.scale,
-                           size=cfg.eval.size)["student"]
+        metrics = evaluate(model, EvalView(ds), state["num_classes"], dev, cfg.eval.batch_size, scale=cfg.eval.scale,
+                           size=cfg.eval.size,
+                           workers=workers if workers is not None else cfg.eval.loader_workers(cfg.data))["student"]
         if as_json:
             out.print_json(data={"checkpoint": str(checkpoint), "iteration": state["iteration"],
                                  "scale": cfg.eval.scale, "size": cfg.eval.size, **metrics,

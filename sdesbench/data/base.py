@@ -16,7 +16,7 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -51,6 +51,11 @@ class SegDataset(Dataset):
 
     def sample_id(self, index: int) -> str:
         return f"{self.name}/{self.split}/{index}"
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(H, W) of sample `index`. This default decodes the sample; datasets on disk read the file
+        header instead (`FileSegDataset`), generated ones know it."""
+        return tuple(self.load(index)[1].shape[-2:])
 
     def fingerprint(self) -> str:
         """Identifies the file list (for caching class statistics and check results)."""
@@ -121,6 +126,37 @@ class EvalView(Dataset):
         except Exception as e:
             raise DataError(f"cannot read {self.base.sample_id(index)}: {e}") from None
         return normalize(image), mask
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.base.image_size(index)
+
+
+class SizeGroupedBatches(Sampler):
+    """Batches of `batch_size` indices of equal image size (H x W), for whole-image evaluation.
+
+    Whole images cannot be stacked unless they have the same size (Cityscapes: all 1024 x 2048;
+    CamVid: all 360 x 480; VOC: many sizes). Indices come in `indices` order and go to the pending
+    batch of their size; a batch is emitted when full, and the partial batches at the end, in the
+    order their sizes first appeared. Every index appears exactly once, so order-independent
+    metrics (a confusion matrix) are those of batch 1.
+    """
+
+    def __init__(self, indices: Sequence[int], sizes: Callable[[int], tuple[int, int]], batch_size: int):
+        self.batches: list[list[int]] = []
+        pending: dict[tuple[int, int], list[int]] = {}
+        for i in indices:
+            batch = pending.setdefault(tuple(sizes(i)), [])
+            batch.append(i)
+            if len(batch) == batch_size:
+                self.batches.append(list(batch))
+                batch.clear()
+        self.batches += [b for b in pending.values() if b]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class IterationSampler(Sampler):

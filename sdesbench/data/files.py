@@ -126,6 +126,16 @@ class FileSegDataset(SegDataset):
     def sample_id(self, index: int) -> str:
         return str(self.pairs[index][0])
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(H, W) from the image file's header, without decoding it."""
+        path = self.pairs[index][0]
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+        return h, w
+
     def orphans(self) -> list[str]:
         """Problem lines about this split's files: images without labels, labels without images."""
         return list(self._orphans)

@@ -145,3 +145,6 @@ class TinyScenes(SegDataset):
 
     def sample_id(self, index: int) -> str:
         return f"tiny/{self.split}/{index:04d}"
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return tuple(self.size)

@@ -86,12 +86,12 @@ def broadcast_state(module: nn.Module) -> None:
 
 
 def gather_rows(rows: torch.Tensor, indices: list[int], n: int) -> torch.Tensor:
-    """Every rank's `rows` (one per dataset index in `indices`) placed at their indices in one
-    n x ... tensor on every rank; the rows themselves outside DDP."""
-    if not is_distributed():
-        return rows
-    parts: list[Any] = [None] * world_size()
-    dist.all_gather_object(parts, (indices, rows.cpu()))
+    """Every rank's `rows` (one per dataset index in `indices`, in that order) placed at their indices
+    in one n x ... tensor on every rank (outside DDP: this process's rows, put in index order)."""
+    parts: list[Any] = [(indices, rows.cpu())]
+    if is_distributed():
+        parts = [None] * world_size()
+        dist.all_gather_object(parts, (indices, rows.cpu()))
     out = torch.zeros((n, *rows.shape[1:]), dtype=rows.dtype)
     for idx, part in parts:
         out[torch.as_tensor(idx, dtype=torch.long)] = part

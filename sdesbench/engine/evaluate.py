@@ -2,6 +2,7 @@
 offers (SDES's Ens-T), accumulated on the device and all-reduced under DDP."""
 from __future__ import annotations
 
+import signal
 from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from torch.utils.data import DataLoader
 
-from sdesbench.data.base import EvalView
+from sdesbench.data.base import EvalView, SizeGroupedBatches
 from sdesbench.engine import distributed as D
 from sdesbench.engine.metrics import ConfusionMatrix, image_counts, predict
 from sdesbench.methods.base import Method
@@ -31,6 +32,23 @@ def inference_input(images: torch.Tensor, scale: float = 1.0, size: Sequence[int
     return F.interpolate(images, size=target, mode="bilinear", align_corners=False, antialias=True)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """In a loader worker: leave SIGINT/SIGTERM to the main process, whose signal hook stops the
+    evaluation between two batches; a worker killed by Ctrl-C would make the next batch fail instead.
+    The workers end with the loader (and on their own when the main process is gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def eval_loader(dataset: EvalView, batch_size: int = 1, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """This rank's share of `dataset` (all of it without DDP), in batches of equal-size images."""
+    indices = D.shard_sampler(dataset) if D.is_distributed() else range(len(dataset))
+    batches = SizeGroupedBatches(indices, dataset.image_size, batch_size) if batch_size > 1 else \
+        [[i] for i in indices]
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
+                      worker_init_fn=ignore_stop_signals if workers > 0 else None)
+
+
 @torch.no_grad()
 def predictions(model: SegmentationModel, images: torch.Tensor, labels: torch.Tensor, method: Method | None = None,
                 amp: torch.dtype | None = None, scale: float = 1.0,
@@ -48,7 +66,8 @@ def predictions(model: SegmentationModel, images: torch.Tensor, labels: torch.Te
 def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, device: torch.device,
              batch_size: int = 1, method: Method | None = None, amp: torch.dtype | None = None,
              show_progress: bool = False, should_stop: Callable[[], bool] = lambda: False, scale: float = 1.0,
-             size: Sequence[int] | None = None, per_image: bool = False) -> dict[str, dict[str, Any]] | None:
+             size: Sequence[int] | None = None, per_image: bool = False,
+             workers: int = 0) -> dict[str, dict[str, Any]] | None:
     """Evaluation on whole images; returns {"student": metrics, <extra prediction name>: metrics, ...},
     or None when `should_stop()` became true between two batches (a signal during the evaluation).
 
@@ -61,13 +80,16 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
     at the label's resolution, as mmsegmentation's test pipeline does. Extra predictions (SDES's
     Ens-T) are computed from those label-sized logits and the full-resolution labels, so they go
     through the same resize. The default (scale 1, no size) scores the image as it is.
+
+    `workers` DataLoader processes decode the images while the device computes; with `batch_size`
+    > 1 only images of equal size are batched together (`SizeGroupedBatches`). Neither changes a
+    metric: every image is scored once and the confusion matrix does not depend on the order.
     """
     was_training = model.training
     model.eval()
     if method is not None:
         method.eval()
-    sampler = D.shard_sampler(dataset) if D.is_distributed() else None
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=0)
+    loader = eval_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
     mats: dict[str, ConfusionMatrix] = {"student": ConfusionMatrix(num_classes, device)}
     rows: dict[str, list[torch.Tensor]] = {}
     progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), console=console,
@@ -95,6 +117,6 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
         results[name] = mat.compute()
         if per_image:
             mine = torch.cat(rows[name]) if rows.get(name) else torch.zeros(0, 3, num_classes, dtype=torch.int64)
-            indices = list(sampler) if sampler is not None else list(range(len(dataset)))
+            indices = [i for batch in loader.batch_sampler for i in batch]  # the order images were scored in
             results[name]["image_counts"] = D.gather_rows(mine, indices, len(dataset))
     return results

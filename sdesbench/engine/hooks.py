@@ -259,7 +259,7 @@ class PeriodicEvaluationHook(HookBase):
             metrics = evaluate(learner.model, EvalView(trainer.eval_set, n), trainer.num_classes, device,
                                cfg.eval.batch_size, method=learner.method, amp=learner.runtime.amp,
                                should_stop=lambda: trainer.stop_signal is not None, scale=cfg.eval.scale,
-                               size=cfg.eval.size)
+                               size=cfg.eval.size, workers=cfg.eval.loader_workers(cfg.data))
         for module, mode in modes:
             module.training = mode
         if metrics is not None:  # None: a signal arrived during the evaluation
@@ -292,7 +292,7 @@ class FinalEvaluationHook(HookBase):
             learner.model, view, trainer.num_classes, learner.runtime.device, cfg.eval.batch_size,
             method=learner.method, amp=learner.runtime.amp, show_progress=self.show_progress,
             should_stop=lambda: trainer.stop_signal is not None, scale=cfg.eval.scale, size=cfg.eval.size,
-            per_image=True)
+            per_image=True, workers=cfg.eval.loader_workers(cfg.data))
 
 
 def run_hooks(hooks: list[HookBase], stage: str, trainer: Any) -> None:

@@ -1,4 +1,5 @@
-"""Launching a table's runs: here, one after another (`local`), or as Slurm jobs (`slurm`).
+"""Launching a table's runs: here, one after another (`local`), or as Slurm jobs (`slurm`); several at
+once here is `parallel.py` (`--gpus`, `--workers`).
 
 Both launchers take the runs `plan.expand` made, skip the finished ones and train each distinct
 run folder once, teachers before their students; a rerun continues every unfinished run from its
@@ -26,7 +27,7 @@ from rich.console import Console
 from sdesbench.config import parse_override
 from sdesbench.engine import distributed as D
 from sdesbench.engine.configure import build_config
-from sdesbench.engine.record import read_record
+from sdesbench.engine.record import RunRecord, read_record
 from sdesbench.engine.trainer import train
 from sdesbench.errors import ConfigError, Interrupted, RunLocked, SdesbenchError, StorageError
 from sdesbench.experiments.plan import PlannedRun, Sweep
@@ -138,22 +139,28 @@ class Executor(Protocol):  # what submit() needs of a submitit executor
     def submit(self, fn: Any, *args: Any) -> Any: ...
 
 
+def train_in_process_group(cfg_dict: dict[str, Any], cwd: str) -> RunRecord:
+    """Train one run (resuming) in this process, joining the process group that RANK/WORLD_SIZE/
+    MASTER_PORT describe when they are set (a Slurm task, a torchrun-style group of `parallel`)."""
+    os.chdir(cwd)  # run folders and teacher checkpoints are relative to where the sweep was started
+    D.init_from_env()
+    try:
+        return train(build_config(cfg_dict), resume="auto", show_progress=False)
+    finally:
+        D.cleanup()
+
+
 class TrainJob:
     """The submitted callable: train one run (resuming), under DDP when the job has several tasks."""
 
     def __call__(self, cfg_dict: dict[str, Any], cwd: str) -> dict[str, Any] | None:
         import submitit
 
-        os.chdir(cwd)  # run folders and teacher checkpoints are relative to where the sweep was started
         if submitit.JobEnvironment().num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-            D.init_from_env()
-        main = D.is_main()
-        try:
-            rec = train(build_config(cfg_dict), resume="auto", show_progress=False)
-        finally:
-            D.cleanup()
-        return {"miou": rec.metrics.miou, "pixel_acc": rec.metrics.pixel_acc} if main and rec.metrics else None
+        rank = int(os.environ.get("RANK", 0))
+        rec = train_in_process_group(cfg_dict, cwd)
+        return {"miou": rec.metrics.miou, "pixel_acc": rec.metrics.pixel_acc} if rank == 0 and rec.metrics else None
 
     def checkpoint(self, cfg_dict: dict[str, Any], cwd: str) -> Any:
         """On a time limit submitit requeues this call; the Trainer resumes from its last checkpoint."""

@@ -11,7 +11,8 @@ training step (`engine.step.train_step`) on learners built as the Trainer builds
   events replayed), counting only this method's state and activations.
 - **FLOPs** of one step (`FlopCounterMode`), the FLOP/s reached, and on CUDA the fraction of the
   device's peak (a table of vendor dense peaks; `--peak-tflops` overrides).
-- **evaluation** and **data loader** throughput (`measure/throughput.py`).
+- **evaluation** throughput (the model alone, the metric's share, and the whole evaluation with its
+  loader workers) and **data loader** throughput (`measure/throughput.py`).
 - **paper tables**: the wall time of each `experiments/*.yaml` table's `paper` preset on this device,
   estimated as iterations x the method's step time, scaled by batch x crop pixels.
 """
@@ -34,6 +35,7 @@ from sdesbench.engine.configure import build_config
 from sdesbench.engine.runtime import Runtime
 from sdesbench.engine.step import random_learner
 from sdesbench.errors import ConfigError, SdesbenchError
+from sdesbench.experiments.parallel import makespan
 from sdesbench.experiments.plan import Sweep
 from sdesbench.experiments.spec import list_tables
 from sdesbench.measure.step_cost import Clock, StepBench, interleaved_ratios
@@ -70,6 +72,7 @@ class BenchSettings:
     workers: int = 0
     loader_batches: int = 20
     eval_images: int = 10
+    eval_batch: int = 1  # images per evaluation batch (equal sizes only), with `workers` loader workers
     device: str = "auto"
     amp: str = "auto"
     peak_tflops: float | None = None
@@ -96,10 +99,16 @@ def fixed_batch(dataset: SegDataset, batch: int, crop: int) -> tuple[torch.Tenso
     return next(iter(loader))
 
 
-def estimate_tables(step_s: dict[str, float], batch: int, crop: int, model: str) -> list[dict[str, Any]]:
-    """Wall time of each table's `paper` preset (one seed) from the measured step times."""
+def estimate_tables(step_s: dict[str, float], batch: int, crop: int, model: str, slots: int = 1,
+                    model_step_s: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Wall time of each table's `paper` preset (one seed) from measured step times (at `batch` x `crop`,
+    scaled by each run's batch x crop pixels): a run costs its model's student step
+    (`model_step_s`, else the student's of `model`) times its method's step over the student's
+    (`step_s`, 1 when unmeasured). `hours` is the sum (one device); `hours_on_slots` the wall time
+    when `slots` runs train at once, scheduled as `sdesbench run --gpus` schedules them."""
     out = []
-    fallback = step_s["student"]
+    student = step_s["student"]
+    per_model = model_step_s or {}
     for table in list_tables():
         with tempfile.TemporaryDirectory() as tmp:
             sweep = Sweep(table, "paper", (0,), Path(tmp))
@@ -108,22 +117,29 @@ def estimate_tables(step_s: dict[str, float], batch: int, crop: int, model: str)
                 continue
             plans = sweep.plans(spec)
         runs = {str(p.out): p for p in plans if p.cfg is not None}
-        seconds, iters, unmeasured = 0.0, 0, set()
+        durations, unmeasured = [], set()
         for p in runs.values():
             c = p.cfg
             scale = (c.data.batch_size * c.data.crop[0] * c.data.crop[1]) / (batch * crop * crop)
             if c.method.name not in step_s:
                 unmeasured.add(c.method.name)
-            seconds += c.train.iters * step_s.get(c.method.name, fallback) * scale
-            iters += c.train.iters
+            factor = step_s.get(c.method.name, student) / student
+            durations.append(c.train.iters * per_model.get(c.model.name, student) * factor * scale)
         skipped = sum(1 for p in plans if p.cfg is None)
         if not runs:
             out.append({"table": table, "note": f"not estimated: none of its {skipped} rows can run"})
             continue
-        out.append({"table": table, "runs": len(runs), "iterations": iters, "hours": round(seconds / 3600, 2),
-                    "rows_not_runnable": skipped,
-                    "note": f"every model costed as {model}" + (f"; {', '.join(sorted(unmeasured))} costed as student"
-                                                                 if unmeasured else "")})
+        order = list(runs)
+        deps = [[order.index(d) for d in p.depends_on if d in runs] for p in runs.values()]
+        notes = [f"models not measured costed as {model}" if per_model else f"every model costed as {model}"]
+        if len(step_s) == 1:
+            notes.append("every method costed as the student")
+        elif unmeasured:
+            notes.append(f"{', '.join(sorted(unmeasured))} costed as student")
+        out.append({"table": table, "runs": len(runs), "iterations": sum(p.cfg.train.iters for p in runs.values()),
+                    "hours": round(sum(durations) / 3600, 2), "slots": slots,
+                    "hours_on_slots": round(makespan(durations, deps, slots) / 3600, 2),
+                    "rows_not_runnable": skipped, "note": "; ".join(notes)})
     return out
 
 
@@ -185,7 +201,7 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> 
     if cuda:
         torch.cuda.empty_cache()
     log("bench evaluation")
-    evaluation = eval_throughput(s.model, eval_set, s.eval_images, runtime)
+    evaluation = eval_throughput(s.model, eval_set, s.eval_images, runtime, s.workers, s.eval_batch)
     log("bench data loader")
     loader = loader_throughput(train_set, (crop, crop), s.loader_batches * batch, workers=s.workers, batch_size=batch,
                                pin_memory=cuda)
@@ -236,12 +252,21 @@ def format_report(r: dict[str, Any]) -> str:
     e, d = r["eval"], r["data_loader"]
     lines += ["", f"evaluation: {e['images_per_s']:.2f} img/s without the metric, {e['images_per_s_with_metric']:.2f} "
                   f"with it; metric accumulation adds {100 * e['metric_overhead']:.2f}% ({e['images']} images)",
+              f"evaluation as runs do it (loader with {e['with_loader']['workers']} workers, batch "
+              f"{e['with_loader']['batch_size']}): {e['with_loader']['images_per_s']:.2f} img/s end to end",
               f"data loader ({d['workers']} workers): {d['images_per_s']:.1f} img/s = "
               f"{d['ratio_to_training_step']:.1f}x what the student's training step consumes"]
-    for t in r.get("tables", []):
-        if "hours" in t:
-            lines.append(f"table {t['table']} (paper preset, 1 seed): {t['runs']} runs, {t['iterations']} iterations, "
-                         f"~{t['hours']:.1f} h on this device ({t['note']})")
-        else:
+    return "\n".join(lines + table_estimate_lines(r.get("tables", [])))
+
+
+def table_estimate_lines(tables: list[dict[str, Any]]) -> list[str]:
+    """One line per table of `estimate_tables`."""
+    lines = []
+    for t in tables:
+        if "hours" not in t:
             lines.append(f"table {t['table']}: {t['note']}")
-    return "\n".join(lines)
+            continue
+        at_once = f", ~{t['hours_on_slots']:.1f} h with {t['slots']} runs at once" if t.get("slots", 1) > 1 else ""
+        lines.append(f"table {t['table']} (paper preset, 1 seed): {t['runs']} runs, {t['iterations']} iterations, "
+                     f"~{t['hours']:.1f} h on one device{at_once} ({t['note']})")
+    return lines

@@ -46,6 +46,31 @@ class DeepLabDecoder(nn.Module):
         return {"decoder_feature": feat, "logits": self.classifier(feat)}
 
 
+# model -> its timm backbone, whose ImageNet weights `model.pretrained` loads
+BACKBONES = {"deeplabv3_resnet18": "resnet18", "deeplabv3_resnet50": "resnet50", "deeplabv3_resnet101": "resnet101",
+             "deeplabv3_mobilenetv2": "mobilenetv2_100", "deeplabv3_efficientnet_b0": "efficientnet_b0"}
+
+
+def cached_weights(timm_name: str) -> str | None:
+    """The file timm would load `timm_name`'s ImageNet weights from without network (the Hugging Face
+    hub cache, or torch hub's checkpoint folder for weights timm downloads by URL), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            hit = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(hit, str):
+                return hit
+    if cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
+        if path.is_file():
+            return str(path)
+    return None
+
+
 def create_timm(timm_name: str, pretrained: bool, weights: str | None, **kwargs) -> nn.Module:
     """A timm model; ImageNet weights from a local file (`weights`), the cache or the hub.
 
@@ -132,27 +157,28 @@ class DeepLabV3(SegmentationModel):
 
 @MODELS.register("deeplabv3_resnet18")
 def deeplabv3_resnet18(num_classes: int, pretrained: bool = False, weights: str | None = None, aux: bool = False):
-    return DeepLabV3("resnet18", num_classes, pretrained=pretrained, weights=weights, aux=aux)
+    return DeepLabV3(BACKBONES["deeplabv3_resnet18"], num_classes, pretrained=pretrained, weights=weights, aux=aux)
 
 
 @MODELS.register("deeplabv3_resnet50")
 def deeplabv3_resnet50(num_classes: int, pretrained: bool = False, weights: str | None = None, aux: bool = False):
-    return DeepLabV3("resnet50", num_classes, pretrained=pretrained, weights=weights, aux=aux)
+    return DeepLabV3(BACKBONES["deeplabv3_resnet50"], num_classes, pretrained=pretrained, weights=weights, aux=aux)
 
 
 @MODELS.register("deeplabv3_resnet101")
 def deeplabv3_resnet101(num_classes: int, pretrained: bool = False, weights: str | None = None, aux: bool = False):
     """Optional stronger teacher (not in the paper's tables)."""
-    return DeepLabV3("resnet101", num_classes, pretrained=pretrained, weights=weights, aux=aux)
+    return DeepLabV3(BACKBONES["deeplabv3_resnet101"], num_classes, pretrained=pretrained, weights=weights, aux=aux)
 
 
 @MODELS.register("deeplabv3_mobilenetv2")
 def deeplabv3_mobilenetv2(num_classes: int, pretrained: bool = False, weights: str | None = None, aux: bool = False):
-    return DeepLabV3("mobilenetv2_100", num_classes, pretrained=pretrained, weights=weights, aux=aux, conv_head="feed")
+    return DeepLabV3(BACKBONES["deeplabv3_mobilenetv2"], num_classes, pretrained=pretrained, weights=weights, aux=aux,
+                     conv_head="feed")
 
 
 @MODELS.register("deeplabv3_efficientnet_b0")
 def deeplabv3_efficientnet_b0(num_classes: int, pretrained: bool = False, weights: str | None = None,
                               aux: bool = False):
-    return DeepLabV3("efficientnet_b0", num_classes, pretrained=pretrained, weights=weights, aux=aux,
-                     conv_head="unused")
+    return DeepLabV3(BACKBONES["deeplabv3_efficientnet_b0"], num_classes, pretrained=pretrained, weights=weights,
+                     aux=aux, conv_head="unused")
