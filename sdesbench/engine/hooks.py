@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from sdesbench.engine import distributed as D
 from sdesbench.engine.evaluate import console, evaluate
 from sdesbench.engine.record import Evaluation, Scores
 from sdesbench.errors import SdesbenchError
-from sdesbench.io import append_bytes, write_text
+from sdesbench.io import append_bytes, disk_full_as_error, write_text
 
 
 class HookBase:
@@ -138,7 +139,9 @@ class LogHook(HookBase):
 class TensorBoardHook(HookBase):
     """TensorBoard event files in `<out>/tensorboard` (`output.tensorboard`): the scalars of every
     published event at its iteration. A resumed run purges what the killed run wrote after its
-    checkpoint (`purge_step`), as the log does."""
+    checkpoint (`purge_step`), as the log does. A full disk is one `StorageError` naming the folder:
+    the writer's background thread fails first, and its error is raised again by the writer's next
+    call in the main thread, so the thread's own traceback is not printed."""
 
     def before_train(self, trainer):
         self.writer = None
@@ -149,18 +152,35 @@ class TensorBoardHook(HookBase):
         except ImportError:  # a third-party dependency, not the project's code
             raise SdesbenchError("output.tensorboard=true needs the tensorboard package (pip install tensorboard), "
                                  "or set output.tensorboard=false") from None
-        self.writer = SummaryWriter(str(trainer.out / "tensorboard"),
-                                    purge_step=trainer.start_iter + 1 if trainer.start_iter else None)
+        self.folder = trainer.out / "tensorboard"
+        self.thread_excepthook = threading.excepthook
+        threading.excepthook = self._quiet_writer_thread
+        with disk_full_as_error(self.folder):
+            self.writer = SummaryWriter(str(self.folder),
+                                        purge_step=trainer.start_iter + 1 if trainer.start_iter else None)
+
+    def _quiet_writer_thread(self, args) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":  # tensorboard's event-file writer thread
+            self.thread_excepthook(args)
 
     def on_event(self, trainer, event):
-        if self.writer is not None:
-            for tag, value in event_scalars(event).items():
-                self.writer.add_scalar(tag, value, event["iter"])
+        if self.writer is None:
+            return
+        try:
+            with disk_full_as_error(self.folder):
+                for tag, value in event_scalars(event).items():
+                    self.writer.add_scalar(tag, value, event["iter"])
+        except BaseException:
+            self.writer = None  # its thread has stopped: closing it would raise the same error again
+            raise
 
     def after_train(self, trainer):
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            with disk_full_as_error(self.folder):
+                writer.close()
+        if hasattr(self, "thread_excepthook"):
+            threading.excepthook = self.thread_excepthook
 
 
 class ProgressHook(HookBase):
