@@ -10,20 +10,22 @@ option, a bad value, a missing argument: exit 2, with click's suggestion where i
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import re
 import signal
 import sys
+import threading
+import time
 
-import typer
+try:  # typer, rich and the command modules: the start of every command, in which Ctrl-C must be one line too
+    import typer
 
-import sdesbench.commands as commands
-from sdesbench.errors import SdesbenchError
+    import sdesbench.commands as commands
+    from sdesbench.errors import SdesbenchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Reproduce the tables of SDES (AAAI 2023) and the distillation methods it compares.")
-
-try:  # the commands import torch, timm, ...: seconds at every start in which Ctrl-C must be one line too
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help="Reproduce the tables of SDES (AAAI 2023) and the distillation methods it compares.")
     for _mod in pkgutil.iter_modules(commands.__path__):
         if not _mod.name.startswith("_"):  # `_shared` holds what the command modules share
             importlib.import_module(f"{commands.__name__}.{_mod.name}").register(app)
@@ -65,14 +67,40 @@ class SigintSeen:
     """SIGINT handler that notes the signal, then raises KeyboardInterrupt as Python's own does. Typer
     (0.18 to 0.29 at least) turns Ctrl-C into exit status 130, returned without a word when not
     standalone; the note lets `main` say why. (The Trainer installs its own handler while it trains,
-    and restores this one.)"""
+    and restores this one.)
+
+    Not inside an import: a KeyboardInterrupt raised while torch or numpy is half imported leaves them
+    broken ("cannot load module more than once") or aborts the interpreter (SIGABRT), and the
+    commands import torch when they start. There the signal is delivered again once the import is over."""
 
     def __init__(self) -> None:
         self.seen = False
+        self.deferred = False
 
     def __call__(self, signum, frame) -> None:
         self.seen = True
+        if importing(frame):
+            if not self.deferred:
+                self.deferred = True
+                threading.Thread(target=self._deliver_after_import, args=(signum,), daemon=True).start()
+            return
         signal.default_int_handler(signum, frame)
+
+    def _deliver_after_import(self, signum: int) -> None:
+        main_thread = threading.main_thread().ident
+        while importing(sys._current_frames().get(main_thread)):
+            time.sleep(0.02)
+        self.deferred = False
+        os.kill(os.getpid(), signum)
+
+
+def importing(frame) -> bool:
+    """Whether `frame` or one of its callers is the import machinery."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def main() -> None:
