@@ -291,17 +291,22 @@ def test_full_disk_during_a_checkpoint_fails_the_run_in_one_line_and_keeps_the_p
     assert not [p.name for p in (out / "checkpoints").iterdir() if p.name != "last.pt"]  # no temporary file left
 
 
-def test_full_disk_while_logging_is_one_line(small_disk):
+@pytest.mark.parametrize("tensorboard", [False, True])
+def test_full_disk_while_logging_is_one_line(small_disk, tensorboard):
     out = small_disk / "run"
     proc = popen_cli("train", "--iters", "2000", "--set", "train.checkpoint_every=5000", "--set",
-                     "train.log_every=1", *SMALL, "--out", str(out))
+                     "train.log_every=1", "--set", f"output.tensorboard={str(tensorboard).lower()}", *SMALL,
+                     "--out", str(out))
     wait_for(lambda: last_logged(out) >= 1, proc, "the first log line")
     fill(small_disk, leave=0)
     _, stderr = proc.communicate(timeout=300)
     r = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
-    # the record cannot be written either (the disk is full): the line says so
-    assert_one_line_error(r, f"error: no space left on device writing {out}/log.jsonl; the run's record could not "
-                             f"be written either (no space left on device writing {out}/results.json)")
+    # whichever writer meets the full disk first is named (TensorBoard's thread may be first); the record
+    # cannot be written either, and the line says so
+    writers = [f"{out}/log.jsonl"] + ([f"{out}/tensorboard"] if tensorboard else [])
+    assert_one_line_error(r, "the run's record could not be written either "
+                             f"(no space left on device writing {out}/results.json)")
+    assert any(f"error: no space left on device writing {w};" in r.stderr for w in writers), r.stderr
     assert last_logged(out) < 2000
 
 
@@ -349,11 +354,14 @@ def test_report_shows_an_unreadable_record_as_unreadable(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr
     [record] = results.glob("runs/*/*/*/*/results.json")
     record.write_text('{"status": "compl')  # cut by a crash of another tool, or a disk error
+    kept = (results / "tabu-smoke.md").read_text()
     r = run_cli("report", "tabu", "--preset", "smoke", "--results", str(results))
     assert r.returncode == 0, r.stderr
-    table = (results / "tabu-smoke.md").read_text()
-    assert f"unreadable: {record} is unreadable (JSONDecodeError)" in table, table
-    assert "not run yet" not in table
+    assert f"unreadable: {record} is unreadable (JSONDecodeError)" in r.stdout, r.stdout
+    assert "not run yet" not in r.stdout
+    # the table on disk holds a measured cell the new one lacks: it is kept, and the note says so
+    assert (results / "tabu-smoke.md").read_text() == kept
+    assert f"note: kept {results / 'tabu-smoke.md'}" in r.stderr, r.stderr
 
 
 def test_sigkill_then_resume_logs_each_iteration_exactly_once(tmp_path):
