@@ -33,12 +33,17 @@ def encoder_parameters(model: SegmentationModel) -> list[nn.Parameter]:
             if p.requires_grad and not name.startswith(("decoder.", "aux_head."))]
 
 
-def gradient_norm(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> float:
-    """||d loss / d params||_2 over all of `params` together; 0 when the loss does not reach them."""
+def gradient(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+    """d loss / d params (zeros where the loss does not reach a parameter); the graph is kept."""
     if not loss.requires_grad:
-        return 0.0
+        return [torch.zeros_like(p) for p in params]
     grads = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
-    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def norm(grads: Sequence[torch.Tensor]) -> float:
+    """L2 norm of a gradient given as one tensor per parameter."""
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
 
 
 def _ratio(x: float, ref: float) -> float | None:
@@ -61,8 +66,11 @@ def loss_balance(model: SegmentationModel, method: Method, images: torch.Tensor,
     terms = method.loss_terms(out, labels, step or StepInfo(0, 1), teacher_out)
     if REFERENCE not in terms:
         raise ValueError(f"method {method.name!r} returned no {REFERENCE!r} term to compare with")
-    terms = {**terms, "total": sum(terms.values())}
-    rows = {name: {"value": float(t.detach()), "grad_norm": gradient_norm(t, params)} for name, t in terms.items()}
+    grads = {name: gradient(t, params) for name, t in terms.items()}
+    grads["total"] = [sum(gs) for gs in zip(*grads.values())]  # the gradient is linear: no extra backward
+    values = {name: float(t.detach()) for name, t in terms.items()}
+    values["total"] = sum(values.values())
+    rows = {name: {"value": values[name], "grad_norm": norm(grads[name])} for name in values}
     ref = rows[REFERENCE]
     for row in rows.values():
         row["value_ratio"] = _ratio(row["value"], ref["value"])
