@@ -11,6 +11,7 @@ training batches (`sdesbench balance`; docs/sdes.md uses it to choose SDES's def
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from sdesbench.errors import SdesbenchError
 from sdesbench.methods.base import Method, StepInfo
 from sdesbench.models.base import SegmentationModel
 
@@ -59,13 +61,14 @@ def loss_balance(model: SegmentationModel, method: Method, images: torch.Tensor,
     their sum. `grad_norm` is the L2 norm of the term's gradient with respect to `params`
     (default: `encoder_parameters(model)`); the ratios divide by the `ss` row's value and gradient
     norm (None where that is 0). Modules run in the mode they are in (train mode measures what a
-    training step sees); no parameter or gradient buffer is changed.
+    training step sees, and updates BatchNorm's running statistics as a step does); no parameter
+    and no `.grad` is changed.
     """
     params = encoder_parameters(model) if params is None else list(params)
     out = model(images)
     terms = method.loss_terms(out, labels, step or StepInfo(0, 1), teacher_out)
     if REFERENCE not in terms:
-        raise ValueError(f"method {method.name!r} returned no {REFERENCE!r} term to compare with")
+        raise SdesbenchError(f"method {method.name!r} returned no {REFERENCE!r} term to compare with")
     grads = {name: gradient(t, params) for name, t in terms.items()}
     grads["total"] = [sum(gs) for gs in zip(*grads.values())]  # the gradient is linear: no extra backward
     values = {name: float(t.detach()) for name, t in terms.items()}
@@ -128,7 +131,8 @@ def checkpoint_balance(checkpoint: str | Path, batches: int = 4, overrides: Sequ
     ctx = MethodContext(model=model, num_classes=num_classes, total_iters=cfg.train.iters,
                         class_pixel_counts=lambda: class_pixel_counts(train_set, cache if cache.is_dir() else None),
                         teacher=teacher, seed=cfg.train.seed)
-    method = method_cls(method_cls.parse_options(cfg.method.options, num_classes), ctx)
+    opts = method_cls.parse_options(cfg.method.options, num_classes)
+    method = method_cls(opts, ctx)
     try:
         method.load_state_dict(state["method"])
     except RuntimeError:
@@ -151,6 +155,7 @@ def checkpoint_balance(checkpoint: str | Path, batches: int = 4, overrides: Sequ
                 teacher_out = teacher(images)
         per_batch.append(loss_balance(model, method, images, labels, teacher_out, step))
     return {"checkpoint": str(checkpoint), "iteration": int(state["iteration"]), "method": cfg.method.name,
-            "model": cfg.model.name, "overrides": list(overrides), "batches": len(per_batch),
+            "model": cfg.model.name, "overrides": list(overrides),
+            "method_options": dataclasses.asdict(opts), "batches": len(per_batch),
             "batch_size": cfg.data.batch_size, "crop": list(cfg.data.crop), "scale": list(cfg.data.scale),
             "terms": mean_balance(per_batch)}
