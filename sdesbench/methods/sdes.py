@@ -26,8 +26,11 @@ DPED, decoupled prediction ensemble distillation (Eqs. 2-5)
   bilinearly to the input size first, like the student's logits.
 - Eq. 5 (`dped_loss`): KL(softmax(P/tau) || softmax(P^T/tau)) as printed (student first), mean
   over all B x H x W pixels as printed (1/(H x W)); ignored pixels have P^T = P and add 0.
-  No tau^2 factor (Eq. 5 has none; `tau_squared: true` adds it). `kl_direction: teacher_first`
-  gives standard KD's KL(teacher || student).
+  Times tau^2 by default (`tau_squared: true`): Eq. 5 prints no such factor, but without it the
+  KL's gradient shrinks by 1/tau^2 (standard KD restores it) and at alpha = 0.5, tau = 5 the
+  DPED gradient at the encoder is ~1% of L_SS's, too small for Fig. 3(a)'s optimum at alpha = 0.5
+  (measured: docs/sdes.md, "Loss balance"). `tau_squared: false` is Eq. 5 as printed.
+  `kl_direction: teacher_first` gives standard KD's KL(teacher || student).
 - Expert architecture: `light` (two convolutions, ~0.01 M parameters on ResNet-18 with 19
   classes: the Cityscapes setting) or `student` (`model.build_decoder`: the CamVid setting).
 
@@ -43,9 +46,11 @@ DFED, decoupled feature ensemble distillation (Eqs. 6-11), over the model's `sta
   attention transfer's mean over channels of squared activations; `mean_abs` uses |F|. The map
   is divided by its L2 norm over the H_L x W_L positions (per image).
 - Eq. 10: element-wise max over the first L-1 maps = expert map A^T, detached (computed under
-  no_grad). Eq. 11 (open: distance and batch reduction): `dfed_distance: l2` (default, as
-  printed) is the per-image L2 norm ||A_L - A^T||_2 averaged over images; `squared_mean` is
-  attention transfer's mean over images and positions of the squared difference.
+  no_grad). Eq. 11 (open: distance and batch reduction): `dfed_distance: squared_mean`
+  (default) is attention transfer's mean over images and positions of the squared difference,
+  the scale on which AT's weights and the paper's beta in [1, 500] live; `l2` (as printed) is
+  the per-image L2 norm ||A_L - A^T||_2 averaged over images, whose gradient at the encoder is
+  15-43x L_SS's at beta = 100 (measured: docs/sdes.md, "Loss balance").
 
 Total (Eq. 12): (L_SS + L_SS^T) + alpha * L_DPED + beta * L_DFED, returned as the weighted terms
 {"ss", "ss_experts", "dped", "dfed"}. Without DPED (`use_dped: false`) no experts are built (they
@@ -234,7 +239,7 @@ def ensemble_logits(student_logits: torch.Tensor, expert_logits: list[torch.Tens
 
 def dped_loss(student_logits: torch.Tensor, ensemble_logits: torch.Tensor, tau: float,
               kl_direction: str = "student_first") -> torch.Tensor:
-    """Eq. 5: 1/(B H W) sum_i KL(softmax(P_i/tau) || softmax(P^T_i/tau)), no tau^2 factor.
+    """Eq. 5: 1/(B H W) sum_i KL(softmax(P_i/tau) || softmax(P^T_i/tau)) (the method multiplies by tau^2).
 
     `student_first` is Eq. 5 as printed; `teacher_first` is standard KD's KL(P^T || P). The mean
     is over every pixel (B x H x W), as printed; the target is detached.
@@ -283,7 +288,7 @@ def _resize(feature: torch.Tensor, size: torch.Size, downsample: str) -> torch.T
 
 
 def dfed_loss(stage_features: list[torch.Tensor], gamma: float, p: float = 1, attention: str = "at",
-              downsample: str = "avg", distance: str = "l2") -> torch.Tensor:
+              downsample: str = "avg", distance: str = "squared_mean") -> torch.Tensor:
     """Eqs. 6-11: distance between the last stage's attention map and the detached element-wise
     max of the first L-1 stages' attention maps (each from its top-gamma channels, downsampled).
 
@@ -354,7 +359,7 @@ class SDES(Method):
         split_seed: int | None = field(default=None, metadata=rng(0, doc="random split seed (default: run seed)"))
         isolate: list[int] = field(default_factory=list)  # classes alone in a group (VOC: [0])
         tau: float = field(default=10.0, metadata=rng(1e-6, doc="DPED temperature"))
-        tau_squared: bool = False  # multiply L_DPED by tau^2 (Eq. 5 does not)
+        tau_squared: bool = True  # multiply L_DPED by tau^2 (standard KD; Eq. 5 prints no factor)
         kl_direction: str = "student_first"  # student_first (Eq. 5) | teacher_first (standard KD)
         alpha: float = field(default=0.5, metadata=rng(0.0))
         beta: float = field(default=100.0, metadata=rng(0.0))
@@ -362,7 +367,7 @@ class SDES(Method):
         p: float = field(default=1.0, metadata=rng(1e-6))
         attention: str = "at"  # at | mean_abs
         downsample: str = "avg"  # avg | bilinear
-        dfed_distance: str = "l2"  # l2 | squared_mean
+        dfed_distance: str = "squared_mean"  # squared_mean (AT's scale) | l2 (Eq. 11 as printed)
         use_dped: bool = True
         use_dfed: bool = True
 
