@@ -116,6 +116,7 @@ def test_balance_command_on_kept_checkpoints(tmp_path):
         records[form] = json.loads(proc.stdout)
         assert [r["iteration"] for r in records[form]] == [1, 2]
         assert set(records[form][0]["terms"]) == {"ss", "ss_experts", "dped", "dfed", "total"}
+        assert records[form][0]["method_options"]["dfed_distance"] == form
     for a, b in zip(records["l2"], records["squared_mean"]):  # same weights, batches and dropout
         assert a["terms"]["ss"] == b["terms"]["ss"]
         assert b["terms"]["dfed"]["value"] < a["terms"]["dfed"]["value"]

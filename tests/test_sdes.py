@@ -184,14 +184,15 @@ def test_dfed_loss_by_hand():
     student = _unit([(1 + 1) / 2, (1 + 9) / 2])  # mean over channels of squares: (1, 5)
     diff = [s - e for s, e in zip(student, expert)]
     l2 = math.sqrt(sum(d * d for d in diff))
-    assert dfed_loss(_stages(), gamma=0.5).item() == pytest.approx(l2, abs=1e-6)
-    assert dfed_loss(_stages(), 0.5, distance="squared_mean").item() == pytest.approx(
-        sum(d * d for d in diff) / 2, abs=1e-6)
+    assert dfed_loss(_stages(), gamma=0.5, distance="l2").item() == pytest.approx(l2, abs=1e-6)
+    # the default: attention transfer's mean over images and positions of the squared difference
+    assert dfed_loss(_stages(), 0.5).item() == pytest.approx(sum(d * d for d in diff) / 2, abs=1e-6)
     # gamma = 0 keeps the single top channel: here the same as gamma = 0.5
-    assert dfed_loss(_stages(), gamma=0.0).item() == pytest.approx(l2, abs=1e-6)
+    assert dfed_loss(_stages(), gamma=0.0, distance="l2").item() == pytest.approx(l2, abs=1e-6)
     # batch reduction: mean over images of the per-image norm (image 2 = image 1 -> same value)
     two = [torch.cat([s, s]) for s in _stages()]
-    assert dfed_loss(two, 0.5).item() == pytest.approx(l2, abs=1e-6)
+    assert dfed_loss(two, 0.5, distance="l2").item() == pytest.approx(l2, abs=1e-6)
+    assert dfed_loss(two, 0.5).item() == pytest.approx(sum(d * d for d in diff) / 2, abs=1e-6)
 
 
 def test_dfed_loss_p2_gamma1_and_mean_abs_by_hand():
@@ -199,17 +200,17 @@ def test_dfed_loss_p2_gamma1_and_mean_abs_by_hand():
     # p = 2 keeps stage-2 ch1 (-2.5, 0) -> squared (6.25, 0) -> (1, 0)
     expert = [max(a, b) for a, b in zip(_unit([0.25, 6.25]), [1.0, 0.0])]
     want = math.sqrt(sum((s - e) ** 2 for s, e in zip(student, expert)))
-    assert dfed_loss(_stages(), 0.5, p=2).item() == pytest.approx(want, abs=1e-6)
+    assert dfed_loss(_stages(), 0.5, p=2, distance="l2").item() == pytest.approx(want, abs=1e-6)
     # gamma = 1 keeps all channels: stage 1 pooled ch0 (0.5, 0), ch1 (0.5, 2.5); stage 2 all three
     a1 = _unit([(0.25 + 0.25) / 2, (0 + 6.25) / 2])
     a2 = _unit([(1 + 6.25 + 0) / 3, (4 + 0 + 1) / 3])
     expert = [max(a, b) for a, b in zip(a1, a2)]
     want = math.sqrt(sum((s - e) ** 2 for s, e in zip(student, expert)))
-    assert dfed_loss(_stages(), 1.0).item() == pytest.approx(want, abs=1e-6)
+    assert dfed_loss(_stages(), 1.0, distance="l2").item() == pytest.approx(want, abs=1e-6)
     # mean_abs attention: stage 1 (0.5, 2.5), stage 2 ch0 (1, 2), last ((1+1)/2, (1+3)/2)
     expert = [max(a, b) for a, b in zip(_unit([0.5, 2.5]), _unit([1.0, 2.0]))]
     want = math.sqrt(sum((s - e) ** 2 for s, e in zip(_unit([1.0, 2.0]), expert)))
-    assert dfed_loss(_stages(), 0.5, attention="mean_abs").item() == pytest.approx(want, abs=1e-6)
+    assert dfed_loss(_stages(), 0.5, attention="mean_abs", distance="l2").item() == pytest.approx(want, abs=1e-6)
 
 
 def test_dfed_gradient_reaches_only_the_last_stage():
@@ -269,6 +270,22 @@ def test_gradient_paths_and_deployed_parameter_count(expert):
     with torch.no_grad():
         ens = method.eval_predictions(model(images), labels)
     assert set(ens) == {"ens_t"} and ens["ens_t"].shape == (2, 5, 32, 32)
+
+
+def test_default_forms_are_tau_squared_and_squared_mean():
+    """alpha tau^2 L_DPED and beta mean((A_L - A^T)^2) by default; the printed forms stay options."""
+    model, method, _ = _method(tau=5.0)
+    _, printed, _ = _method(tau=5.0, tau_squared=False, dfed_distance="l2")
+    printed.load_state_dict(method.state_dict())
+    images, labels = _batch()
+    model.eval()  # no dropout: both methods see the same student output
+    out = model(images)
+    terms, terms_printed = method.loss_terms(out, labels, StepInfo(0, 1)), printed.loss_terms(out, labels, StepInfo(0, 1))
+    assert terms["dped"].item() == pytest.approx(25 * terms_printed["dped"].item(), rel=1e-6)
+    assert terms["dfed"].item() == pytest.approx(100 * dfed_loss(out["stages"], 0.5, distance="squared_mean").item(),
+                                                 rel=1e-6)
+    assert terms_printed["dfed"].item() == pytest.approx(100 * dfed_loss(out["stages"], 0.5, distance="l2").item(),
+                                                         rel=1e-6)
 
 
 def test_subset_experts_and_variants_build_what_they_should():

@@ -13,7 +13,8 @@ convolutions of MobileNetV2 / EfficientNet-B0 at output stride 8 (5x5 kernels, d
 see mostly zero padding on such maps; on a larger image the interior positions give activations
 far outside BatchNorm's running statistics, and eval-mode accuracy collapsed (EfficientNet-B0 after
 100 iterations on 48 px crops: 56% pixel accuracy on 48 px views, 41% at 96x96, 15% at 96x128).
-Real datasets at the paper's 512 crops have no such gap.
+Real datasets at the paper's 512 crops have no such gap; where a protocol trains on small crops of
+downscaled images (the `mini` preset on CamVid), `eval.scale` evaluates at the training scale instead.
 """
 from __future__ import annotations
 

@@ -60,10 +60,8 @@ class Group:
 
 @dataclass
 class Preset:
-    """A partial run configuration (`data`, `train`, ... sections) plus `stand_in`: the model that
-    replaces a table's network that is not implemented (smoke presets)."""
+    """A partial run configuration (`data`, `train`, ... sections) applied to every row of a table."""
 
-    stand_in: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     method: dict[str, Any] = field(default_factory=dict)
@@ -72,7 +70,7 @@ class Preset:
     eval: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k != "stand_in" and v}
+        return {k: v for k, v in vars(self).items() if v}
 
 
 @dataclass
@@ -171,9 +169,6 @@ def check_spec(spec: Spec) -> None:
         if "method" in settings:
             settings["method"] = method_section(settings["method"])
         _check_partial(settings, f"presets.{name}")
-        stand_in = spec.presets[name].stand_in
-        if stand_in:
-            MODELS.get(stand_in)
     for group in spec.groups:  # an unknown name is an error (with a did-you-mean), never "not implemented yet"
         _check_partial(group.config, f"group {group.name!r} config")
         MODELS.get(group.model)

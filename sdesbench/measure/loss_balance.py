@@ -11,6 +11,7 @@ training batches (`sdesbench balance`; docs/sdes.md uses it to choose SDES's def
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -24,7 +25,7 @@ from sdesbench.data.base import IterationSampler, TrainView, build_dataset, clas
 from sdesbench.engine.configure import build_config
 from sdesbench.engine.runtime import Runtime
 from sdesbench.engine.step import build_learner, load_teacher
-from sdesbench.errors import CheckpointError
+from sdesbench.errors import CheckpointError, SdesbenchError
 from sdesbench.io import load_checkpoint
 from sdesbench.methods.base import Method, StepInfo
 from sdesbench.models.base import SegmentationModel
@@ -39,12 +40,17 @@ def encoder_parameters(model: SegmentationModel) -> list[nn.Parameter]:
             if p.requires_grad and not name.startswith(("decoder.", "aux_head."))]
 
 
-def gradient_norm(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> float:
-    """||d loss / d params||_2 over all of `params` together; 0 when the loss does not reach them."""
+def gradient(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+    """d loss / d params (zeros where the loss does not reach a parameter); the graph is kept."""
     if not loss.requires_grad:
-        return 0.0
+        return [torch.zeros_like(p) for p in params]
     grads = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
-    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def norm(grads: Sequence[torch.Tensor]) -> float:
+    """L2 norm of a gradient given as one tensor per parameter."""
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
 
 
 def _ratio(x: float, ref: float) -> float | None:
@@ -60,15 +66,19 @@ def loss_balance(model: SegmentationModel, method: Method, images: torch.Tensor,
     their sum. `grad_norm` is the L2 norm of the term's gradient with respect to `params`
     (default: `encoder_parameters(model)`); the ratios divide by the `ss` row's value and gradient
     norm (None where that is 0). Modules run in the mode they are in (train mode measures what a
-    training step sees); no parameter or gradient buffer is changed.
+    training step sees, and updates BatchNorm's running statistics as a step does); no parameter
+    and no `.grad` is changed.
     """
     params = encoder_parameters(model) if params is None else list(params)
     out = model(images)
     terms = method.loss_terms(out, labels, step or StepInfo(0, 1), teacher_out)
     if REFERENCE not in terms:
-        raise ValueError(f"method {method.name!r} returned no {REFERENCE!r} term to compare with")
-    terms = {**terms, "total": sum(terms.values())}
-    rows = {name: {"value": float(t.detach()), "grad_norm": gradient_norm(t, params)} for name, t in terms.items()}
+        raise SdesbenchError(f"method {method.name!r} returned no {REFERENCE!r} term to compare with")
+    grads = {name: gradient(t, params) for name, t in terms.items()}
+    grads["total"] = [sum(gs) for gs in zip(*grads.values())]  # the gradient is linear: no extra backward
+    values = {name: float(t.detach()) for name, t in terms.items()}
+    values["total"] = sum(values.values())
+    rows = {name: {"value": values[name], "grad_norm": norm(grads[name])} for name in values}
     ref = rows[REFERENCE]
     for row in rows.values():
         row["value_ratio"] = _ratio(row["value"], ref["value"])
@@ -138,6 +148,7 @@ def checkpoint_balance(checkpoint: str | Path, batches: int = 4, overrides: Sequ
                 teacher_out = learner.teacher(images)
         per_batch.append(loss_balance(model, method, images, labels, teacher_out, step))
     return {"checkpoint": str(checkpoint), "iteration": int(state["iteration"]), "method": cfg.method.name,
-            "model": cfg.model.name, "overrides": list(overrides), "batches": len(per_batch),
+            "model": cfg.model.name, "overrides": list(overrides),
+            "method_options": dataclasses.asdict(method.opts), "batches": len(per_batch),
             "batch_size": cfg.data.batch_size, "crop": list(cfg.data.crop), "scale": list(cfg.data.scale),
             "terms": mean_balance(per_batch)}

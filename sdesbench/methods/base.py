@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from sdesbench.config import from_dict
-from sdesbench.errors import ConfigError
 from sdesbench.models.base import SegmentationModel
 from sdesbench.registry import Registry
 
@@ -85,9 +84,3 @@ class Method(nn.Module):
     def eval_predictions(self, student_out: dict[str, Any], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra logits to score beside the student's (name -> B x C x H x W)."""
         return {}
-
-
-def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    """One-line ConfigError when a string option is not one of `choices` (for `check_options`)."""
-    if value not in choices:
-        raise ConfigError(f"method.{key} must be one of {', '.join(choices)}, got {key}={value!r}")

@@ -26,8 +26,11 @@ DPED, decoupled prediction ensemble distillation (Eqs. 2-5)
   bilinearly to the input size first, like the student's logits.
 - Eq. 5 (`dped_loss`): KL(softmax(P/tau) || softmax(P^T/tau)) as printed (student first), mean
   over all B x H x W pixels as printed (1/(H x W)); ignored pixels have P^T = P and add 0.
-  No tau^2 factor (Eq. 5 has none; `tau_squared: true` adds it). `kl_direction: teacher_first`
-  gives standard KD's KL(teacher || student).
+  Times tau^2 by default (`tau_squared: true`): Eq. 5 prints no such factor, but without it the
+  KL's gradient shrinks by 1/tau^2 (standard KD restores it) and at alpha = 0.5, tau = 5 the
+  DPED gradient at the encoder is ~1% of L_SS's, too small for Fig. 3(a)'s optimum at alpha = 0.5
+  (measured: docs/sdes.md, "Loss balance"). `tau_squared: false` is Eq. 5 as printed.
+  `kl_direction: teacher_first` gives standard KD's KL(teacher || student).
 - Expert architecture: `light` (two convolutions, ~0.01 M parameters on ResNet-18 with 19
   classes: the Cityscapes setting) or `student` (`model.build_decoder`: the CamVid setting).
 
@@ -43,9 +46,11 @@ DFED, decoupled feature ensemble distillation (Eqs. 6-11), over the model's `sta
   attention transfer's mean over channels of squared activations; `mean_abs` uses |F|. The map
   is divided by its L2 norm over the H_L x W_L positions (per image).
 - Eq. 10: element-wise max over the first L-1 maps = expert map A^T, detached (computed under
-  no_grad). Eq. 11 (open: distance and batch reduction): `dfed_distance: l2` (default, as
-  printed) is the per-image L2 norm ||A_L - A^T||_2 averaged over images; `squared_mean` is
-  attention transfer's mean over images and positions of the squared difference.
+  no_grad). Eq. 11 (open: distance and batch reduction): `dfed_distance: squared_mean`
+  (default) is attention transfer's mean over images and positions of the squared difference,
+  the scale on which AT's weights and the paper's beta in [1, 500] live; `l2` (as printed) is
+  the per-image L2 norm ||A_L - A^T||_2 averaged over images, whose gradient at the encoder is
+  15-43x L_SS's at beta = 100 (measured: docs/sdes.md, "Loss balance").
 
 Total (Eq. 12): (L_SS + L_SS^T) + alpha * L_DPED + beta * L_DFED, returned as the weighted terms
 {"ss", "ss_experts", "dped", "dfed"}. Without DPED (`use_dped: false`) no experts are built (they
@@ -56,7 +61,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +70,18 @@ from torch import nn
 from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
-from sdesbench.methods.base import METHODS, Method, MethodContext, check_choice
+from sdesbench.methods.base import METHODS, Method, MethodContext
 from sdesbench.methods.losses import class_kl_map, pixel_ce
 from sdesbench.models.experts import LightExpertDecoder
+
+ExpertKind = Literal["light", "student"]  # two-convolution experts (Cityscapes) | the student's decoder (CamVid)
+ExpertClasses = Literal["all", "subset"]
+SplitMode = Literal["more_to_less", "random"]
+SplitSizes = Literal["equal", "natural"]
+KLDirection = Literal["student_first", "teacher_first"]  # Eq. 5 as printed | standard KD
+Attention = Literal["at", "mean_abs"]
+Downsample = Literal["avg", "bilinear"]
+DfedDistance = Literal["squared_mean", "l2"]  # attention transfer's scale | Eq. 11 as printed
 
 # ----------------------------------------------------------------------------- class groups (Eq. 2)
 
@@ -101,8 +115,8 @@ def _natural_sizes(log_counts: list[float], n_groups: int) -> list[int]:
     return sizes[::-1]
 
 
-def class_groups(pixel_counts: Sequence[int] | torch.Tensor, n_groups: int, mode: str = "more_to_less",
-                 seed: int = 0, isolate: Sequence[int] = (), sizes: str = "equal") -> list[list[int]]:
+def class_groups(pixel_counts: Sequence[int] | torch.Tensor, n_groups: int, mode: SplitMode = "more_to_less",
+                 seed: int = 0, isolate: Sequence[int] = (), sizes: SplitSizes = "equal") -> list[list[int]]:
     """Eq. 2's class subsets Psi_1..Psi_N: disjoint, covering every class.
 
     `more_to_less`: classes sorted by pixel count, descending (ties: lower class index first), cut
@@ -125,9 +139,9 @@ def class_groups(pixel_counts: Sequence[int] | torch.Tensor, n_groups: int, mode
         raise ConfigError(f"method.n_experts={n_groups} cannot split {num_classes} classes with "
                           f"{len(isolate)} isolated (needs {len(isolate) + 1}..{num_classes})")
     if mode not in ("more_to_less", "random"):
-        raise ConfigError(f"method.split must be more_to_less or random, got {mode!r}")
+        raise ValueError(f"method.split must be more_to_less or random, got {mode!r}")
     if sizes not in ("equal", "natural"):
-        raise ConfigError(f"method.split_sizes must be equal or natural, got {sizes!r}")
+        raise ValueError(f"method.split_sizes must be equal or natural, got {sizes!r}")
     ranked = sorted(rest, key=lambda c: (-counts[c], c))
     if sizes == "equal":
         base, extra = divmod(len(ranked), max(n_rest, 1))
@@ -232,8 +246,8 @@ def ensemble_logits(student_logits: torch.Tensor, expert_logits: list[torch.Tens
 
 
 def dped_loss(student_logits: torch.Tensor, ensemble_logits: torch.Tensor, tau: float,
-              kl_direction: str = "student_first") -> torch.Tensor:
-    """Eq. 5: 1/(B H W) sum_i KL(softmax(P_i/tau) || softmax(P^T_i/tau)), no tau^2 factor.
+              kl_direction: KLDirection = "student_first") -> torch.Tensor:
+    """Eq. 5: 1/(B H W) sum_i KL(softmax(P_i/tau) || softmax(P^T_i/tau)) (the method multiplies by tau^2).
 
     `student_first` is Eq. 5 as printed; `teacher_first` is standard KD's KL(P^T || P). The mean
     is over every pixel (B x H x W), as printed; the target is detached.
@@ -244,7 +258,7 @@ def dped_loss(student_logits: torch.Tensor, ensemble_logits: torch.Tensor, tau: 
     elif kl_direction == "teacher_first":
         kl = class_kl_map(target, student_logits, tau)
     else:
-        raise ConfigError(f"method.kl_direction must be student_first or teacher_first, got {kl_direction!r}")
+        raise ValueError(f"method.kl_direction must be student_first or teacher_first, got {kl_direction!r}")
     return kl.mean()
 
 
@@ -260,29 +274,29 @@ def reuse_channels(feature: torch.Tensor, gamma: float, p: float = 1) -> torch.T
     return feature.gather(1, idx[:, :, None, None].expand(b, k, h, w))
 
 
-def attention_map(feature: torch.Tensor, attention: str = "at") -> torch.Tensor:
+def attention_map(feature: torch.Tensor, attention: Attention = "at") -> torch.Tensor:
     """Eq. 9: channels collapsed into one H x W map, divided by its L2 norm; returns B x (H W)."""
     if attention == "at":
         a = feature.pow(2).mean(1)
     elif attention == "mean_abs":
         a = feature.abs().mean(1)
     else:
-        raise ConfigError(f"method.attention must be at or mean_abs, got {attention!r}")
+        raise ValueError(f"method.attention must be at or mean_abs, got {attention!r}")
     return F.normalize(a.flatten(1), p=2, dim=1)
 
 
-def _resize(feature: torch.Tensor, size: torch.Size, downsample: str) -> torch.Tensor:
+def _resize(feature: torch.Tensor, size: torch.Size, downsample: Downsample) -> torch.Tensor:
     if feature.shape[-2:] == size:
         return feature
     if downsample == "avg":
         return F.adaptive_avg_pool2d(feature, size)
     if downsample == "bilinear":
         return F.interpolate(feature, size=size, mode="bilinear", align_corners=False, antialias=True)
-    raise ConfigError(f"method.downsample must be avg or bilinear, got {downsample!r}")
+    raise ValueError(f"method.downsample must be avg or bilinear, got {downsample!r}")
 
 
-def dfed_loss(stage_features: list[torch.Tensor], gamma: float, p: float = 1, attention: str = "at",
-              downsample: str = "avg", distance: str = "l2") -> torch.Tensor:
+def dfed_loss(stage_features: list[torch.Tensor], gamma: float, p: float = 1, attention: Attention = "at",
+              downsample: Downsample = "avg", distance: DfedDistance = "squared_mean") -> torch.Tensor:
     """Eqs. 6-11: distance between the last stage's attention map and the detached element-wise
     max of the first L-1 stages' attention maps (each from its top-gamma channels, downsampled).
 
@@ -303,7 +317,7 @@ def dfed_loss(stage_features: list[torch.Tensor], gamma: float, p: float = 1, at
         return diff.norm(p=2, dim=1).mean()
     if distance == "squared_mean":
         return diff.pow(2).mean()
-    raise ConfigError(f"method.dfed_distance must be l2 or squared_mean, got {distance!r}")
+    raise ValueError(f"method.dfed_distance must be l2 or squared_mean, got {distance!r}")
 
 
 # ----------------------------------------------------------------------------- experts and method
@@ -345,36 +359,28 @@ class SDES(Method):
     @dataclass
     class Options:
         n_experts: int = field(default=4, metadata=rng(1, doc="N expert decoders (<= classes)"))
-        expert: str = "light"  # light | student
+        expert: ExpertKind = "light"
         light_hidden: int = field(default=16, metadata=rng(1, doc="hidden width of the light expert (16 reproduces the paper's Ens-T 15.94 M / 134.34 G)"))
-        expert_classes: str = "all"  # all | subset: logits per expert
-        split: str = "more_to_less"  # more_to_less | random
-        split_sizes: str = "equal"  # equal | natural
+        expert_classes: ExpertClasses = "all"  # logits per expert
+        split: SplitMode = "more_to_less"
+        split_sizes: SplitSizes = "equal"
         split_seed: int | None = field(default=None, metadata=rng(0, doc="random split seed (default: run seed)"))
         isolate: list[int] = field(default_factory=list)  # classes alone in a group (VOC: [0])
         tau: float = field(default=10.0, metadata=rng(1e-6, doc="DPED temperature"))
-        tau_squared: bool = False  # multiply L_DPED by tau^2 (Eq. 5 does not)
-        kl_direction: str = "student_first"  # student_first (Eq. 5) | teacher_first (standard KD)
+        tau_squared: bool = True  # multiply L_DPED by tau^2 (standard KD; Eq. 5 prints no factor)
+        kl_direction: KLDirection = "student_first"
         alpha: float = field(default=0.5, metadata=rng(0.0))
         beta: float = field(default=100.0, metadata=rng(0.0))
         gamma: float = field(default=0.5, metadata=rng(0.0, 1.0))
         p: float = field(default=1.0, metadata=rng(1e-6))
-        attention: str = "at"  # at | mean_abs
-        downsample: str = "avg"  # avg | bilinear
-        dfed_distance: str = "l2"  # l2 | squared_mean
+        attention: Attention = "at"
+        downsample: Downsample = "avg"
+        dfed_distance: DfedDistance = "squared_mean"
         use_dped: bool = True
         use_dfed: bool = True
 
     @classmethod
     def check_options(cls, opts: Any, num_classes: int | None) -> None:
-        check_choice("expert", opts.expert, ("light", "student"))
-        check_choice("expert_classes", opts.expert_classes, ("all", "subset"))
-        check_choice("split", opts.split, ("more_to_less", "random"))
-        check_choice("split_sizes", opts.split_sizes, ("equal", "natural"))
-        check_choice("kl_direction", opts.kl_direction, ("student_first", "teacher_first"))
-        check_choice("attention", opts.attention, ("at", "mean_abs"))
-        check_choice("downsample", opts.downsample, ("avg", "bilinear"))
-        check_choice("dfed_distance", opts.dfed_distance, ("l2", "squared_mean"))
         if num_classes is not None:
             if opts.n_experts > num_classes:
                 raise ConfigError(f"method.n_experts={opts.n_experts} exceeds the dataset's {num_classes} classes")
