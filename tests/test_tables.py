@@ -15,7 +15,7 @@ from sdesbench.errors import ConfigError
 from sdesbench.experiments.plan import Sweep
 from sdesbench.experiments.spec import PRESETS, list_tables, load_spec
 from sdesbench.experiments.sweeps import parse_sweep_values, sweep_spec
-from sdesbench.report import write_report as write_table
+from sdesbench.report import build_report
 
 # every run as short as possible: the tests check plumbing, not accuracy
 SHORT = ["--set", "train.iters=2", "--set", "data.crop=48", "--set", "data.batch_size=2", "--set", "eval.max_images=4"]
@@ -23,6 +23,11 @@ SHORT_SETS = [SHORT[i + 1] for i in range(0, len(SHORT), 2)]
 STATUS_WORDS = {"skipped", "missing", "failed", "interrupted"}
 PAPER_TABLES = ROOT.parent / "shared" / "paper" / "tables.yaml"
 NUMBER = re.compile(r"^-?\d+\.\d+( ± \d+\.\d+)?$")
+
+
+def write_table(sweep: Sweep) -> tuple[Path, str]:
+    written = build_report(sweep)
+    return written.md_path, written.md
 
 
 def md_rows(md: str) -> list[dict[str, str]]:

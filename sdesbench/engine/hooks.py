@@ -268,7 +268,7 @@ class PeriodicEvaluationHook(HookBase):
             self.evaluate(trainer)
 
     def evaluate(self, trainer: Any) -> None:
-        learner, cfg = trainer.learner, trainer.cfg
+        learner = trainer.learner
         device = learner.runtime.device
         modes = [(m, m.training) for m in learner.plain_unit.modules()]
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
@@ -276,10 +276,7 @@ class PeriodicEvaluationHook(HookBase):
         n = self.images(trainer)
         with torch.random.fork_rng(devices=cuda):
             D.broadcast_state(learner.plain_unit)  # rank 0's BatchNorm statistics (DDP broadcasts them anyway)
-            metrics = evaluate(learner.model, EvalView(trainer.eval_set, n), trainer.num_classes, device,
-                               cfg.eval.batch_size, method=learner.method, amp=learner.runtime.amp,
-                               should_stop=lambda: trainer.stop_signal is not None, scale=cfg.eval.scale,
-                               size=cfg.eval.size, workers=cfg.eval.loader_workers(cfg.data))
+            metrics = run_evaluation(trainer, EvalView(trainer.eval_set, n))
         for module, mode in modes:
             module.training = mode
         if metrics is not None:  # None: a signal arrived during the evaluation
@@ -304,15 +301,20 @@ class FinalEvaluationHook(HookBase):
     def after_train(self, trainer):
         if trainer.failed or trainer.stop_signal is not None or trainer.iteration < trainer.total_iters:
             return
-        learner, cfg = trainer.learner, trainer.cfg
-        D.broadcast_state(learner.plain_unit)  # rank 0's BatchNorm statistics on every rank
-        view = EvalView(trainer.eval_set, cfg.eval.max_images)
+        D.broadcast_state(trainer.learner.plain_unit)  # rank 0's BatchNorm statistics on every rank
+        view = EvalView(trainer.eval_set, trainer.cfg.eval.max_images)
         trainer.final_images = len(view)
-        trainer.final_metrics = evaluate(
-            learner.model, view, trainer.num_classes, learner.runtime.device, cfg.eval.batch_size,
-            method=learner.method, amp=learner.runtime.amp, show_progress=self.show_progress,
-            should_stop=lambda: trainer.stop_signal is not None, scale=cfg.eval.scale, size=cfg.eval.size,
-            per_image=True, workers=cfg.eval.loader_workers(cfg.data))
+        trainer.final_metrics = run_evaluation(trainer, view, show_progress=self.show_progress, per_image=True)
+
+
+def run_evaluation(trainer: Any, view: EvalView, **extra: Any) -> Any:
+    """`evaluate` of the run's model on `view` as its config asks (batch size, precision, eval scale or
+    size, loader workers); it stops early when a signal stops the run (None then)."""
+    learner, cfg = trainer.learner, trainer.cfg
+    return evaluate(learner.model, view, trainer.num_classes, learner.runtime.device, cfg.eval.batch_size,
+                    method=learner.method, amp=learner.runtime.amp,
+                    should_stop=lambda: trainer.stop_signal is not None, scale=cfg.eval.scale, size=cfg.eval.size,
+                    workers=cfg.eval.loader_workers(cfg.data), **extra)
 
 
 def run_hooks(hooks: list[HookBase], stage: str, trainer: Any) -> None:

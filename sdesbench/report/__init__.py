@@ -1,10 +1,9 @@
 """Reports: paper tables beside the measured numbers (`tables`, with size and cost `columns` and the
 significance tests of `stats`), the Figure 3 sweep plots (`figures`), the LaTeX table (`latex`),
 training curves (`curves`) and grids of predictions (`qualitative`). `build_report` writes whichever
-a table's spec and the options ask for; `write_report` is the plain table."""
+a table's spec and the options ask for."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from sdesbench.errors import CheckpointError, ConfigError
@@ -13,7 +12,7 @@ from sdesbench.io import write_text
 from sdesbench.report.figures import write_sweep_figure
 from sdesbench.report.tables import ReportOptions, Written, write_table
 
-__all__ = ["ReportOptions", "Written", "build_report", "write_report"]
+__all__ = ["ReportOptions", "Written", "build_report"]
 
 
 def build_report(sweep: Sweep, options: ReportOptions | None = None) -> Written:
@@ -41,10 +40,3 @@ def build_report(sweep: Sweep, options: ReportOptions | None = None) -> Written:
             written.notes.append(f"no qualitative grid: {e}")
     return written
 
-
-def write_report(sweep: Sweep) -> tuple[Path, str]:
-    """The table alone (`sdesbench run`); says on stderr when an existing table was kept."""
-    written = build_report(sweep)
-    if written.kept:
-        print(f"note: {written.kept}", file=sys.stderr)
-    return written.md_path, written.md
