@@ -24,8 +24,24 @@ try:  # typer, rich and the command modules: the start of every command, in whic
     import sdesbench.commands as commands
     from sdesbench.errors import SdesbenchError
 
+    # plain help (click's layout): Typer's rich panels label every flag `<bool>` (--help included) and
+    # wrap at 80 columns in a log
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      rich_markup_mode=None,
                       help="Reproduce the tables of SDES (AAAI 2023) and the distillation methods it compares.")
+
+    def _print_version(value: bool) -> None:
+        if value:
+            from sdesbench.version import version_line
+
+            print(version_line())
+            raise typer.Exit(0)
+
+    @app.callback()
+    def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                              help="Print the version (and the git commit in a checkout), then exit.")):
+        """Reproduce the tables of SDES (AAAI 2023) and the distillation methods it compares."""
+
     for _mod in pkgutil.iter_modules(commands.__path__):
         if not _mod.name.startswith("_"):  # `_shared` holds what the command modules share
             importlib.import_module(f"{commands.__name__}.{_mod.name}").register(app)

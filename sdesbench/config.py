@@ -9,6 +9,10 @@ Names that need the registries (model, dataset, method) and each method's own `O
 (`method.alpha`, `method.gamma`, ...) are checked one layer up, by
 `sdesbench.engine.configure.build_config`, which is what callers use to get a runnable config.
 The same `from_dict` validates table specs (`sdesbench.experiments.spec`) and run records.
+
+A run's key (`RunConfig.identity_hash`) covers every field except those marked `NOT_HASHED`; a field marked
+`HASHED_WHEN_SET` (a setting added after runs were recorded, e.g. `eval.mode`) counts only when it is set away
+from its default, which is what every run recorded before it existed did.
 """
 from __future__ import annotations
 
@@ -35,12 +39,17 @@ def rng(lo: float | None = None, hi: float | None = None, doc: str = "", **extra
 
 # field metadata for identity_hash: never part of a run's identity (where/how it is written, not what)
 NOT_HASHED = {"hash": "never"}
-# part of the identity only when set to something else than the default: a field added after runs were
-# made keeps their hashes (and so their folders) valid
+# field metadata for identity_hash: part of a run's identity only when set to another value than its default. A
+# setting added after runs were recorded gets it, so that its default keeps every existing run key (and the
+# committed records under results/runs) current, while any other value names another run (docs/tables.md,
+# "What a run's key covers")
 HASHED_WHEN_SET = {"hash": "when_set"}
 
 Device = str  # auto | cpu | cuda | cuda:N (checked in `parse_config`)
 AmpMode = Literal["off", "auto", "bf16", "fp16"]
+EvalMode = Literal["whole", "slide"]  # whole images, or mmsegmentation's sliding windows (engine/inference.py)
+TtaRule = Literal["mmseg", "cirkd"]  # how eval.scales / eval.flip views are merged (docs/evaluation.md)
+AbsentClasses = Literal["skip", "zero"]  # a class in neither labels nor predictions: left out of mIoU, or 0
 
 
 @dataclass
@@ -104,8 +113,8 @@ class EvalConfig:
     max_images: int | None = field(default=None, metadata=rng(1))
     # inference on the image resized by `scale` (or to `size` = [H, W]); logits are resized back and
     # scored at the label's size. 1.0 = the paper's whole image as it is. `size` excludes scale != 1.
-    scale: float = field(default=1.0, metadata=rng(0.01, doc="input scale for inference", hash="when_set"))
-    size: list[int] | None = field(default=None, metadata=HASHED_WHEN_SET)
+    scale: float = field(default=1.0, metadata=rng(0.01, doc="input scale for inference"))
+    size: list[int] | None = None
     # periodic validation every `every` iterations (and at the last one) on the first `every_max_images`
     # images of the evaluation set: a curve and a `best` beside the table's final-iteration metric. It
     # changes nothing in the training (engine/hooks.py), so neither field is part of the run's hash.
@@ -114,9 +123,29 @@ class EvalConfig:
     every_max_images: int | None = field(default=None, metadata=rng(1, hash="never"))
     # DataLoader workers decoding the evaluation images (None: data.workers); never changes a result
     workers: int | None = field(default=None, metadata=rng(0, hash="never"))
+    # The settings below came after runs were recorded: each is part of the run key only when set to another
+    # value than its default (HASHED_WHEN_SET), so the defaults keep every recorded run current. They are
+    # described, with their references, in docs/evaluation.md and `engine/inference.py`.
+    # whole: one pass per view; slide: mmsegmentation's sliding windows of `crop` [H, W] every `stride` [H, W]
+    mode: EvalMode = field(default="whole", metadata=HASHED_WHEN_SET)
+    crop: list[int] | None = field(default=None, metadata=HASHED_WHEN_SET)
+    stride: list[int] | None = field(default=None, metadata=HASHED_WHEN_SET)
+    # test-time augmentation: one view per scale (relative to the inference size above), and each mirrored
+    # with `flip`; merged by `tta_rule` (mmseg: mean of softmax probabilities; cirkd: mean of logits)
+    scales: list[float] | None = field(default=None, metadata=HASHED_WHEN_SET)
+    flip: bool = field(default=False, metadata=HASHED_WHEN_SET)
+    tta_rule: TtaRule = field(default="mmseg", metadata=HASHED_WHEN_SET)
+    # a class in neither the labels nor the predictions of the evaluated set: left out of the mIoU mean (skip,
+    # mmsegmentation) or counted as 0 (zero, CIRKD's SegmentationMetric)
+    absent_classes: AbsentClasses = field(default="skip", metadata=HASHED_WHEN_SET)
 
     def loader_workers(self, data: DataConfig) -> int:
         return data.workers if self.workers is None else self.workers
+
+    @property
+    def tta(self) -> bool:
+        """Whether test-time augmentation is asked for (several views per image)."""
+        return self.scales is not None or self.flip
 
 
 @dataclass
@@ -134,32 +163,73 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig, metadata=NOT_HASHED)
+    # the settings the spec, the config file or the command line named, as identity keys (`train.lr`,
+    # `method.options.tau`) -> resolved values; the rest are defaults. Two records of the same request with
+    # different keys: a default changed in between (experiments/plan.py marks the older one stale)
+    request: dict[str, Any] = field(default_factory=dict, metadata=NOT_HASHED)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes what is trained or measured, as nested dicts: every field at its value,
+        defaults included, except the NOT_HASHED ones (where and how a run is written, logged, loaded) and the
+        HASHED_WHEN_SET ones at their default (settings added after runs were recorded: their default is what
+        every older run did, so it must not change an older run's key).
+        Method options are whatever `method.options` holds: `engine.configure.build_config` fills in every
+        option the method resolves, so the identity of a runnable config is the resolved one."""
+        return _identity(self)
+
     def identity_hash(self) -> str:
-        """Hash of everything that changes the result (not where it is written, nor logging)."""
-        blob = json.dumps(_identity(self), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        """The run key: a hash of `identity()` (docs/tables.md, "What a run's key covers")."""
+        return short_hash(self.identity())
+
+    def evaluation_identity(self, split: str) -> dict[str, Any]:
+        """What names the numbers of one evaluation of a trained run: the split and every eval setting that
+        changes a number (the eval section's identity without `batch_size`, which never does), for the records of
+        `sdesbench eval --record` (`<run>/evaluations/<evaluation_key>.json`)."""
+        return {"split": split, "eval": {k: v for k, v in _identity(self.eval).items() if k != "batch_size"}}
+
+    def evaluation_key(self, split: str) -> str:
+        return short_hash(self.evaluation_identity(split))
+
+
+def short_hash(tree: Any) -> str:
+    blob = json.dumps(tree, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def _identity(obj: Any) -> Any:
-    """The dataclass as a dict without its NOT_HASHED fields and its HASHED_WHEN_SET fields at default."""
     if not dataclasses.is_dataclass(obj):
         return obj
-    out = {}
-    for f in dataclasses.fields(obj):
-        mode = f.metadata.get("hash")
-        value = getattr(obj, f.name)
-        if mode == "never":
-            continue
-        if mode == "when_set":
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            if value == default:
-                continue
-        out[f.name] = _identity(value)
+    return {f.name: _identity(getattr(obj, f.name)) for f in dataclasses.fields(obj) if in_identity(f, getattr(obj, f.name))}
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def in_identity(f: dataclasses.Field, value: Any) -> bool:
+    """Whether a field's value is part of the run's identity: never for NOT_HASHED fields, only away from its
+    default for HASHED_WHEN_SET ones, always otherwise."""
+    rule = f.metadata.get("hash")
+    return rule != "never" and not (rule == "when_set" and value == field_default(f))
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as `section.key` -> value (lists and other values are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
+
+
+def identity_changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, before, after) for every identity key whose value differs (`None` stands for an absent key)."""
+    a, b = flatten(before), flatten(after)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -341,7 +411,7 @@ def parse_config(data: dict[str, Any] | None = None, overrides: list[str] | None
     """
     data = dict(data or {})
     for section, value in data.items():  # `model: resnet` or `data: [tiny]`: say which section is wrong
-        if section in ("model", "data", "teacher", "train", "eval", "output") and value is not None \
+        if section in ("model", "data", "teacher", "train", "eval", "output", "request") and value is not None \
                 and not isinstance(value, dict):
             raise ConfigError(f"{section}: expected a mapping, got {_describe(value)}")
     if "method" in data:
@@ -355,6 +425,7 @@ def parse_config(data: dict[str, Any] | None = None, overrides: list[str] | None
         raise ConfigError(f"eval.size must be [H, W] with both >= 8, got {cfg.eval.size}")
     if cfg.eval.size is not None and cfg.eval.scale != 1.0:
         raise ConfigError(f"eval.size={cfg.eval.size} and eval.scale={cfg.eval.scale} exclude each other; set one")
+    check_eval_views(cfg.eval)
     keep, every = cfg.train.keep_checkpoints_every, cfg.train.checkpoint_every
     if keep is not None and keep % every:
         raise ConfigError(f"train.keep_checkpoints_every={keep} must be a multiple of train.checkpoint_every={every}")
@@ -364,14 +435,41 @@ def parse_config(data: dict[str, Any] | None = None, overrides: list[str] | None
     return cfg
 
 
+def check_eval_views(ev: EvalConfig) -> None:
+    """The sliding-window and test-time-augmentation settings of `eval` fit together (one line otherwise)."""
+    if ev.mode == "slide":
+        for key, value in (("crop", ev.crop), ("stride", ev.stride)):
+            if value is None or len(value) != 2 or min(value) < 1:
+                raise ConfigError(f"eval.mode=slide needs eval.{key} = [H, W] (positive), got {value}")
+        if ev.stride[0] > ev.crop[0] or ev.stride[1] > ev.crop[1]:
+            raise ConfigError(f"eval.stride={ev.stride} exceeds eval.crop={ev.crop}: pixels between two windows "
+                              "would get no prediction")
+        if ev.tta and ev.tta_rule == "cirkd":
+            raise ConfigError("eval.tta_rule=cirkd follows CIRKD's eval.py, which has no sliding window; use "
+                              "eval.tta_rule=mmseg with eval.mode=slide")
+    elif ev.crop is not None or ev.stride is not None:
+        raise ConfigError("eval.crop and eval.stride apply to eval.mode=slide")
+    if ev.scales is not None and (not ev.scales or min(ev.scales) <= 0):
+        raise ConfigError(f"eval.scales must be a non-empty list of positive factors, got {ev.scales}")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: unreadable ({type(e).__name__})") from None
+    return parse_yaml(text, str(p))
+
+
+def parse_yaml(text: str, where: str) -> dict[str, Any]:
+    """A YAML mapping (a config, a table spec); `where` names it in the one-line errors."""
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
+        raise ConfigError(f"{where}: expected a mapping at the top level")
     return data or {}

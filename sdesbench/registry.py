@@ -18,14 +18,17 @@ from sdesbench.errors import ConfigError
 
 
 class Registry:
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, names_entries: bool = False):
         self.kind = kind
+        self.names_entries = names_entries  # register sets the class's `name` (written once, in the decorator)
         self._entries: dict[str, Any] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
         def deco(obj: Any) -> Any:
             if name in self._entries and self._entries[name] is not obj:
                 raise RuntimeError(f"{self.kind} {name!r} registered twice")
+            if self.names_entries:
+                obj.name = name
             self._entries[name] = obj
             return obj
 

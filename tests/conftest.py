@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,19 @@ ROOT = Path(__file__).resolve().parent.parent
 CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 
 
+# under pytest-xdist (`make test` runs two workers on a 2-core machine) each worker and the processes it
+# starts use one thread: two workers with two threads each would oversubscribe the cores many times over
+XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("OMP_NUM_THREADS", "1" if XDIST else "2")
     env["COLUMNS"] = "200"
     return env
 
@@ -49,3 +59,18 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 FAST = ["--set", "data.batch_size=4", "--set", "data.crop=48", "--set", "eval.max_images=10", "--no-progress"]
 
 camvid = pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid is absent")
+
+
+def stop_at(iteration: int):
+    """A hook that stops the run after `iteration` as a SIGTERM would, once that iteration's checkpoint is
+    written (it runs after the checkpoint hook): the first half of a resume test."""
+    from sdesbench.engine.state import HookBase, Priority
+
+    class StopAt(HookBase):
+        priority = Priority.VERY_LOW  # after CheckpointHook
+
+        def after_step(self, trainer):
+            if trainer.state.iteration == iteration:
+                trainer.state.stop_signal = signal.SIGTERM
+
+    return StopAt()

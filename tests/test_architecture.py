@@ -13,9 +13,10 @@ from sdesbench.engine.record import SCHEMA_VERSION, RunRecord, read_record, writ
 
 PACKAGE = ROOT / "sdesbench"
 # data -> models -> methods -> engine -> experiments -> measure -> report -> cli: a module may import
-# its own layer and those before it. The base modules (errors, io, config, registry) come first.
+# its own layer and those before it. The base modules (errors, io, config, registry, version, console) come first.
 LAYERS = ["base", "data", "models", "methods", "engine", "experiments", "measure", "report", "cli"]
-BASE = {"sdesbench", "sdesbench.errors", "sdesbench.io", "sdesbench.config", "sdesbench.registry"}
+BASE = {"sdesbench", "sdesbench.errors", "sdesbench.io", "sdesbench.config", "sdesbench.registry",
+        "sdesbench.version", "sdesbench.console"}
 
 
 def module_name(path: Path) -> str:
@@ -179,11 +180,24 @@ def test_a_version_1_record_still_loads(tmp_path):
     assert rec.completed and rec.method == "sdes" and rec.iterations == 40
     assert rec.metrics.miou == v1["metrics"]["miou"] and rec.scores("ens_t").miou == v1["extra_metrics"]["ens_t"]["miou"]
     assert rec.per_class_iou == v1["per_class_iou"] and rec.config == v1["config"]
+    # its wall_time_s summed the step times (schema < 4): read as the step time, its wall time unknown
+    assert rec.step_time_s == v1["wall_time_s"] == 17.468 and rec.wall_time_s is None and rec.timings is None
     # written back, it is the same record with its schema number and the fields later versions added, empty
-    assert rec.to_dict() == {"schema": SCHEMA_VERSION, **v1, **V3_FIELDS}
+    assert rec.to_dict() == {"schema": SCHEMA_VERSION, **v1, **V3_FIELDS, **v4_fields(v1), **v5_fields(v1)}
 
 
 V3_FIELDS = {"history": [], "best": None, "image_counts": None}  # added by schema 3
+
+
+def v4_fields(old: dict) -> dict:
+    """What schema 4 makes of an older record's times."""
+    return {"wall_time_s": None, "step_time_s": old["wall_time_s"], "timings": None}
+
+
+def v5_fields(old: dict) -> dict:
+    """Schema 5 added mAcc to every score: None in an older record."""
+    return {"metrics": {**old["metrics"], "macc": None},
+            "extra_metrics": {k: {**v, "macc": None} for k, v in old["extra_metrics"].items()}}
 
 
 def test_a_version_2_record_still_loads(tmp_path):
@@ -191,7 +205,17 @@ def test_a_version_2_record_still_loads(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(v2))
     rec = read_record(tmp_path)
     assert rec.completed and rec.history == [] and rec.best is None and rec.image_counts is None
-    assert rec.to_dict() == {**v2, "schema": SCHEMA_VERSION, **V3_FIELDS}
+    assert rec.to_dict() == {**v2, "schema": SCHEMA_VERSION, **V3_FIELDS, **v4_fields(v2), **v5_fields(v2)}
+
+
+def test_a_version_4_record_keeps_its_times(tmp_path):
+    v1 = json.loads((ROOT / "tests" / "fixtures" / "results_v1.json").read_text())
+    timings = {"setup_s": 1.5, "data_check_s": 0.25, "train_s": 12.0, "eval_s": 3.0, "checkpoint_s": 0.5}
+    v4 = {**v1, "schema": 4, "wall_time_s": 19.0, "step_time_s": 10.0, "timings": timings}
+    (tmp_path / "results.json").write_text(json.dumps(v4))
+    rec = read_record(tmp_path)
+    assert (rec.wall_time_s, rec.step_time_s, rec.timings.train_s) == (19.0, 10.0, 12.0)
+    assert rec.to_dict() == {**v4, **V3_FIELDS, "schema": SCHEMA_VERSION, **v5_fields(v4)}
 
 
 def test_records_round_trip_through_json(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CAMVID, camvid, run_cli
+from conftest import CAMVID, assert_one_line_error, camvid, run_cli
 from sdesbench.data.base import TrainView, class_pixel_counts
 from sdesbench.data.camvid import CamVid
 from sdesbench.data.check import check_dataset, ensure_checked
@@ -257,7 +257,7 @@ def make_voc(root, aug: bool):
     return root
 
 
-def test_voc_reads_palette_indices_not_colours_and_prefers_train_aug(tmp_path):
+def test_voc_reads_palette_indices_not_colours_and_trainaug_is_its_own_split(tmp_path):
     root = make_voc(tmp_path / "VOCdevkit" / "VOC2012", aug=False)
     assert Image.open(root / "SegmentationClass" / "2007_000032.png").mode == "P"
     ds = PascalVOC(tmp_path, "train")  # the folder above VOCdevkit works too
@@ -266,10 +266,131 @@ def test_voc_reads_palette_indices_not_colours_and_prefers_train_aug(tmp_path):
     assert image.shape == (3, H, W) and image.dtype == torch.uint8
     assert (mask[5:20, 6:26] == 15).all() and (mask[4, 6:26] == 255).all() and int((mask == 0).sum()) == H * W - 16 * 20
     make_voc(root, aug=True)
-    ds = PascalVOC(root, "train")
+    assert len(PascalVOC(root, "train")) == 2  # VOC's own 1,464-image list: never replaced by the augmented one
+    ds = PascalVOC(root, "trainaug")
     assert len(ds) == 3 and ds.sample_id(2).endswith("JPEGImages/2008_000002.jpg")
-    assert (ds.load(2)[1] == 7).all()
+    assert (ds.load(2)[1] == 7).all() and ds.source() == str(root / "ImageSets" / "Segmentation" / "train_aug.txt")
     assert len(PascalVOC(root, "val")) == 1
+
+
+def person_with_border():
+    """A VOC-style label: person (15) box whose top row is the 255 boundary band: 20 ignored pixels."""
+    lab = np.zeros((H, W), np.uint8)
+    lab[4:20, 6:26] = 15
+    lab[4, 6:26] = 255
+    return lab
+
+
+VOC_TRAIN, VOC_VAL, SBD_ONLY = ["2007_000032", "2007_000039"], ["2007_000033"], ["2008_000002", "2008_000003"]
+
+
+def make_voc_aug(root):
+    """VOC 2012 + SBD as mmsegmentation's voc_aug.py leaves it, every label distinct so that the test can
+    tell which folder a split read: SegmentationClass (palette PNGs with the boundary band) for VOC's
+    train and val ids; SegmentationClassAug (grey, no band) for one VOC train id, the SBD-only ids and
+    the VOC val id (SBD labels it too). No trainaug list yet: the tests add the one they look at."""
+    for i, name in enumerate(VOC_TRAIN + VOC_VAL + SBD_ONLY):
+        write_image(root / "JPEGImages" / f"{name}.jpg", seed=i, fmt="JPEG")
+    for name in VOC_TRAIN + VOC_VAL:
+        write_label(root / "SegmentationClass" / f"{name}.png", person_with_border(), palette=VOC_PALETTE)
+    for name, value in (("2007_000032", 7), ("2007_000033", 12), ("2008_000002", 8), ("2008_000003", 3)):
+        write_label(root / "SegmentationClassAug" / f"{name}.png", np.full((H, W), value, np.uint8))
+    lists = root / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True, exist_ok=True)
+    for split, names in (("train", VOC_TRAIN), ("val", VOC_VAL)):
+        (lists / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+    return root
+
+
+def test_voc_val_scores_on_the_original_labels_train_reads_the_sbd_ones(tmp_path):
+    root = make_voc_aug(tmp_path / "VOC2012")
+    (root / "ImageSets" / "Segmentation" / "trainaug.txt").write_text("".join(f"{n}\n" for n in VOC_TRAIN + SBD_ONLY))
+    val = PascalVOC(root, "val")
+    assert [p[1] for p in val.pairs] == [root / "SegmentationClass" / "2007_000033.png"]
+    mask = val.load(0)[1]
+    assert torch.equal(mask, torch.from_numpy(person_with_border()).long())  # not SBD's all-dog label
+    assert int((mask == 255).sum()) == 20  # the boundary band is there to be ignored
+    trainaug = PascalVOC(root, "trainaug")
+    assert [p[1].parent.name for p in trainaug.pairs] == ["SegmentationClassAug", "SegmentationClass",
+                                                          "SegmentationClassAug", "SegmentationClassAug"]
+    assert (trainaug.load(0)[1] == 7).all()  # the SBD label wins where both folders hold the id
+    assert torch.equal(trainaug.load(1)[1], torch.from_numpy(person_with_border()).long())  # SBD lacks it
+    assert (trainaug.load(2)[1] == 8).all() and (trainaug.load(3)[1] == 3).all()
+    train = PascalVOC(root, "train")  # VOC's own split, on VOC's own labels
+    assert [p[1].parent.name for p in train.pairs] == ["SegmentationClass", "SegmentationClass"]
+    (root / "SegmentationClass" / "2007_000033.png").unlink()  # val never falls back to the SBD label
+    with pytest.raises(DataError, match="image without label .*SegmentationClass/2007_000033.png"):
+        PascalVOC(root, "val")
+
+
+@pytest.mark.parametrize("rel", ["ImageSets/Segmentation/trainaug.txt",  # mmsegmentation's voc_aug.py
+                                 "ImageSets/Segmentation/train_aug.txt", "ImageSets/SegmentationAug/train_aug.txt",
+                                 "train_aug.txt", "list/voc/train_aug.txt"])  # CIRKD's dataset/list/voc/
+def test_voc_trainaug_list_names_of_the_common_tools(tmp_path, rel):
+    root = make_voc_aug(tmp_path / "VOC2012")
+    ids = VOC_TRAIN + SBD_ONLY
+    lines = [f"/JPEGImages/{n}.jpg /SegmentationClassAug/{n}.png" for n in ids] if "Aug/" in rel else ids
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text("\n".join(lines) + "\n")
+    ds = PascalVOC(root, "trainaug")
+    assert [p[0].stem for p in ds.pairs] == ids and ds.source() == str(root / rel)
+
+
+def test_voc_trainaug_from_mmsegmentation_train_and_aug_lists(tmp_path):
+    """mmsegmentation's aug.txt holds the SBD ids outside VOC train and val; with train.txt it is trainaug."""
+    root = make_voc_aug(tmp_path / "VOC2012")
+    lists = root / "ImageSets" / "Segmentation"
+    (lists / "aug.txt").write_text("".join(f"{n}\n" for n in SBD_ONLY))
+    ds = PascalVOC(root, "trainaug")
+    assert [p[0].stem for p in ds.pairs] == VOC_TRAIN + SBD_ONLY
+    assert ds.source() == f"{lists / 'train.txt'} + {lists / 'aug.txt'}"
+
+
+def test_voc_without_an_augmented_list_names_every_file_looked_for(tmp_path):
+    root = make_voc_aug(tmp_path / "VOC2012")
+    with pytest.raises(DataError) as e:
+        PascalVOC(root, "trainaug")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"voc: no list file for split 'trainaug' (the 10,582")
+    for rel in ("ImageSets/Segmentation/trainaug.txt", "ImageSets/Segmentation/train_aug.txt",
+                "ImageSets/SegmentationAug/train_aug.txt", "train_aug.txt", "list/voc/train_aug.txt",
+                "ImageSets/Segmentation/train.txt followed by ImageSets/Segmentation/aug.txt"):
+        assert rel in message, message
+    report = check_dataset("voc", root, show_progress=False)  # the check passes, and says what is missing
+    assert report["problems"] == [] and report["splits"] == {"train": 2, "val": 1}
+    assert f"{message} (a paper protocol trains or evaluates on it)" in report["warnings"]
+
+
+def test_voc_check_cli_names_each_split_list_and_its_size(tmp_path):
+    root = make_voc_aug(tmp_path / "VOC2012")
+    lists = root / "ImageSets" / "Segmentation"
+    (lists / "trainaug.txt").write_text("".join(f"{n}\n" for n in VOC_TRAIN + SBD_ONLY))
+    proc = run_cli("data", "check", "voc", "--root", str(root), "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["splits"] == {"train": 2, "trainaug": 4, "val": 1} and report["problems"] == []
+    assert report["sources"] == {"train": str(lists / "train.txt"), "trainaug": str(lists / "trainaug.txt"),
+                                 "val": str(lists / "val.txt")}
+    assert report["warnings"] == [f"{lists / 'train.txt'}: 2 id(s); VOC 2012's standard train list holds 1,464",
+                                  f"{lists / 'trainaug.txt'}: 4 id(s); the standard trainaug list holds 10,582",
+                                  f"{lists / 'val.txt'}: 1 id(s); VOC 2012's standard val list holds 1,449"]
+    proc = run_cli("data", "check", "voc", "--root", str(root), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert f"trainaug: 4 images from {lists / 'trainaug.txt'}" in proc.stdout.splitlines()
+    assert f"val: 1 images from {lists / 'val.txt'}" in proc.stdout.splitlines()
+
+
+def test_table1_paper_trains_on_trainaug_and_refuses_to_start_without_it(tmp_path, monkeypatch):
+    from sdesbench.experiments.plan import Sweep
+
+    plans = Sweep("table1", "paper", (0,), tmp_path / "results").plans()
+    assert {(p.cfg.data.train_split, p.cfg.data.eval_split) for p in plans} == {("trainaug", "val")}
+    make_voc_aug(tmp_path / "data" / "voc" / "VOCdevkit" / "VOC2012")  # VOC + SBD labels, but no trainaug list
+    monkeypatch.setenv("SDESBENCH_DATA", str(tmp_path / "data"))
+    proc = run_cli("run", "table1", "--preset", "paper", "--results", str(tmp_path / "results"), "--no-progress")
+    assert_one_line_error(proc, "voc: no list file for split 'trainaug'", "ImageSets/Segmentation/trainaug.txt",
+                          "list/voc/train_aug.txt")
+    assert not list((tmp_path / "results").glob("runs/*"))  # no run started
 
 
 def test_check_json_counts_and_hand_computed_shares_via_cli(tmp_path):
@@ -277,8 +398,10 @@ def test_check_json_counts_and_hand_computed_shares_via_cli(tmp_path):
     proc = run_cli("data", "check", "camvid", "--root", str(root), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert set(report) == {"splits", "class_pixel_share", "problems", "warnings"}
+    assert set(report) == {"splits", "sources", "class_pixel_share", "problems", "warnings"}
     assert report["splits"] == {"train": 2, "val": 1, "trainval": 3} and report["problems"] == []
+    assert report["sources"] == {"train": f"{root}/train.txt", "val": f"{root}/val.txt",
+                                 "trainval": f"{root}/train.txt + {root}/val.txt"}  # no list of its own
     train = report["class_pixel_share"]["train"]
     total = 384 + 352 + 744  # labelled pixels of labels a and b (void excluded)
     assert train["Sky"] == pytest.approx(384 / total) and train["Road"] == pytest.approx(352 / total)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import run_cli
-from sdesbench.measure.doctor import Precision, check_training, make_probe, network_shape, tolerance
+from sdesbench.measure.doctor.precision import Precision, check_training, make_probe, network_shape, tolerance
 from sdesbench.methods import METHODS
 from sdesbench.methods.base import Method
 from sdesbench.methods.losses import full_precision, pixel_ce
@@ -22,11 +22,15 @@ def test_cpu_quick_json_lists_every_method_and_model_all_passing():
     proc = run_cli("doctor", "--device", "cpu", "--quick", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)
-    assert r["passed"] and r["failures"] == [] and r["precisions"] == ["fp32"]
+    assert r["passed"] and r["failures"] == [] and r["precisions"] == ["fp32", "bf16"]
     on_r18 = {(c["method"], c["label"]) for c in r["checks"] if c["model"] == "deeplabv3_resnet18"}
-    assert on_r18 == {(m, "fp32") for m in METHODS.names()}
+    assert on_r18 == {(m, p) for m in METHODS.names() for p in ("fp32", "bf16")}  # CPU autocast: real bf16
     assert {c["model"] for c in r["checks"] if c["method"] == "student"} == set(MODELS.names())
-    assert all(c["passed"] and c["worst"] == 0.0 and c["steps"] == 2 for c in r["checks"])  # fp32 is the reference
+    assert all(c["passed"] and c["steps"] == 2 for c in r["checks"])
+    assert all(c["worst"] == 0.0 for c in r["checks"] if c["label"] == "fp32")  # fp32 is the reference
+    bf16 = {(c["method"], c["model"]): c["worst"] for c in r["checks"] if c["label"] == "bf16"}
+    assert all(w < 1.0 for w in bf16.values())  # within the derived tolerance of fp32
+    assert bf16["student", "deeplabv3_resnet18"] > 0.0  # and really rounded to bf16 (CPU autocast)
     assert all(math.isfinite(v) for c in r["checks"] for v in c["terms"].values())
     assert r["compile"] == {"skipped": "--quick"} and r["ddp"] == {"skipped": "--quick"}
     (speed,) = r["speed"]
@@ -63,9 +67,14 @@ def test_a_nan_term_fails_doctor_in_one_line(monkeypatch, capsys):
     assert e.value.code == 1
     captured = capsys.readouterr()
     (line,) = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
-    assert line == "error: method _test_nan on deeplabv3_resnet18, precision fp32: term 'broken' is nan at step 1"
+    # the first failure is named; its bf16 check fails too, and says so in the count
+    assert line == ("error: method _test_nan on deeplabv3_resnet18, precision fp32: term 'broken' is nan at step 1 "
+                    "(and 1 more check(s) failed)")
     r = json.loads(captured.out)
-    assert not r["passed"] and [c["passed"] for c in r["checks"]] == [False, True]  # the student still passes
+    assert not r["passed"]
+    assert {(c["method"], c["label"]): c["passed"] for c in r["checks"]} == {
+        ("_test_nan", "fp32"): False, ("_test_nan", "bf16"): False, ("student", "fp32"): True,
+        ("student", "bf16"): True}  # the student still passes
 
 
 class _KLInAutocastDtype(Method):

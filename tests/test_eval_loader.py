@@ -52,7 +52,7 @@ def test_eval_workers_default_to_data_workers_and_are_not_part_of_the_hash():
     assert base.eval.loader_workers(base.data) == 3
     own = build_config({}, ["data.workers=3", "eval.workers=0"])
     assert own.eval.loader_workers(own.data) == 0
-    assert own.identity_hash() == base.identity_hash() == RunConfig().identity_hash()
+    assert own.identity_hash() == base.identity_hash() == build_config({}).identity_hash()
     loader = eval_loader(EvalView(TinyScenes(None, "val"), 5), batch_size=2, workers=2)
     assert loader.num_workers == 2 and [len(b) for b in loader.batch_sampler] == [2, 2, 1]
 

@@ -70,8 +70,8 @@ def test_scaled_evaluation_matches_hand_resized_one():
 
 
 def test_eval_scale_config_checks_and_hash():
-    assert build_config({}, ["eval.scale=1.0"]).identity_hash() == RunConfig().identity_hash()
-    assert build_config({}, ["eval.scale=0.5"]).identity_hash() != RunConfig().identity_hash()
+    assert build_config({}, ["eval.scale=1.0"]).identity_hash() == build_config({}).identity_hash()
+    assert build_config({}, ["eval.scale=0.5"]).identity_hash() != build_config({}).identity_hash()
     with pytest.raises(ConfigError, match="exclude each other"):
         build_config({}, ["eval.scale=0.5", "eval.size=[32, 32]"])
     with pytest.raises(ConfigError, match="eval.scale=0.0 is out of range"):

@@ -38,9 +38,10 @@ class RecordingExecutor:
 
 def test_teachers_are_submitted_first_and_students_wait_for_them(tmp_path):
     t1, t2 = tmp_path / "t1", tmp_path / "t2"
-    done = tmp_path / "t0"  # a teacher trained earlier: its students need not wait
-    (done).mkdir()
+    done = tmp_path / "t0"  # a teacher trained earlier (its record and its weights): its students need not wait
+    (done / "checkpoints").mkdir(parents=True)
     (done / "results.json").write_text(json.dumps({"status": "completed"}))
+    (done / "checkpoints" / "last.pt").write_bytes(b"weights")
     runs = [planned("s-a", tmp_path / "sa", [t1]), planned("s-b", tmp_path / "sb", [t1, t2]),
             planned("s-c", tmp_path / "sc", [done]), planned("teacher:1", t1), planned("teacher:2", t2)]
     jobs = job_graph(runs)
@@ -59,6 +60,11 @@ def test_teachers_are_submitted_first_and_students_wait_for_them(tmp_path):
 def test_a_dependency_neither_done_nor_planned_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="neither finished nor planned"):
         job_graph([planned("s", tmp_path / "s", [tmp_path / "missing"])])
+    recorded = tmp_path / "recorded"  # a teacher's record without its checkpoint (a fresh clone) is not finished
+    recorded.mkdir()
+    (recorded / "results.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(ConfigError, match="neither finished nor planned"):
+        job_graph([planned("s", tmp_path / "s", [recorded])])
 
 
 @pytest.mark.skipif(HAS_SUBMITIT, reason="checks the message shown when submitit is absent")

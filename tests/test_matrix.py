@@ -1,9 +1,14 @@
-"""Every method works with every model: two training steps and one evaluation, in-process, tiny input.
+"""Methods x models: two training steps and one evaluation, in-process, tiny input.
 
 The paper applies SDES to DeepLabV3 (four backbones), ERFNet, ESNet and ENet, and the baselines to
 several of them; the output-dict contract is what makes any pair work. Each pair runs the suite's one
 training step (`engine.step.train_step`, as the Trainer does) for a finite loss and a student that
 changes, then evaluates, checking extra evaluation predictions (Ens-T) are shaped like the logits.
+
+The matrix samples rather than taking the full product, so it grows by two pairs per new method, not
+by one per model: every model runs the student and SDES (both expert kinds: the paper's method on each
+of its networks), and every other method runs on two models spread over the list (`PAIRS`), so each
+model meets several methods and each method meets a DeepLabV3 and, for most, a real-time network.
 """
 import pytest
 import torch
@@ -17,7 +22,30 @@ from sdesbench.methods.base import StepInfo
 from sdesbench.models import MODELS, count_params
 
 MODELS_UNDER_TEST = [m for m in MODELS.names() if m != "deeplabv3_resnet101"]  # R101: a teacher only
-CASES = [(name, {}) for name in METHODS.names()] + [("sdes", {"expert": "student", "n_experts": 2})]
+ON_EVERY_MODEL = [("student", {}), ("sdes", {}), ("sdes", {"expert": "student", "n_experts": 2})]
+MODEL_OFFSETS = (0, 3)  # a method's two models: consecutive methods start one model further along
+
+
+def sampled_pairs() -> dict[str, list[tuple[str, dict]]]:
+    """model -> the (method, options) cases it runs (module docstring)."""
+    pairs = {m: list(ON_EVERY_MODEL) for m in MODELS_UNDER_TEST}
+    others = [name for name in METHODS.names() if name not in {n for n, _ in ON_EVERY_MODEL}]
+    for i, name in enumerate(others):
+        for k in MODEL_OFFSETS:
+            pairs[MODELS_UNDER_TEST[(i + k) % len(MODELS_UNDER_TEST)]].append((name, {}))
+    return pairs
+
+
+PAIRS = sampled_pairs()
+
+
+def test_the_sample_covers_every_method_and_model_twice():
+    seen = [(model, name) for model, cases in PAIRS.items() for name, _ in cases]
+    assert {name for _, name in seen} == set(METHODS.names())
+    for name in METHODS.names():
+        expected = len(MODELS_UNDER_TEST) if name in ("student", "sdes") else len(MODEL_OFFSETS)
+        assert len({model for model, n in seen if n == name}) == expected, name
+    assert all(len(cases) >= len(ON_EVERY_MODEL) + 2 for cases in PAIRS.values())
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +59,7 @@ def test_every_method_trains_and_evaluates_with_model(model_name, counts):
     x = torch.randn(2, 3, 40, 56)  # non-square, not a multiple of 16
     y = torch.randint(0, 11, (2, 40, 56))
     y[:, :3] = 255
-    for method_name, options in CASES:
+    for method_name, options in PAIRS[model_name]:
         learner = step.random_learner(model_name, method_name, 11, options, train=TrainConfig(iters=10),
                                       class_pixel_counts=lambda: counts)
         model, method = learner.model, learner.method

@@ -3,6 +3,7 @@ counting against hand formulas, and the pretrained-weights errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -14,7 +15,7 @@ from sdesbench.errors import ConfigError
 from sdesbench.models import build_model, count_params
 from sdesbench.models.enet import max_unpool2x
 from sdesbench.models.experts import LightExpertDecoder
-from sdesbench.measure.profile import build_profiled, count_gflops
+from sdesbench.measure.profile import build_profiled, count_cirkd_gflops, count_gflops
 from sdesbench.config import ModelConfig
 
 # Documented stage layout of every model (docs/models.md): channels and strides of `stages`,
@@ -28,6 +29,8 @@ LAYOUT = {
     "erfnet": ([16, 64, 128], [2, 4, 8], 16, 1),
     "esnet": ([16, 64, 128], [2, 4, 8], 16, 1),
     "enet": ([16, 64, 128, 128], [2, 4, 8, 8], 16, 1),
+    "pspnet_resnet18": ([64, 128, 256, 512], [4, 8, 8, 8], 128, 8),
+    "pspnet_resnet18_vanilla": ([64, 128, 256, 512], [4, 8, 8, 8], 128, 8),
 }
 
 # The paper's Params (M): Table 2 (19 classes) and "Results on CamVid" (11 classes).
@@ -153,3 +156,141 @@ def test_profile_cli_json_and_errors():
     assert row["paper_params_m"] == 0.36 and row["paper_gflops"] is None  # FLOPs compared at 512x1024 only
     assert_one_line_error(run_cli("profile", "--model", "enet", "--input", "30x64"), "--input")
     assert_one_line_error(run_cli("profile", "--model", "enett"), "unknown model")
+
+
+# --- PSPNet-ResNet18 as CIRKD builds it (sdesbench/models/pspnet.py) -----------------------------------
+
+CIRKD_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "cirkd_pspnet_resnet18.json"
+
+
+def seeded_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Deterministic weights drawn from one generator in the order of the sorted state-dict names (so
+    they depend on the names and shapes only, not on torch's init order): conv weights N(0, 2/fan_in),
+    BatchNorm weights U(0.5, 1.5), running variances U(0.5, 1.5), biases and running means U(-0.1, 0.1).
+    The CIRKD fixture was recorded by loading exactly these tensors into CIRKD's own PSPNet."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            if not t.is_floating_point():
+                continue
+            if t.dim() > 1:
+                t.copy_(torch.randn(t.shape, generator=gen) * (2.0 / t[0].numel()) ** 0.5)
+            elif name.endswith(("running_var", ".weight")):
+                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
+            else:
+                t.copy_(0.2 * torch.rand(t.shape, generator=gen) - 0.1)
+
+
+def test_pspnet_bins_output_stride_8_and_aux_head():
+    model = build_model(ModelConfig(name="pspnet_resnet18", aux=True), 7).eval()
+    assert model.decoder.ppm.bins == (1, 2, 3, 6)
+    pooled = []
+    hooks = [branch[0].register_forward_hook(lambda m, i, o: pooled.append(tuple(o.shape[-2:])))
+             for branch in model.decoder.ppm.branches]
+    x = torch.randn(1, 3, 40, 56)  # not a multiple of 16: feature map 5 x 7 at output stride 8
+    with torch.no_grad():
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    assert pooled == [(1, 1), (2, 2), (3, 3), (6, 6)]
+    assert out["decoder_feature"].shape == (1, 128, 40 // 8, 56 // 8)
+    assert out["stages"][-1].shape[-2:] == out["stages"][-2].shape[-2:] == (5, 7)  # layer3, layer4 dilated
+    assert out["logits"].shape == out["aux"].shape == (1, 7, 40, 56)
+    # the aux head reads layer3 (256 channels): CIRKD's _FCNHead 3x3 256->64, BN, ReLU, dropout, 1x1 -> C
+    assert count_params(model.aux_head) == 256 * 64 * 9 + 2 * 64 + 64 * 7 + 7
+    with torch.no_grad():
+        assert build_model("pspnet_resnet18", 7).eval()(x)["aux"] is None
+
+
+def test_pspnet_params_equal_hand_count():
+    classes = 19
+    model = build_model(ModelConfig(name="pspnet_resnet18"), classes)
+    c, r = 512, 512 // 4  # layer4 channels, branch channels (reduction 4)
+    # each bin: 1x1 conv c->r without bias + BN(r) (weight and bias)
+    ppm = 4 * (c * r + 2 * r)
+    assert count_params(model.decoder.ppm) == ppm == 263_168
+    # then 3x3 conv (c + 4r)->128 without bias + BN(128), and the 1x1 classifier 128->C with bias
+    head = ppm + (c + 4 * r) * 128 * 9 + 2 * 128 + 128 * classes + classes
+    assert count_params(model.decoder) == head
+
+    def basic_block(cin, cout, project):  # two 3x3 convs + 2 BN, a 1x1 projection + BN when the shape changes
+        return cin * cout * 9 + cout * cout * 9 + 4 * cout + (cin * cout + 2 * cout if project else 0)
+
+    stem = 3 * 64 * 9 + 64 * 64 * 9 + 64 * 128 * 9 + 2 * (64 + 64 + 128)  # CIRKD's deep stem, 3x3 convs
+    layers = (basic_block(128, 64, True) + basic_block(64, 64, False) + basic_block(64, 128, True)
+              + basic_block(128, 128, False) + basic_block(128, 256, True) + basic_block(256, 256, False)
+              + basic_block(256, 512, True) + basic_block(512, 512, False))
+    assert count_params(model.backbone) == stem + layers == 11_324_992  # = CIRKD's resnet18_v1s
+    assert count_params(model) == stem + layers + head
+    vanilla = build_model("pspnet_resnet18_vanilla", classes)  # 7x7 stem 3->64; layer1 needs no projection
+    assert count_params(vanilla) == count_params(model) - stem - (128 - 64) * 64 * 9 - (128 * 64 + 2 * 64) \
+        + 3 * 64 * 49 + 2 * 64
+
+
+def test_pspnet_reproduces_cirkd_outputs():
+    """CIRKD's own PSPNet-ResNet18 (aux=True), given the tensors of `seeded_weights`, produced the
+    recorded logits, aux logits and features (feature size, before any resizing)."""
+    fixture = json.loads(CIRKD_FIXTURE.read_text())
+    model = build_model(ModelConfig(name="pspnet_resnet18", aux=True), fixture["num_classes"]).eval()
+    seeded_weights(model, fixture["weights_seed"])
+    x = torch.randn(*fixture["input_shape"], generator=torch.Generator().manual_seed(fixture["input_seed"]))
+    assert x.double().sum().item() == pytest.approx(fixture["input_sum"], rel=1e-9)
+    with torch.no_grad():
+        out = model(x)
+        logits = model.decoder(out["stages"])["logits"]
+        aux = model.aux_head(out["stages"][-2])
+    ref = {k: torch.tensor(fixture[k]) for k in ("logits", "aux", "feature_channel_mean")}
+    torch.testing.assert_close(logits, ref["logits"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(aux, ref["aux"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["decoder_feature"].mean(dim=(2, 3)), ref["feature_channel_mean"], rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_pspnet_loads_cirkd_deep_stem_weights(tmp_path):
+    """A file laid out as CIRKD's resnet18-imagenet.pth (its names and shapes, recorded) loads into the
+    deep-stem backbone, each tensor at its renamed place; wrong files fail in one line."""
+    layout = json.loads(CIRKD_FIXTURE.read_text())["resnet18_v1s_state"]
+    gen = torch.Generator().manual_seed(3)
+    state = {name: torch.randn(shape, generator=gen) if shape else torch.tensor(5) for name, shape in layout}
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 512), torch.randn(1000)  # a classifier is ignored
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(state, path)
+    model = build_model(ModelConfig(name="pspnet_resnet18", pretrained=True, weights=str(path)), 19)
+    own = model.backbone.state_dict()
+    assert torch.equal(own["conv1.0.weight"], state["conv1.weight"])  # 3x3 3->64, stride 2
+    assert torch.equal(own["conv1.4.running_var"], state["bn2.running_var"])
+    assert torch.equal(own["conv1.6.weight"], state["conv3.weight"])  # 3x3 64->128
+    assert torch.equal(own["bn1.weight"], state["bn3.weight"])  # the stem's last BN (128)
+    assert torch.equal(own["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
+    assert len(own) == len(layout)
+    with pytest.raises(ConfigError, match="does not fit") as e:  # timm's 7x7-stem resnet18: not this network
+        torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "tv.pth")
+        build_model(ModelConfig(name="pspnet_resnet18", pretrained=True, weights=str(tmp_path / "tv.pth")), 19)
+    assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(ConfigError, match="model.weights") as e:  # pretrained without a file: no timm weights
+        build_model(ModelConfig(name="pspnet_resnet18", pretrained=True), 19)
+    assert len(str(e.value).splitlines()) == 1 and "pspnet_resnet18_vanilla" in str(e.value)
+
+
+def test_cirkd_counter_ignores_dilation_and_counts_convs_only():
+    # CIRKD's utils/flops.py: out = (in + 2p - k) // s + 1 without the dilation; BN, pooling free
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=2, dilation=2), torch.nn.BatchNorm2d(8),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
+    h, w = 16, 24
+    expected = 3 * 8 * 9 * (h + 4 - 3 + 1) * (w + 4 - 3 + 1) + 8 * 5  # 18 x 26 outputs counted, not 16 x 24
+    assert count_cirkd_gflops(net, (h, w)) * 1e9 == expected
+
+
+def test_profile_cirkd_reference_for_pspnet_resnet18():
+    """`profile --reference cirkd`: Params and FLOPs (CIRKD's counter) within 1% of CIRKD Table 1's
+    12.9 M / 507.4 G (docs/models.md), at 1024x2048 with the aux head, as CIRKD counts it."""
+    proc = run_cli("profile", "--reference", "cirkd", "--model", "pspnet_resnet18", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    assert (row["reference"], row["input_size"], row["aux"], row["counter"]) == ("cirkd", [1024, 2048], True, "cirkd")
+    assert (row["paper_params_m"], row["paper_gflops"]) == (12.9, 507.4)
+    assert row["params_m"] == round(count_params(build_model(ModelConfig(name="pspnet_resnet18", aux=True), 19)) / 1e6, 4)
+    assert abs(row["params_rel_diff"]) < 0.01 and abs(row["gflops_rel_diff"]) < 0.01, row
+    assert row["gflops_rel_diff"] == pytest.approx((row["cirkd_counter_gflops"] - 507.4) / 507.4, abs=1e-6)
+    assert 0 < row["gflops"] < row["cirkd_counter_gflops"]  # fvcore: dilated convs at their true output size
+    assert_one_line_error(run_cli("profile", "--reference", "cirkdd"), "--reference")

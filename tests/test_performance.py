@@ -1,12 +1,14 @@
 """Performance plumbing: fp32 loss helpers under autocast, fast class maps, CPU peak memory, `sdesbench bench`."""
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli
+from conftest import cli_env, run_cli
 from sdesbench.measure.bench import BenchSettings, run_bench
 from sdesbench.measure.memory import peak_bytes
 from sdesbench.measure.step_cost import median_interval
@@ -47,6 +49,25 @@ def test_cpu_peak_bytes_replay_allocations():
         del b, c
 
     assert peak_bytes(pattern, live_before=123, device=torch.device("cpu")) == 123 + 10_000_000
+    # nothing allocated is what a profiler that recorded nothing looks like: an error, never a peak of 0
+    with pytest.raises(RuntimeError, match="recorded no CPU allocation"):
+        peak_bytes(lambda: None, live_before=123, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("level, chatter", [(None, False), ("0", True)])
+def test_cpu_peak_bytes_keeps_the_profiler_quiet_unless_asked(level, chatter):
+    """Kineto's `profiler_start`/`profiler_stop` lines stay off stderr; a user's KINETO_LOG_LEVEL wins.
+    A fresh process each: kineto reads its level once, when the process first profiles."""
+    code = ("import torch; from sdesbench.measure.memory import peak_bytes; "
+            "print(peak_bytes(lambda: torch.empty(1000), 0, torch.device('cpu')))")
+    env = cli_env()
+    env.pop("KINETO_LOG_LEVEL", None)
+    if level is not None:
+        env["KINETO_LOG_LEVEL"] = level
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "4000"  # 1000 float32
+    assert ("profiler_start" in proc.stderr) == chatter, proc.stderr
 
 
 def test_bench_json_structure_and_memory_floor():

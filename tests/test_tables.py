@@ -22,6 +22,7 @@ SHORT = ["--set", "train.iters=2", "--set", "data.crop=48", "--set", "data.batch
 SHORT_SETS = [SHORT[i + 1] for i in range(0, len(SHORT), 2)]
 STATUS_WORDS = {"skipped", "missing", "failed", "interrupted"}
 PAPER_TABLES = ROOT.parent / "shared" / "paper" / "tables.yaml"
+PAPER_TEXT = ROOT.parent / "shared" / "paper" / "sdes-aaai2023.txt"
 NUMBER = re.compile(r"^-?\d+\.\d+( ± \d+\.\d+)?$")
 
 
@@ -37,11 +38,15 @@ def md_rows(md: str) -> list[dict[str, str]]:
     return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
 
 
+SDES_TABLES = ("table1", "table2", "table3", "table4", "fig3")  # the SDES paper's protocol
+
+
 def test_every_spec_expands_in_every_preset(tmp_path):
-    assert {"table1", "table2", "table3", "table4", "fig3"} <= set(list_tables())
+    assert set(SDES_TABLES) <= set(list_tables())
     for table in list_tables():
         spec = load_spec(table)
-        for preset in PRESETS:
+        assert {"paper", "smoke"} <= set(spec.presets), table
+        for preset in [p for p in PRESETS if p in spec.presets]:  # the CIRKD-style tables have no `mini`
             plans = Sweep(table, preset, (0, 1), tmp_path).plans(spec)
             assert plans, (table, preset)
             for p in plans:
@@ -50,6 +55,8 @@ def test_every_spec_expands_in_every_preset(tmp_path):
                 assert {"iters", "crop", "batch", "lr"} <= set(p.protocol), (table, p.key)
                 if p.cfg is not None:
                     assert Path(p.cfg.output.dir).name == p.cfg.identity_hash()
+        if table not in SDES_TABLES:
+            continue  # other protocols: tests/test_datasets_cirkd.py
         paper = spec.presets["paper"]
         iters = {"voc": 30000, "cityscapes": 45000, "camvid": 5000}[spec.dataset]
         assert paper.train["iters"] == iters and paper.data["crop"] == [512, 512]
@@ -171,13 +178,16 @@ def test_failed_missing_and_multi_seed_cells(tmp_path):
     s0, s1, s2, s3 = plans
     # two completed seeds: mean ± sample std of 50 and 60 = 55.00 ± 7.07; Δ = 55 - 67.56 = -12.56
     write_record(s0.out, s0.cfg, status="completed", metrics={"miou": 0.50, "pixel_acc": 0.9})
-    write_record(s1.out, s1.cfg, status="completed", metrics={"miou": 0.60, "pixel_acc": 0.9})
+    # seed 1 measured its wall time (schema 4), seed 0 did not (its wall_time_s was the step time)
+    write_record(s1.out, s1.cfg, status="completed", metrics={"miou": 0.60, "pixel_acc": 0.9}, schema=4,
+                 wall_time_s=7.0, step_time_s=1.0)
     write_record(s2.out, s2.cfg, status="failed", error="non-finite loss term 'ss' at iteration 3")
     _, md = write_table(Sweep("table3", "smoke", (0, 1, 2), tmp_path))
     rows = {(r["Network"], r["Method"]): r for r in md_rows(md)}
     eff = rows[("EfficientNet-B0", "Student")]
     assert eff["mIoU"] == "55.00 ± 7.07" and eff["Δ mIoU"] == "-12.56" and eff["seeds"] == "2"
-    assert eff["s/iter"] == "0.200 ± 0.000"  # wall_time_s / iterations = 2 / 10
+    assert eff["step s/iter"] == "0.150 ± 0.071"  # step time / iterations: 2 / 10 and 1 / 10
+    assert eff["wall s"] == "7"  # seed 0's wall time is unknown, so only seed 1's
     assert "2 completed" in eff["status"] and "failed: non-finite loss term" in eff["status"]
     for key, row in rows.items():
         if key[1] != "Student":
@@ -214,27 +224,73 @@ def test_unknown_table_and_preset_are_one_line(tmp_path):
         Sweep("table4", "huge", (0,), tmp_path).plans()
 
 
-def test_table2_report_has_the_profilers_flops_for_every_network_row(tmp_path, monkeypatch):
-    """The report's Params/FLOPs columns are `sdesbench profile`'s numbers (the spec's input size is
-    shrunk to 64x128 here to keep fvcore fast; the wiring is what is checked)."""
+def shrunk_report(tmp_path, monkeypatch, table: str, paper_hw: str, small_hw: str) -> list[dict[str, str]]:
+    """The smoke report of `table` with the spec's profiling input size shrunk (fvcore stays fast;
+    the wiring is what is checked), as Markdown rows."""
     specs = tmp_path / "specs"
     specs.mkdir()
-    text = (ROOT / "experiments" / "table2.yaml").read_text()
-    assert "input_hw: [512, 1024]" in text
-    (specs / "table2.yaml").write_text(text.replace("input_hw: [512, 1024]", "input_hw: [64, 128]"))
+    text = (ROOT / "sdesbench" / "specs" / f"{table}.yaml").read_text()
+    assert f"input_hw: {paper_hw}" in text
+    (specs / f"{table}.yaml").write_text(text.replace(f"input_hw: {paper_hw}", f"input_hw: {small_hw}"))
     monkeypatch.setenv("SDESBENCH_EXPERIMENTS", str(specs))
-    rep = run_cli("report", "table2", "--preset", "smoke", "--results", str(tmp_path / "results"))
+    rep = run_cli("report", table, "--preset", "smoke", "--results", str(tmp_path / "results"))
     assert rep.returncode == 0, rep.stderr
+    rows = md_rows(rep.stdout)
+    assert len(rows) == sum(len(g.rows) for g in load_spec(table).groups)
+    return rows
+
+
+def paper_sizes_from_yaml(table: str) -> dict[tuple[str, str], tuple[float | None, float | None]]:
+    """(group, label) -> the paper's (Params, FLOPs) read from the spec file itself: a row's own
+    figures, else its group's, but never the group's (the student's) for an Ens-T row."""
+    raw = yaml.safe_load((ROOT / "sdesbench" / "specs" / f"{table}.yaml").read_text())
+    out = {}
+    for g in raw["groups"]:
+        for r in g["rows"]:
+            inherited = {} if r.get("metric") == "ens_t" else g
+            out[g["name"], r["label"]] = (r.get("params_m", inherited.get("params_m")),
+                                          r.get("gflops", inherited.get("gflops")))
+    return out
+
+
+def cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def test_table2_report_has_the_profilers_flops_for_every_network_row(tmp_path, monkeypatch):
+    """The report's Params/FLOPs columns are `sdesbench profile`'s numbers beside the paper's; the
+    Ens-T row's paper figures are those the paper's text gives for the ResNet-18 ensemble."""
+    rows = shrunk_report(tmp_path, monkeypatch, "table2", "[512, 1024]", "[64, 128]")
     prof = run_cli("profile", "--classes", "19", "--input", "64x128", "--json")
     assert prof.returncode == 0, prof.stderr
     expected = {r["model"]: r for r in json.loads(prof.stdout)}
     spec = {g.name: g.model for g in load_spec("table2").groups}
-    rows = md_rows(rep.stdout)
-    assert len(rows) == sum(len(g.rows) for g in load_spec("table2").groups)
+    paper = paper_sizes_from_yaml("table2")
     for row in rows:
         model = "ens_t_resnet18" if row["Method"] == "Ens-T" else spec[row["Network"]]
         assert row["FLOPs (G)"] == f"{expected[model]['gflops']:.2f}", row
         assert row["Params (M)"] == f"{expected[model]['params_m']:.2f}", row
+        params, flops = paper[row["Network"], row["Method"]]
+        assert (row["paper Params"], row["paper FLOPs"]) == (cell(params), cell(flops)), row
+    ens = [r for r in rows if r["Method"] == "Ens-T"]
+    assert [(r["paper Params"], r["paper FLOPs"]) for r in ens] == [("15.94", "134.34")]
+    student = rows[0]  # the ResNet-18 student beside it keeps its group's figures
+    assert (student["Method"], student["paper Params"], student["paper FLOPs"]) == ("Student", "15.90", "134.08")
+    if PAPER_TEXT.is_file():
+        assert "ensemble teacher for ResNet-18 are 15.94 M and 134.34 G" in PAPER_TEXT.read_text()
+
+
+def test_table3_ens_t_row_shows_no_paper_params(tmp_path, monkeypatch):
+    """The paper gives no size for Table 3's Ens-T: its row shows "—", not the student's 7.31 that
+    its group carries, beside the measured ensemble (student plus expert decoders, so larger)."""
+    rows = shrunk_report(tmp_path, monkeypatch, "table3", "[512, 512]", "[64, 64]")
+    by_label = {(r["Network"], r["Method"]): r for r in rows}
+    ens, student = by_label["EfficientNet-B0", "Ens-T"], by_label["EfficientNet-B0", "Student"]
+    assert (ens["paper Params"], student["paper Params"]) == ("—", "7.31")
+    assert float(ens["Params (M)"]) > float(student["Params (M)"])
+    paper = paper_sizes_from_yaml("table3")
+    for row in rows:
+        assert row["paper Params"] == cell(paper[row["Network"], row["Method"]][0]), row
 
 
 def test_camvid_paper_presets_evaluate_on_test_and_mini_on_val(tmp_path):

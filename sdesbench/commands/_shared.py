@@ -1,26 +1,27 @@
 """What several commands share: the table options (`run`, `ablate`, `report`), the dry-run plan table,
-and the consoles everything prints to (results on stdout, progress and notes on stderr)."""
+and the consoles everything prints to (results on stdout, progress and notes on stderr: `sdesbench.console`,
+which never wraps a line when the stream is not a terminal)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from sdesbench.console import Console, err, out
 
 if TYPE_CHECKING:  # the experiments layer imports torch: loaded when a command runs, not at start-up
     from sdesbench.experiments.plan import PlannedRun, Sweep
 
-out = Console()
-err = Console(stderr=True)
-
 PRESET_OPTION = typer.Option("smoke", help="paper | mini | smoke")
 SEEDS_OPTION = typer.Option("0", help="Comma-separated seeds, e.g. 0,1,2.")
-RESULTS_OPTION = typer.Option(Path("results"), help="Results folder.")
+RESULTS_OPTION = typer.Option(Path("results"), help="Results folder, relative to the current folder: tables, "
+                              "plots and the run records (runs/<dataset>/<model>/<method>/<hash>/).")
 SETS_OPTION = typer.Option([], "--set", help="Override config values for every run: section.key=value.")
 DRY_RUN_OPTION = typer.Option(False, "--dry-run", help="List the runs with their protocol; train nothing.")
-PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress")
+PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Show each run's progress: a live bar on a "
+                               "terminal, plain lines elsewhere (a log; also with --gpus/--workers).")
 GPUS_OPTION = typer.Option(None, "--gpus", help="Train concurrently, one run per GPU (or GPU group), e.g. 0,1,2,3; "
                            "teachers before their students.")
 GPUS_PER_RUN_OPTION = typer.Option(1, "--gpus-per-run", min=1, help="GPUs per run with --gpus: >1 trains each run "
@@ -38,21 +39,21 @@ def make_sweep(table: str, preset: str, seeds: str, results: Path, sets: list[st
 def print_plan(plans: list[PlannedRun]) -> None:
     """`--dry-run`: every run with its protocol, dependency (teacher) and status; trains nothing."""
     t = Table(title="planned runs", show_lines=False)
-    cols = ("row", "seed", "model", "method", "dataset", "train/eval split", "iters", "crop", "batch", "lr", "tau",
-            "N", "expert", "teacher", "depends on", "status")
+    cols = ("row", "seed", "model", "method", "dataset", "train/eval split", "iters", "crop", "batch", "lr",
+            "temperature", "weights", "N", "expert", "teacher", "teacher seed", "depends on", "status")
     for col in cols:
         t.add_column(col, overflow="fold")
     for p in plans:
         pr = p.protocol
         model = p.cfg.model.name if p.cfg else p.model
         deps = ", ".join(d.split("/runs/")[-1] for d in p.depends_on)
-        status = f"skipped: {p.skipped}" if p.cfg is None else ("done" if p.done() else "to run")
+        status = p.status()
         t.add_row(p.key, str(p.seed), model, "student" if p.is_teacher else p.method, str(pr.get("dataset", "")),
                   f"{pr.get('train_split', '')}/{pr.get('eval_split', '')}", str(pr.get("iters", "")),
                   "x".join(map(str, pr.get("crop", []))), str(pr.get("batch", "")), str(pr.get("lr", "")),
-                  str(pr.get("tau", "")), str(pr.get("N", "")), str(pr.get("expert", "")), str(pr.get("teacher", "")),
-                  deps, status)
-    Console(width=300).print(t)
+                  pr.get("temperature", ""), pr.get("weights", ""), str(pr.get("N", "")), str(pr.get("expert", "")),
+                  str(pr.get("teacher", "")), str(pr.get("teacher_seed", "")), deps, status)
+    Console(terminal_width=300).print(t)
     n_run = len({str(p.out) for p in plans if p.cfg is not None})
     out.print(f"{len(plans)} planned rows/teachers, {n_run} distinct runs, "
               f"{sum(1 for p in plans if p.cfg is None)} skipped; nothing was trained (--dry-run)")

@@ -22,8 +22,9 @@ def register(app: typer.Typer) -> None:
     ):
         """Each loss term's value and the L2 norm of its gradient at the student's encoder, and both
         relative to L_SS (`ss`), measured in train mode on fixed training batches."""
-        from rich.console import Console
         from rich.table import Table
+
+        from sdesbench.console import Console
 
         from sdesbench.measure.loss_balance import checkpoint_balance
 
@@ -43,4 +44,4 @@ def register(app: typer.Typer) -> None:
             for name, t in r["terms"].items():
                 table.add_row(r["checkpoint"], str(r["iteration"]), name, num(t["value"]), num(t["value_ratio"]),
                               num(t["grad_norm"]), num(t["grad_ratio"]))
-        Console(width=200).print(table)
+        Console(terminal_width=200).print(table)

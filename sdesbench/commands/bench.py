@@ -32,9 +32,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     ):
         """Benchmark (not a test): step time and peak memory per method relative to student, and more."""
-        from rich.console import Console
-
         from sdesbench.config import parse_override
+        from sdesbench.console import err
         from sdesbench.errors import ConfigError
         from sdesbench.measure.bench import BenchSettings, format_report, run_bench
 
@@ -49,7 +48,6 @@ def register(app: typer.Typer) -> None:
             if len(parts) != 2:
                 raise ConfigError(f"--option expects METHOD.KEY=VALUE, got {text!r}")
             options.setdefault(parts[0], {})[parts[1]] = value
-        err = Console(stderr=True)
         settings = BenchSettings(model=model, batch=batch, crop=crop, rounds=rounds, steps=steps, warmup=warmup,
                                  clock=clock,
                                  methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,

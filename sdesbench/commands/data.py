@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from sdesbench.console import out
+
 data_app = typer.Typer(no_args_is_help=True, help="Check dataset folders and compute class statistics.")
-out = Console()
 
 
 def stats_cache_dir() -> Path:
@@ -51,7 +51,10 @@ def check(
 
 def _print_report(report: dict) -> None:
     splits = list(report["splits"])
-    out.print("  ".join(f"{s}: {n} images" for s, n in report["splits"].items()) or "no splits found")
+    for s, n in report["splits"].items():  # which list file (or folder) each split came from
+        out.print(f"{s}: {n} images from {report['sources'][s]}", soft_wrap=True, highlight=False)
+    if not splits:
+        out.print("no splits found")
     if splits:
         t = Table(title="pixel share %", caption="of labelled pixels (void excluded)")
         t.add_column("class")

@@ -12,6 +12,7 @@ from sdesbench.commands._shared import (DRY_RUN_OPTION, GPUS_OPTION, GPUS_PER_RU
                                        PROGRESS_OPTION, RESULTS_OPTION, SEEDS_OPTION, SETS_OPTION, WORKERS_OPTION, err,
                                        make_sweep, out, print_plan)
 from sdesbench.errors import SdesbenchError
+from sdesbench.registry import did_you_mean
 
 
 def print_written(written) -> None:
@@ -26,7 +27,8 @@ def print_written(written) -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def run(
-        table: str = typer.Argument(..., help="Table spec in experiments/ (see `sdesbench list tables`)."),
+        table: str = typer.Argument(..., help="A table name (`sdesbench list tables`) or the path of a spec file "
+                                    "(my_table.yaml)."),
         preset: str = PRESET_OPTION,
         seeds: str = SEEDS_OPTION,
         results: Path = RESULTS_OPTION,
@@ -43,6 +45,10 @@ def register(app: typer.Typer) -> None:
         gpus: Optional[str] = GPUS_OPTION,
         gpus_per_run: int = GPUS_PER_RUN_OPTION,
         workers: Optional[int] = WORKERS_OPTION,
+        restore_weights: bool = typer.Option(False, "--restore-weights", help="Also train again every recorded run "
+                                             "whose checkpoint is not here (a fresh clone keeps records, not "
+                                             "weights), for `show` and `report --qualitative`; each says whether "
+                                             "it reproduces its record."),
     ):
         """Run every row of a paper table (teachers first; finished runs are skipped), then print the table."""
         from sdesbench.experiments.launch import check_launcher, submit_to_slurm
@@ -57,6 +63,9 @@ def register(app: typer.Typer) -> None:
             plan_slots(gpu_ids, gpus_per_run, workers)  # a bad combination fails before planning too
         sweep = make_sweep(table, preset, seeds, results, sets)
         plans = sweep.plans()
+        if restore_weights:
+            for p in plans:
+                p.needs_weights = True
         if dry_run:
             print_plan(plans)
             return
@@ -71,40 +80,69 @@ def register(app: typer.Typer) -> None:
         err.print(f"{sweep.title}: {time.perf_counter() - t0:.0f} s")
         if failed:
             raise SdesbenchError(f"{failed} run(s) failed; the table shows them as failed")
+        unmeasured = sorted({p.key for p in plans if p.cfg is not None and not p.is_teacher and not p.recorded()})
+        if unmeasured:  # e.g. a run another process holds: the table is not complete yet
+            raise SdesbenchError(f"{len(unmeasured)} row(s) hold no measured number yet ({', '.join(unmeasured)}); "
+                                 f"rerun `{sweep.command('run')}` to finish them")
 
     @app.command()
     def report(
-        tables: list[str] = typer.Argument(None, help="Tables to report, e.g. table4 fig3 (default: all)."),
+        tables: list[str] = typer.Argument(None, help="Tables to report, by name or spec path, e.g. table4 fig3 "
+                                            "(default: every known table)."),
         preset: str = typer.Option("smoke", help="Preset whose runs to report."),
         seeds: str = SEEDS_OPTION,
         results: Path = RESULTS_OPTION,
         sets: list[str] = typer.Option([], "--set", help="The --set values the runs were made with (part of their "
                                        "hash)."),
-        stats: bool = typer.Option(False, "--stats", help="Add a per-image paired bootstrap against each group's "
-                                   "Student row (from the runs' per-image counts; one seed suffices)."),
+        stats: bool = typer.Option(False, "--stats", help="Add bootstraps against each group's Student row from "
+                                   "the runs' per-image counts: over seeds and test images (two or more seeds), "
+                                   "and over test images only (test-set noise only, never starred; one seed "
+                                   "suffices)."),
         formats: list[str] = typer.Option(["md"], "--format", help="md (Markdown + CSV, always) | latex (also "
                                           "<table>-<preset>.tex); repeatable."),
         curves: bool = typer.Option(False, "--curves", help="Also <table>-<preset>-curves.png: training loss and "
                                     "validation mIoU against the iteration for every row."),
+        plot: bool = typer.Option(False, "--plot", help="Also <table>-<preset>-forest.png: each row's difference "
+                                  "to its Student row with its intervals (those the table has), a line at 0."),
         qualitative: int = typer.Option(0, "--qualitative", min=0, help="Also <table>-<preset>-qualitative.png: "
-                                        "the Student / Ours / teacher predictions on the first N images."),
+                                        "the predictions of --rows on the first N images."),
+        rows: Optional[str] = typer.Option(None, "--rows", help="Rows the --qualitative grid draws, comma-separated "
+                                           "labels or group/label keys (default: each group's Student and last "
+                                           "row, and the teachers)."),
         force: bool = typer.Option(False, "--force", help="Replace a table even when it holds more measured cells "
                                    "than the new one."),
+        columns: Optional[str] = typer.Option(None, "--columns", help="The metrics to show, comma-separated, of "
+                                              "miou, pa, macc (mean per-class accuracy), e.g. miou,pa,macc "
+                                              "(default: the table's own)."),
+        eval_sets: list[str] = typer.Option([], "--eval-set", help="Also show each metric of a second evaluation of "
+                                            "every run under these eval settings (repeatable eval.key=value), e.g. "
+                                            "'eval.scales=[0.5,0.75,1.0,1.25,1.5,1.75]' eval.flip=true: a column "
+                                            "`mIoU (MS+flip)`, read from what `sdesbench eval --record` wrote."),
     ):
         """Write results/<table>-<preset>.md/.csv (fig3: PNG plots too): measured mean ± std beside the paper."""
         from sdesbench.experiments.spec import list_tables, load_spec
         from sdesbench.io import check_writable
         from sdesbench.report import ReportOptions, build_report
+        from sdesbench.report.columns import ExtraEvaluation, metric_columns
 
         unknown = [f for f in formats if f not in ("md", "latex")]
         if unknown:
             raise SdesbenchError(f"--format must be md or latex, got {unknown[0]!r}")
         names = tables or list_tables()
+        wanted = tuple(r.strip() for r in (rows or "").split(",") if r.strip())
         for table in names:
-            load_spec(table)  # unknown names fail before anything is written
+            spec = load_spec(table)  # unknown names fail before anything is written, and so do unknown rows
+            known = {r.label for g in spec.groups for r in g.rows} | {f"{g.name}/{r.label}" for g in spec.groups
+                                                                       for r in g.rows}
+            missing = [r for r in wanted if r not in known]
+            if missing and not spec.is_sweep:
+                raise SdesbenchError(f"--rows: {table} has no row {missing[0]!r}{did_you_mean(missing[0], known)}")
         check_writable(results)
-        options = ReportOptions(stats=stats, latex="latex" in formats, curves=curves, qualitative=qualitative,
-                                force=force)
+        options = ReportOptions(stats=stats, latex="latex" in formats, curves=curves, plot=plot,
+                                qualitative=qualitative, force=force,
+                                rows=wanted,
+                                columns=metric_columns(columns) if columns is not None else (),
+                                extra=ExtraEvaluation.parse(eval_sets))
         for table in names:
             print_written(build_report(make_sweep(table, preset, seeds, results, sets), options))
 

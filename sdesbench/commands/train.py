@@ -1,4 +1,4 @@
-"""`sdesbench train` (one run) and `sdesbench eval` (a checkpoint on whole images)."""
+"""`sdesbench train` (one run) and `sdesbench eval` (a checkpoint, whole images or as `--set eval.*` asks)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sdesbench.commands._shared import out
+from sdesbench.console import out
 
 
 def _train_config(config: Optional[Path], cli_values: dict[str, object], sets: list[str]):
@@ -18,6 +18,17 @@ def _train_config(config: Optional[Path], cli_values: dict[str, object], sets: l
     cli_sets = [f"{key}={json.dumps(str(value)) if isinstance(value, (str, Path)) else value}"
                 for key, value in cli_values.items() if value is not None]
     return build_config(data, cli_sets + list(sets or []))
+
+
+def time_line(rec) -> str:
+    """Where the run's wall time went (`RunRecord.timings`), so that its rates can be checked against it."""
+    t = rec.timings
+    other = rec.wall_time_s - (t.setup_s + t.data_check_s + t.train_s + t.eval_s + t.checkpoint_s)
+    rate = f", {rec.iters_per_s:.2f} it/s" if rec.iters_per_s else ""
+    return (f"time: {rec.wall_time_s:.1f} s wall = setup {t.setup_s:.1f} + data check {t.data_check_s:.1f} + "
+            f"training {t.train_s:.1f} (steps {rec.step_time_s:.1f}, loader waits "
+            f"{max(t.train_s - rec.step_time_s, 0):.1f}{rate}) + evaluation {t.eval_s:.1f} + checkpoints "
+            f"{t.checkpoint_s:.1f} + other {max(other, 0):.1f}")
 
 
 def register(app: typer.Typer) -> None:
@@ -35,11 +46,17 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
         resume: bool = typer.Option(False, "--resume", help="Continue from the output folder's last checkpoint "
                                     "(required when the folder holds one; refused when it holds none)."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress: a live bar on a "
+                                      "terminal, a plain line every train.log_every iterations elsewhere (a log)."),
+        restore_weights: bool = typer.Option(False, "--restore-weights", help="The folder holds a completed run's "
+                                             "record but not its checkpoint (a fresh clone): train it again from "
+                                             "its configuration (--config OUT/config.yaml) to bring its weights "
+                                             "back, and say whether it reproduces the record."),
     ):
         """Train one run and evaluate it; writes OUT/results.json."""
         from sdesbench.engine import distributed as D
         from sdesbench.engine.trainer import train as run_train
+        from sdesbench.errors import ConfigError
 
         cfg = _train_config(config, {"model.name": model, "method.name": method, "data.name": dataset,
                                      "data.root": data_root, "train.iters": iters, "train.seed": seed,
@@ -47,15 +64,19 @@ def register(app: typer.Typer) -> None:
         D.init_from_env()
         main = D.is_main()
         try:
-            rec = run_train(cfg, resume="required" if resume else "never", show_progress=progress)
+            if resume and restore_weights:
+                raise ConfigError("--resume and --restore-weights exclude each other")
+            mode = "restore" if restore_weights else "required" if resume else "never"
+            rec = run_train(cfg, resume=mode, show_progress=progress)
         finally:
             D.cleanup()
         if main:
             m = rec.metrics
             extra = "".join(f"  {k}: mIoU {100 * v.miou:.2f}" for k, v in rec.extra_metrics.items())
             out.print(f"{cfg.method.name} / {cfg.model.name} / {cfg.data.name}: mIoU {100 * m.miou:.2f}  "
-                      f"PA {100 * m.pixel_acc:.2f}{extra}  ({rec.iterations} iters, {rec.wall_time_s:.0f} s) "
+                      f"PA {100 * m.pixel_acc:.2f}  mAcc {100 * m.macc:.2f}{extra}  ({rec.iterations} iters) "
                       f"-> {Path(cfg.output.dir) / 'results.json'}")
+            out.print(time_line(rec))
 
     @app.command("eval")
     def eval_cmd(
@@ -67,44 +88,58 @@ def register(app: typer.Typer) -> None:
                                               "resized back and scored at the label's size (default: the run's "
                                               "eval.scale)."),
         size: Optional[str] = typer.Option(None, help="Resize the input to HxW instead (e.g. 180x240)."),
+        sets: list[str] = typer.Option([], "--set", help="Evaluate with another eval setting: eval.key=value "
+                                       "(repeatable), e.g. eval.mode=slide eval.crop=[512,512] eval.stride=[341,341], "
+                                       "or 'eval.scales=[0.5,0.75,1.0,1.25,1.5,1.75]' eval.flip=true "
+                                       "(docs/evaluation.md)."),
+        export: Optional[Path] = typer.Option(None, "--export", help="Also write each image's prediction to this "
+                                              "folder as a PNG named after the image (train ids; Cityscapes: label "
+                                              "ids, what its test server reads)."),
+        record: bool = typer.Option(False, "--record", help="Record the numbers beside the run "
+                                    "(<run>/evaluations/<key>.json), on the images its own final evaluation scored, "
+                                    "for `sdesbench report --eval-set` (the checkpoint must be the run's last.pt)."),
         workers: Optional[int] = typer.Option(None, min=0, help="Loader workers decoding the images (default: the "
                                               "run's eval.workers, else its data.workers)."),
         as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     ):
-        """Evaluate a checkpoint on whole images (mIoU, pixel accuracy, per-class IoU), optionally resized."""
-        from sdesbench.data.base import EvalView, build_dataset
-        from sdesbench.engine.configure import build_config
-        from sdesbench.engine.evaluate import evaluate
-        from sdesbench.engine.runtime import pick_device
+        """Evaluate a checkpoint (mIoU, PA, mAcc, per-class IoU): whole images by default, or as --set asks."""
+        from sdesbench.engine.rescore import evaluate_checkpoint
         from sdesbench.errors import ConfigError
-        from sdesbench.io import load_checkpoint
         from sdesbench.measure.profile import parse_size
-        from sdesbench.models import build_model
 
         if scale is not None and size is not None:
             raise ConfigError("--scale and --size exclude each other; give one")
-        sets = [f"eval.scale={scale}", "eval.size=null"] if scale is not None else []
+        cli_sets = [f"eval.scale={scale}", "eval.size=null"] if scale is not None else []
         if size is not None:
             h, w = parse_size(size, "--size", multiple=1)
-            sets += [f"eval.size=[{h}, {w}]", "eval.scale=1.0"]
-        state = load_checkpoint(checkpoint)
-        cfg = build_config(dict(state["config"]), sets)
-        root = str(data_root) if data_root is not None else cfg.data.root
-        ds = build_dataset(cfg.data.name, root, split or cfg.data.eval_split)
-        model = build_model(cfg.model, state["num_classes"])
-        model.load_state_dict(state["model"])
-        dev = pick_device(device)
-        model.to(dev)
-        metrics = evaluate(model, EvalView(ds), state["num_classes"], dev, cfg.eval.batch_size, scale=cfg.eval.scale,
-                           size=cfg.eval.size,
-                           workers=workers if workers is not None else cfg.eval.loader_workers(cfg.data))["student"]
+            cli_sets += [f"eval.size=[{h}, {w}]", "eval.scale=1.0"]
+        res = evaluate_checkpoint(checkpoint, device, cli_sets + list(sets), split, data_root, workers, export, record)
+        ds, ev, metrics = res.dataset, res.cfg.eval, res.metrics["student"]
+        root = str(ds.root) if ds.root is not None else None
         if as_json:
-            out.print_json(data={"checkpoint": str(checkpoint), "iteration": state["iteration"],
-                                 "scale": cfg.eval.scale, "size": cfg.eval.size, **metrics,
-                                 "class_names": list(ds.class_names)})
+            out.print_json(data={"checkpoint": str(checkpoint), "iteration": res.iteration, "dataset": ds.name,
+                                 "split": ds.split, "root": root, "images": res.images,
+                                 "scale": ev.scale, "size": ev.size, "inference": res.inference.describe(),
+                                 "convention": res.convention, **metrics,
+                                 "extra": {k: v for k, v in res.metrics.items() if k != "student"},
+                                 "class_names": list(ds.class_names),
+                                 "exported": str(res.exported) if res.exported else None,
+                                 "recorded": str(res.recorded) if res.recorded else None})
             return
-        at = f"size {cfg.eval.size[0]}x{cfg.eval.size[1]}" if cfg.eval.size else f"scale {cfg.eval.scale:g}"
-        out.print(f"{checkpoint} (iteration {state['iteration']}, input {at}): mIoU {100 * metrics['miou']:.2f}  "
-                  f"PA {100 * metrics['pixel_acc']:.2f}")
+        where = f"at {root}" if root is not None else "generated"
+        at = f"size {ev.size[0]}x{ev.size[1]}" if ev.size else f"scale {ev.scale:g}"
+        views = "" if res.inference.plain else "; " + ", ".join(res.inference.views_text())
+        out.print(f"{checkpoint} (iteration {res.iteration}) on {ds.name}/{ds.split} ({where}, {res.images} images, "
+                  f"input {at}{views}): mIoU {100 * metrics['miou']:.2f}  PA {100 * metrics['pixel_acc']:.2f}"
+                  f"  mAcc {100 * metrics['macc']:.2f}", soft_wrap=True, highlight=False)
+        for name, extra in res.metrics.items():
+            if name != "student":
+                out.print(f"  {name}: mIoU {100 * extra['miou']:.2f}  PA {100 * extra['pixel_acc']:.2f}  "
+                          f"mAcc {100 * extra['macc']:.2f}", highlight=False)
         for name, iou in zip(ds.class_names, metrics["per_class_iou"]):
             out.print(f"  {name:<14} {'—' if iou is None else f'{100 * iou:6.2f}'}")
+        out.print(res.convention + ".", soft_wrap=True, highlight=False)
+        if res.exported:
+            out.print(f"predictions of {res.images} images -> {res.exported}", soft_wrap=True, highlight=False)
+        if res.recorded:
+            out.print(f"recorded -> {res.recorded}", soft_wrap=True, highlight=False)

@@ -26,7 +26,7 @@ from sdesbench.errors import DataError
 from sdesbench.io import write_torch
 from sdesbench.registry import Registry
 
-DATASETS = Registry("dataset")
+DATASETS = Registry("dataset", names_entries=True)  # a dataset's `name` is its registered name
 
 
 class SegDataset(Dataset):
@@ -40,6 +40,7 @@ class SegDataset(Dataset):
     def __init__(self, root: str | Path | None, split: str):
         if split not in self.splits:
             raise DataError(f"{self.name}: unknown split {split!r}; known: {', '.join(self.splits)}")
+        check_root_wanted(type(self), root)
         self.root = resolve_root(self.name, root) if self.needs_root else None
         self.split = split
 
@@ -57,6 +58,24 @@ class SegDataset(Dataset):
         header instead (`FileSegDataset`), generated ones know it."""
         return tuple(self.load(index)[1].shape[-2:])
 
+    def source(self) -> str:
+        """Where this split's samples come from (a list file, a folder), for `sdesbench data check`."""
+        return "generated in code"
+
+    def prediction_values(self, train_ids: torch.Tensor) -> torch.Tensor:
+        """A predicted class map (H x W train ids) as the values an exported prediction file holds (uint8): the
+        train ids themselves, unless the dataset's benchmark reads other ids (Cityscapes: label ids)."""
+        return train_ids.to(torch.uint8)
+
+    def prediction_name(self, index: int) -> str:
+        """The file name of sample `index`'s exported prediction: its image's name with `.png`, as
+        mmsegmentation's `IoUMetric(format_only)` and CIRKD's test.py name theirs."""
+        return f"{Path(self.sample_id(index)).stem}.png"
+
+    def split_warnings(self) -> list[str]:
+        """Lines about this split that do not make it wrong (e.g. a list of unusual length)."""
+        return []
+
     def fingerprint(self) -> str:
         """Identifies the file list (for caching class statistics and check results)."""
         h = hashlib.sha256(f"{self.name}/{self.split}/{len(self)}".encode())
@@ -71,6 +90,14 @@ class SegDataset(Dataset):
 def build_dataset(name: str, root: str | Path | None, split: str) -> SegDataset:
     """The registered dataset `name` over `root` (else $SDESBENCH_DATA/<name>), split `split`."""
     return DATASETS.get(name)(root, split)
+
+
+def check_root_wanted(cls: type[SegDataset], root: str | Path | None) -> None:
+    """A folder given for a dataset generated in code is a mistake (it would be ignored, and the generated
+    data evaluated instead of the folder's): one line."""
+    if root is not None and not cls.needs_root:
+        raise DataError(f"dataset {cls.name!r} is generated in code and reads no folder, yet one was given: {root} "
+                        "(drop --data-root / data.root)")
 
 
 def resolve_root(name: str, root: str | Path | None) -> Path:

@@ -43,6 +43,11 @@ def list_file(root: Path, split: str) -> Path | None:
     return next((root / p.format(split=split) for p in LIST_FILES if (root / p.format(split=split)).is_file()), None)
 
 
+def own_parts(root: Path, split: str) -> tuple[str, ...]:
+    """The splits `split` is read from: itself, or its parts (trainval) when it has no list of its own."""
+    return PARTS[split] if split in PARTS and list_file(root, split) is None else (split,)
+
+
 def annot(key: str) -> str:
     """'train/X.png' -> 'trainannot/X.png': where an image's label lives."""
     folder, name = key.split("/")
@@ -96,7 +101,6 @@ def scan_split(root: Path, split: str) -> tuple[list[tuple[Path, Path]], list[st
 class CamVid(FileSegDataset):
     """`camvid`: 367 train / 101 val / 233 test images (trainval = train + val), 11 classes, void ignored."""
 
-    name = "camvid"
     num_classes = 11
     class_names = CLASS_NAMES
     palette = PALETTE
@@ -104,15 +108,15 @@ class CamVid(FileSegDataset):
 
     @classmethod
     def split_present(cls, root: Path, split: str) -> bool:
-        if split in PARTS and list_file(root, split) is None:
-            return all(cls.split_present(root, part) for part in PARTS[split])
-        return (root / split).is_dir() or list_file(root, split) is not None
+        return all((root / part).is_dir() or list_file(root, part) is not None for part in own_parts(root, split))
 
     def _scan(self):
-        if self.split in PARTS and list_file(self.root, self.split) is None:
-            scans = [scan_split(self.root, part) for part in PARTS[self.split]]
-            return [p for pairs, _ in scans for p in pairs], [line for _, lines in scans for line in lines]
-        return scan_split(self.root, self.split)
+        scans = [scan_split(self.root, part) for part in own_parts(self.root, self.split)]
+        return [p for pairs, _ in scans for p in pairs], [line for _, lines in scans for line in lines]
+
+    def source(self) -> str:
+        parts = own_parts(self.root, self.split)
+        return " + ".join(str(list_file(self.root, part) or self.root / part) for part in parts)
 
     def label_spec(self, label_path):
         return LUT, KNOWN

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sdesbench import IGNORE_INDEX
-from sdesbench.data.base import (DATASETS, SegDataset, mask_class_counts, read_cache_entry, resolve_root,
-                                 save_class_pixel_counts, stats_cache_path)
+from sdesbench.console import err
+from sdesbench.data.base import (DATASETS, SegDataset, check_root_wanted, mask_class_counts, read_cache_entry,
+                                 resolve_root, save_class_pixel_counts, stats_cache_path)
 from sdesbench.data.files import FileSegDataset, decode_image, describe_values, read_label
 from sdesbench.io import write_json
 from sdesbench.errors import DataError
@@ -90,9 +90,8 @@ def inspect_sample(ds: SegDataset, index: int) -> Inspection:
 
 
 def _progress(show: bool) -> Progress:
-    console = Console(stderr=True)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True, disable=not (show and console.is_terminal))
+                    console=err, transient=True, disable=not (show and err.is_terminal))
 
 
 def sample_key(ds: SegDataset, index: int) -> object:
@@ -139,11 +138,12 @@ def shares(ds_cls: type[SegDataset], counts: torch.Tensor) -> dict[str, float]:
 
 
 def check_dataset(name: str, root: str | Path | None, show_progress: bool = True) -> dict[str, Any]:
-    """`sdesbench data check`: {"splits": {split: n}, "class_pixel_share": {split: {class: f}},
-    "problems": [...], "warnings": [...]}."""
+    """`sdesbench data check`: {"splits": {split: n}, "sources": {split: list file or folder},
+    "class_pixel_share": {split: {class: f}}, "problems": [...], "warnings": [...]}."""
     ds_cls = DATASETS.get(name)
+    check_root_wanted(ds_cls, root)
     root = resolve_root(name, root) if ds_cls.needs_root else None
-    report: dict[str, Any] = {"splits": {}, "class_pixel_share": {}, "problems": [], "warnings": []}
+    report: dict[str, Any] = {"splits": {}, "sources": {}, "class_pixel_share": {}, "problems": [], "warnings": []}
     problems: list[str] = []
     warnings: list[str] = []
     inspected: dict[object, Inspection] = {}
@@ -152,6 +152,8 @@ def check_dataset(name: str, root: str | Path | None, show_progress: bool = True
             if issubclass(ds_cls, FileSegDataset) and not ds_cls.split_present(root, split):
                 if split in ds_cls.required_splits:
                     problems.append(f"{root}: split {split!r} not found")
+                elif split in ds_cls.paper_splits:
+                    warnings.append(absent_split(ds_cls, root, split))
                 continue
             try:
                 ds = ds_cls(root, split)
@@ -160,12 +162,22 @@ def check_dataset(name: str, root: str | Path | None, show_progress: bool = True
                 continue
             found, warned, counts = split_problems(ds, progress, inspected)
             problems += found
-            warnings += warned
+            warnings += ds.split_warnings() + warned
             report["splits"][split] = len(ds)
+            report["sources"][split] = ds.source()
             report["class_pixel_share"][split] = shares(ds_cls, counts)
     report["problems"] = list(dict.fromkeys(problems))  # a file shared by two splits is reported once
     report["warnings"] = list(dict.fromkeys(warnings))
     return report
+
+
+def absent_split(ds_cls: type[FileSegDataset], root: Path, split: str) -> str:
+    """The warning for an absent split a paper protocol needs: the dataset's own error (what it looked for)."""
+    try:
+        ds_cls(root, split)
+    except DataError as e:
+        return f"{e} (a paper protocol trains or evaluates on it)"
+    return f"{root}: split {split!r} not found (a paper protocol trains or evaluates on it)"
 
 
 def check_marker_path(ds: SegDataset, cache_dir: Path) -> Path:

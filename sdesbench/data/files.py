@@ -1,9 +1,11 @@
 """Datasets stored as image/label file pairs on disk: decoding, label mapping and orphan reports.
 
-`FileSegDataset` is the common base of `camvid`, `cityscapes` and `voc`. A subclass lists its
-(image, label) pairs for a split in `_scan()`, which also returns the problem lines of that listing
-(images without labels, labels without images, listed files that are missing); `orphans()` hands
-those lines to the checker. Only complete pairs become samples.
+`FileSegDataset` is the common base of the datasets on disk (`camvid`, `cityscapes`, `voc`,
+`ade20k`, `coco_stuff164k`, `pascal_context59`). A subclass lists its (image, label) pairs for a
+split in `_scan()`, which also returns the problem lines of that listing (images without labels,
+labels without images, listed files that are missing); `orphans()` hands those lines to the checker.
+Only complete pairs become samples. Long class lists (names and palette) are package data,
+`data/classes/<dataset>.csv`, read by `class_table`.
 
 Images and labels are decoded with PIL (labels must be read as their index values: a VOC palette
 PNG would come out as RGB from torchvision's decoder, which is also deprecated since torchvision
@@ -18,8 +20,11 @@ training runs first and which refuses such data.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import re
+from importlib import resources
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,6 +35,7 @@ from PIL import Image
 from sdesbench import IGNORE_INDEX
 from sdesbench.data.base import SegDataset
 from sdesbench.errors import DataError
+from sdesbench.io import write_file
 
 
 def decode_image(path: Path) -> tuple[torch.Tensor, str]:
@@ -64,12 +70,58 @@ def read_label(path: Path) -> torch.Tensor:
         raise DataError(f"cannot read label {path}: {e}") from None
 
 
+def class_table(file: str) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """(class names, palette) in train id order from `sdesbench/data/classes/<file>`, a CSV with the
+    columns train_id, name, r, g, b (package data: long class lists are kept out of the code)."""
+    text = (resources.files("sdesbench.data") / "classes" / file).read_text(encoding="utf-8")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if [int(r["train_id"]) for r in rows] != list(range(len(rows))):
+        raise ValueError(f"{file}: train ids must run 0, 1, 2, ... in order")
+    return [r["name"] for r in rows], [(int(r["r"]), int(r["g"]), int(r["b"])) for r in rows]
+
+
+def write_label_png(path: Path, values: torch.Tensor) -> None:
+    """An 8-bit grey PNG (mode L) of a H x W map of values 0..255, written atomically; what `read_label`
+    reads back."""
+    image = Image.fromarray(values.to(torch.uint8).cpu().numpy())  # a 2-D uint8 array is mode L
+    write_file(path, lambda f: image.save(f, format="PNG"))
+
+
+class PredictionFiles:
+    """Exported predictions (`sdesbench eval --export DIR`): one PNG per image of the first `count` samples
+    of `dataset`, named by `dataset.prediction_name` and holding `dataset.prediction_values` (train ids, or a
+    benchmark's own ids: Cityscapes label ids). Two images of the same name would overwrite each other: one
+    DataError line before anything is written."""
+
+    def __init__(self, dataset: SegDataset, folder: Path, count: int):
+        self.dataset, self.folder = dataset, Path(folder)
+        self.names = [dataset.prediction_name(i) for i in range(count)]
+        seen: dict[str, int] = {}
+        for i, name in enumerate(self.names):
+            if name in seen:
+                raise DataError(f"--export: {dataset.sample_id(seen[name])} and {dataset.sample_id(i)} would both be "
+                                f"written to {self.folder / name}")
+            seen[name] = i
+
+    def write(self, index: int, train_ids: torch.Tensor) -> Path:
+        path = self.folder / self.names[index]
+        write_label_png(path, self.dataset.prediction_values(train_ids))
+        return path
+
+
 def build_lut(mapping: dict[int, int]) -> torch.Tensor:
     """256-entry raw value -> train id table; values not in `mapping` map to the ignore index."""
     lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
     for raw, train_id in mapping.items():
         lut[raw] = train_id
     return lut
+
+
+def reduce_zero_label(num_classes: int) -> tuple[torch.Tensor, frozenset[int]]:
+    """(lookup table, known raw values) of labels whose 0 means "no class": 0 is ignored, raw k in
+    1..num_classes becomes train id k - 1 and 255 stays ignored (mmsegmentation's `reduce_zero_label`)."""
+    lut = build_lut({k: k - 1 for k in range(1, num_classes + 1)})
+    return lut, frozenset(range(num_classes + 1)) | {IGNORE_INDEX}
 
 
 def describe_values(values: list[int]) -> str:
@@ -87,6 +139,8 @@ class FileSegDataset(SegDataset):
     """Image/label pairs on disk; subclasses implement `_scan()` and set the label mapping."""
 
     required_splits: ClassVar[tuple[str, ...]] = ("train", "val")  # the checker reports these when absent
+    paper_splits: ClassVar[tuple[str, ...]] = ()  # a paper protocol needs these: the checker warns when absent
+    release_sizes: ClassVar[dict[str, int]] = {}  # pairs per split in the release: the checker warns otherwise
 
     def __init__(self, root, split: str):
         super().__init__(root, split)
@@ -140,6 +194,15 @@ class FileSegDataset(SegDataset):
         """Problem lines about this split's files: images without labels, labels without images."""
         return list(self._orphans)
 
+    def split_warnings(self) -> list[str]:
+        """A line when the split holds another number of pairs than the release (`release_sizes`): a partial
+        download or a custom subset, which is allowed, but should not be mistaken for the benchmark's split."""
+        standard = self.release_sizes.get(self.split)
+        if standard is None or len(self) == standard:
+            return []
+        return [f"{self.source()}: {len(self):,} image/label pair(s); {self.name}'s {self.split} split holds "
+                f"{standard:,}"]
+
     def fingerprint(self) -> str:
         """The file list with each file's size and modification time: a replaced file is re-checked."""
         h = hashlib.sha256(f"{self.name}/{self.split}/{len(self)}".encode())
@@ -156,6 +219,13 @@ def stems(folder: Path, suffix: str) -> dict[str, Path]:
         return {}
     return {p.name[: len(p.name) - len(suffix)]: p for p in sorted(folder.iterdir())
             if p.name.endswith(suffix) and p.is_file()}
+
+
+def release_folder(root: Path, nested: str, marker: str) -> Path:
+    """`root` itself, or `root/<nested>` when that exists and `root` holds no `<marker>`: the folder a
+    dataset was unpacked to may be the release folder or the one above it."""
+    inner = root / nested
+    return inner if inner.is_dir() and not (root / marker).exists() else root
 
 
 def path_parts(entry: str) -> list[str]:

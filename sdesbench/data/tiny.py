@@ -126,7 +126,6 @@ def render(seed: int, h: int = 64, w: int = 64) -> tuple[torch.Tensor, torch.Ten
 class TinyScenes(SegDataset):
     """`tiny`: 120 train / 30 val synthetic 64x64 scenes, 11 CamVid-like classes."""
 
-    name = "tiny"
     num_classes = 11
     class_names = CLASS_NAMES
     palette = PALETTE

@@ -2,26 +2,35 @@
 
 `build_config` is what every caller uses (CLI, table specs, launchers, tests): it checks the shape,
 then that the model, dataset, method and teacher exist and that the method's options are valid
-for the dataset, each failure one `ConfigError` line. It lives in the engine layer because only
-a layer above data, models and methods may look names up in their registries.
+for the dataset, each failure one `ConfigError` line, and it resolves the method's options (every
+default filled in): the configuration it returns is the resolved one, and so is its `identity_hash`.
+It lives in the engine layer because only a layer above data, models and methods may look names up
+in their registries.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
-from sdesbench.config import RunConfig, parse_config
+from sdesbench.config import RunConfig, apply_overrides, flatten, method_section, parse_config
 from sdesbench.data import DATASETS
+from sdesbench.data.base import check_root_wanted
 from sdesbench.errors import ConfigError
 from sdesbench.methods import METHODS
 from sdesbench.models import MODELS
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Name lookups (with did-you-mean) and the method's own option checks."""
+    """Name lookups (with did-you-mean) and the method's own option checks. `method.options` is replaced
+    by every option the method resolves (its defaults filled in), so that a run's configuration, record
+    and key say what was trained, whatever the defaults are when they are read."""
     MODELS.get(cfg.model.name)
     dataset = DATASETS.get(cfg.data.name)
+    check_root_wanted(dataset, cfg.data.root)  # a folder for a generated dataset would be silently ignored
     method_cls = METHODS.get(cfg.method.name)
-    method_cls.parse_options(cfg.method.options, num_classes=dataset.num_classes)
+    opts = method_cls.parse_options(cfg.method.options, num_classes=dataset.num_classes)
+    cfg.method.options = json.loads(json.dumps(dataclasses.asdict(opts)))  # plain YAML/JSON values (no tuples)
     if method_cls.needs_teacher and not cfg.teacher.model:
         raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.model (and teacher.checkpoint)")
     if cfg.teacher.model:
@@ -29,6 +38,23 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+# identity keys the planner sets itself (a teacher's checkpoint path), never part of what a run asks for
+PLANNED_KEYS = ("teacher.checkpoint",)
+
+
+def requested_keys(data: dict[str, Any] | None, overrides: list[str] | None) -> list[str]:
+    """The identity keys a configuration mapping and `--set` values name (flattened, method options nested)."""
+    d = {k: v for k, v in (data or {}).items() if k != "request"}
+    if "method" in d:
+        d["method"] = method_section(d["method"])
+    return [k for k in flatten(apply_overrides(d, overrides)) if k not in PLANNED_KEYS]
+
+
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Dict (from YAML / a spec) + `--set` overrides -> a validated RunConfig (method options too)."""
-    return validate(parse_config(data, overrides))
+    """Dict (from YAML / a spec) + `--set` overrides -> a validated RunConfig (method options resolved).
+    Its `request` records what was named (kept as it is when `data` is a stored run's configuration)."""
+    cfg = validate(parse_config(data, overrides))
+    if not cfg.request:
+        named = set(requested_keys(data, overrides))
+        cfg.request = {k: v for k, v in flatten(cfg.identity()).items() if k in named}
+    return cfg

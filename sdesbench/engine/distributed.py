@@ -107,6 +107,18 @@ def all_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def mean_over_ranks(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Each value (a scalar tensor) averaged over the ranks, in one all-reduce; the values as floats
+    without DDP. Every rank must pass the same keys (every rank computes the same loss terms)."""
+    if not values:
+        return {}
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()]).to(device)
+    if is_distributed():
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked /= dist.get_world_size()
+    return dict(zip(values, stacked.tolist()))
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

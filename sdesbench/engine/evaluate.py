@@ -1,35 +1,22 @@
-"""Whole-image evaluation: confusion matrices of the student and of any extra prediction a method
-offers (SDES's Ens-T), accumulated on the device and all-reduced under DDP."""
+"""Evaluation: confusion matrices of the student and of any extra prediction a method offers (SDES's Ens-T),
+accumulated on the device and all-reduced under DDP, over the predictions `engine.inference` makes (whole
+images by default; sliding windows and test-time augmentation when the eval settings ask for them)."""
 from __future__ import annotations
 
 import signal
-from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from torch.utils.data import DataLoader
 
+from sdesbench.console import err as console
 from sdesbench.data.base import EvalView, SizeGroupedBatches
 from sdesbench.engine import distributed as D
+from sdesbench.engine.inference import Inference, predictions
 from sdesbench.engine.metrics import ConfusionMatrix, image_counts, predict
 from sdesbench.methods.base import Method
 from sdesbench.models import SegmentationModel
-from sdesbench.models.base import to_size
-
-console = Console(stderr=True)
-
-
-def inference_input(images: torch.Tensor, scale: float = 1.0, size: Sequence[int] | None = None) -> torch.Tensor:
-    """The evaluation input: `images` resized to `size` (H, W) or to `scale` times their size, bilinear
-    and antialiased like the training crops' rescaling (`data.transforms`); unchanged at scale 1."""
-    h, w = images.shape[-2:]
-    target = (int(size[0]), int(size[1])) if size is not None else (max(1, round(h * scale)), max(1, round(w * scale)))
-    if target == (h, w):
-        return images
-    return F.interpolate(images, size=target, mode="bilinear", align_corners=False, antialias=True)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -50,25 +37,13 @@ def eval_loader(dataset: EvalView, batch_size: int = 1, workers: int = 0, pin_me
 
 
 @torch.no_grad()
-def predictions(model: SegmentationModel, images: torch.Tensor, labels: torch.Tensor, method: Method | None = None,
-                amp: torch.dtype | None = None, scale: float = 1.0,
-                size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """Logits at the label's size of the student ("student") and of every extra prediction the method
-    offers (SDES's "ens_t"), for images already on the device; the model must be in eval mode."""
-    with torch.autocast(images.device.type, dtype=amp) if amp else nullcontext():
-        out = model(inference_input(images, scale, size))
-        out = {**out, "logits": to_size(out["logits"], labels.shape[-2:])}
-        extra = method.eval_predictions(out, labels) if method is not None else {}
-    return {"student": out["logits"], **extra}
-
-
-@torch.no_grad()
 def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, device: torch.device,
              batch_size: int = 1, method: Method | None = None, amp: torch.dtype | None = None,
              show_progress: bool = False, should_stop: Callable[[], bool] = lambda: False, scale: float = 1.0,
              size: Sequence[int] | None = None, per_image: bool = False,
-             workers: int = 0) -> dict[str, dict[str, Any]] | None:
-    """Evaluation on whole images; returns {"student": metrics, <extra prediction name>: metrics, ...},
+             workers: int = 0, inference: Inference | None = None, absent: str = "skip",
+             export: Callable[[int, torch.Tensor], Any] | None = None) -> dict[str, dict[str, Any]] | None:
+    """Evaluation of every image of `dataset`; returns {"student": metrics, <extra prediction name>: metrics, ...},
     or None when `should_stop()` became true between two batches (a signal during the evaluation).
 
     `per_image`: each metrics dict also holds "image_counts", the images x 3 x classes true positive,
@@ -81,10 +56,19 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
     Ens-T) are computed from those label-sized logits and the full-resolution labels, so they go
     through the same resize. The default (scale 1, no size) scores the image as it is.
 
+    `inference` (`Inference.of(cfg.eval)`: eval.mode, crop, stride, scales, flip, tta_rule, and scale / size,
+    which it then replaces): sliding windows and test-time augmentation (`engine.inference`); the metrics are
+    those of the merged prediction, per-image counts included. `absent` (eval.absent_classes): "skip" leaves a
+    class in neither labels nor predictions out of the mIoU mean, "zero" counts it 0 (`metrics`).
+
+    `export(index, class_map)` is called with every image's student prediction (H x W train ids, on the CPU),
+    e.g. to write it to a file (`data.files.PredictionFiles`).
+
     `workers` DataLoader processes decode the images while the device computes; with `batch_size`
     > 1 only images of equal size are batched together (`SizeGroupedBatches`). Neither changes a
     metric: every image is scored once and the confusion matrix does not depend on the order.
     """
+    how = inference or Inference(scale=scale, size=tuple(size) if size is not None else None)
     was_training = model.training
     model.eval()
     if method is not None:
@@ -92,19 +76,24 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
     loader = eval_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
     mats: dict[str, ConfusionMatrix] = {"student": ConfusionMatrix(num_classes, device)}
     rows: dict[str, list[torch.Tensor]] = {}
+    # a live bar only on a terminal: elsewhere it would print its last state at the end (ProgressHook
+    # prints the evaluation's line there)
     progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), console=console,
-                        disable=not show_progress, transient=True)
+                        disable=not (show_progress and console.is_terminal), transient=True)
     with progress:
         task = progress.add_task("eval", total=len(loader))
-        for images, labels in loader:
+        for batch, (images, labels) in zip(loader.batch_sampler, loader):
             if should_stop():
                 break
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            for name, logits in predictions(model, images, labels, method, amp, scale, size).items():
+            for name, logits in predictions(model, images, labels, method, amp, how).items():
                 pred = predict(logits)
                 mats.setdefault(name, ConfusionMatrix(num_classes, device)).update(pred, labels)
                 if per_image:
                     rows.setdefault(name, []).append(image_counts(pred, labels, num_classes).cpu())
+                if export is not None and name == "student":
+                    for index, class_map in zip(batch, pred.cpu()):
+                        export(index, class_map)
             progress.advance(task)
     model.train(was_training)
     if method is not None:
@@ -114,7 +103,7 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
     results = {}
     for name, mat in mats.items():
         mat.all_reduce()
-        results[name] = mat.compute()
+        results[name] = mat.compute(absent)
         if per_image:
             mine = torch.cat(rows[name]) if rows.get(name) else torch.zeros(0, 3, num_classes, dtype=torch.int64)
             indices = [i for batch in loader.batch_sampler for i in batch]  # the order images were scored in

@@ -1,61 +1,51 @@
-"""The Trainer's duties around the step, as hooks (in the style of detectron2's `HookBase`).
+"""The Trainer's duties around the step, as hooks (the contract: engine/state.py, `HookBase`).
 
-The loop itself only runs `step.train_step` and advances the schedule; everything else happens
-in hooks, called in list order before training and after each step, and in reverse order after
-training (like nested context managers unwinding, so the signal handlers are restored last,
-after the final evaluation they protect):
+The loop itself only runs `step.train_step` and advances the schedule; everything else happens in
+hooks, called by priority before training and after each step, and in reverse after training:
 
-- `SignalHook`: SIGINT/SIGTERM set `trainer.stop_signal`; the loop stops after the current step.
-- `LogHook`: every `train.log_every` iterations publishes the training scalars (loss terms, total,
-  lr, images/s) and writes every published event to `log.jsonl`.
-- `TensorBoardHook`: every published event as TensorBoard scalars in `<out>/tensorboard`.
-- `ProgressHook`: the rich progress bar.
-- `PeriodicEvaluationHook`: with `eval.every`, validation every `eval.every` iterations and at the
-  last one (`trainer.history`, published as "val" events), without touching the training.
-- `CheckpointHook`: `checkpoints/last.pt` every `train.checkpoint_every` iterations, at the end,
-  and when a signal stops the run.
-- `FinalEvaluationHook`: the whole-image evaluation once the schedule is complete (the table's
-  metric), with per-image counts.
+| hook | priority | does | reads / writes (`trainer.state`) |
+|---|---|---|---|
+| `SignalHook` | HIGHEST | SIGINT/SIGTERM stop the loop after the current step | writes `stop_signal` |
+| `LogHook` | VERY_HIGH | every `train.log_every` iterations publishes the training scalars (loss terms averaged over ranks, total, lr, images/s, iteration and loader-wait times, peak memory); writes every published event to `log.jsonl` | reads `terms`, `own_terms`, step times |
+| `TensorBoardHook` | VERY_HIGH | every published event as TensorBoard scalars in `<out>/tensorboard` | |
+| `ProgressHook` | HIGH | rich's live bar on a terminal; elsewhere one plain line per published event and for the final evaluation | reads `final` |
+| `PeriodicEvaluationHook` | NORMAL | with `eval.every`, validation every `eval.every` iterations and at the last one, without touching the training | writes `history`; reads `final` |
+| `CheckpointHook` | LOW | `checkpoints/last.pt` every `train.checkpoint_every` iterations, at the end, and when a signal stops the run (after the periodic evaluation, so a checkpoint holds the evaluation of its iteration) | reads `history` through the checkpoint |
+| `FinalEvaluationHook` | LOWEST | the evaluation of the finished schedule (the table's metric), with per-image counts; in `after_train` it runs first | writes `final` |
+
+Writers come first so they are open before anything publishes and close after everything else; the
+final evaluation comes last so that, unwinding, it runs before the hooks that read it.
 
 Events: a hook that measures something calls `trainer.publish(event)`, a dict with "iter" and either
 training scalars or a section ("val": {...}); every hook's `on_event` sees it (the writers: log.jsonl,
 TensorBoard). `event_scalars` names the TensorBoard tags: "train/<key>" for a training scalar,
 "<section>/<key>/..." for the numbers of a section (None, an absent class, is skipped).
 
-A new duty is a new hook appended in `Trainer.build_hooks`. Hooks receive the `Trainer` and read
-and write its public state: `iteration`, `start_iter`, `total_iters`, `terms`, `last_step_s`,
-`stop_signal`, `failed`, `final_metrics`, `history`, `learner`, `cfg`, `out`.
+A new duty is a new `HookBase` subclass with a `priority`, listed in `Trainer.build_hooks`; it reads the
+typed `trainer.state` and `trainer.cfg`, `trainer.out`, `trainer.learner`, and never changes the step.
 """
 from __future__ import annotations
 
 import json
 import signal
 import threading
+import time
+from datetime import timedelta
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sdesbench.console import err as console
 from sdesbench.data.base import EvalView
 from sdesbench.engine import distributed as D
-from sdesbench.engine.evaluate import console, evaluate
+from sdesbench.engine.evaluate import evaluate
+from sdesbench.engine.inference import Inference
 from sdesbench.engine.record import Evaluation, Scores
+from sdesbench.engine.runtime import peak_memory_mb
+from sdesbench.engine.state import FinalEvaluation, HookBase, Priority
 from sdesbench.errors import SdesbenchError
 from sdesbench.io import append_bytes, disk_full_as_error, write_text
-
-
-class HookBase:
-    def before_train(self, trainer: Any) -> None:
-        pass
-
-    def after_step(self, trainer: Any) -> None:
-        pass
-
-    def after_train(self, trainer: Any) -> None:
-        """Runs however the loop ended (completed, stopped by a signal, failed)."""
-
-    def on_event(self, trainer: Any, event: dict[str, Any]) -> None:
-        """An event another hook published (`trainer.publish`)."""
 
 
 def event_scalars(event: dict[str, Any]) -> dict[str, float]:
@@ -76,9 +66,11 @@ def event_scalars(event: dict[str, Any]) -> dict[str, float]:
 
 
 class SignalHook(HookBase):
+    priority = Priority.HIGHEST  # installed first, restored last: every other hook runs under it
+
     def before_train(self, trainer):
         def on_signal(signum, frame):
-            trainer.stop_signal = signum
+            trainer.state.stop_signal = signum
 
         self.previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -88,27 +80,56 @@ class SignalHook(HookBase):
 
 
 def log_values(trainer: Any) -> dict[str, float]:
-    return {k: round(float(v.detach()), 5) for k, v in trainer.terms.items()}
+    """The last step's loss terms (the student's and those of a method's own update), averaged over ranks."""
+    state = trainer.state
+    terms = {**state.terms, **state.own_terms}
+    return {k: round(v, 5) for k, v in D.mean_over_ranks(terms, trainer.learner.runtime.device).items()}
+
+
+# the keys of a training event that are measured times and memory, not the run's numbers
+TIMING_KEYS = ("images_per_s", "iter_s", "data_s", "peak_memory_mb")
 
 
 class LogHook(HookBase):
     """`log.jsonl`: one line per event, i.e. per logged iteration ({"iter", "lr", "loss", <terms>,
-    "images_per_s"}) and per periodic evaluation ({"iter", "val": {...}}). A resumed run first drops
-    the lines written after its checkpoint (a killed run logged them, the resumed run logs them
-    again); a fresh run starts an empty log."""
+    "images_per_s", "iter_s", "data_s", "peak_memory_mb"}) and per periodic evaluation ({"iter",
+    "val": {...}}). A resumed run first drops the lines written after its checkpoint (a killed run
+    logged them, the resumed run logs them again); a fresh run starts an empty log.
+
+    The times are those of the iterations since the previous logged one, loader waits included:
+    `iter_s` the mean iteration time (waiting for the batch + the step), `data_s` its mean wait for
+    the batch, `images_per_s` the images (all ranks) over that time. Evaluations and checkpoints in
+    between are timed apart (`trainer.state.timings`) and are not in them. `peak_memory_mb`: this process's
+    peak so far (CUDA allocator, or max RSS on CPU: `runtime.peak_memory_mb`). Under DDP the loss terms
+    are averaged over ranks (each rank's loss is on its own batch). `loss` is the sum of the student's
+    terms; a method's own update's terms (a discriminator's) are logged beside it, not in it.
+
+    State: what it has accumulated since the last logged iteration, so the first line after a resume
+    covers the same iterations as without the interruption."""
+
+    priority = Priority.VERY_HIGH  # open before anything publishes, closed after
+
+    def __init__(self) -> None:
+        self.images, self.iters = 0, 0
+        self.seconds, self.data_s = 0.0, 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "iters": self.iters, "seconds": self.seconds, "data_s": self.data_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.images, self.iters = int(state["images"]), int(state["iters"])
+        self.seconds, self.data_s = float(state["seconds"]), float(state["data_s"])
 
     def before_train(self, trainer):
         self.file = None
-        self.images = 0
-        self.seconds = 0.0
         if not D.is_main():
             return
         path = trainer.out / "log.jsonl"
         kept = []
-        if trainer.start_iter > 0 and path.is_file():
+        if trainer.state.start_iter > 0 and path.is_file():
             for line in path.read_text().splitlines():
                 try:
-                    if int(json.loads(line)["iter"]) <= trainer.start_iter:
+                    if int(json.loads(line)["iter"]) <= trainer.state.start_iter:
                         kept.append(line + "\n")
                 except (ValueError, KeyError, TypeError):  # a line cut by a kill: dropped
                     continue
@@ -117,14 +138,18 @@ class LogHook(HookBase):
 
     def after_step(self, trainer):
         self.images += trainer.cfg.data.batch_size * D.world_size()
-        self.seconds += trainer.last_step_s
-        if not trainer.at_interval(trainer.cfg.train.log_every):
+        self.iters += 1
+        self.seconds += trainer.state.last_data_s + trainer.state.last_step_s
+        self.data_s += trainer.state.last_data_s
+        if not trainer.state.at_interval(trainer.cfg.train.log_every):
             return
-        total = round(float(sum(trainer.terms.values()).detach()), 5)
-        rate = round(self.images / self.seconds, 3) if self.seconds > 0 else None
-        self.images, self.seconds = 0, 0.0
-        trainer.publish({"iter": trainer.iteration, "lr": trainer.lr, "loss": total, **log_values(trainer),
-                         "images_per_s": rate})
+        values = log_values(trainer)
+        total = round(sum(values[k] for k in trainer.state.terms), 5)
+        times = {"images_per_s": round(self.images / self.seconds, 3) if self.seconds > 0 else None,
+                 "iter_s": round(self.seconds / self.iters, 5), "data_s": round(self.data_s / self.iters, 5),
+                 "peak_memory_mb": round(peak_memory_mb(trainer.learner.runtime.device), 1)}
+        self.images, self.iters, self.seconds, self.data_s = 0, 0, 0.0, 0.0
+        trainer.publish({"iter": trainer.state.iteration, "lr": trainer.lr, "loss": total, **values, **times})
 
     def on_event(self, trainer, event):
         if self.file is not None:
@@ -143,6 +168,8 @@ class TensorBoardHook(HookBase):
     the writer's background thread fails first, and its error is raised again by the writer's next
     call in the main thread, so the thread's own traceback is not printed."""
 
+    priority = Priority.VERY_HIGH
+
     def before_train(self, trainer):
         self.writer = None
         if not D.is_main() or not trainer.cfg.output.tensorboard:
@@ -157,7 +184,7 @@ class TensorBoardHook(HookBase):
         threading.excepthook = self._quiet_writer_thread
         with disk_full_as_error(self.folder):
             self.writer = SummaryWriter(str(self.folder),
-                                        purge_step=trainer.start_iter + 1 if trainer.start_iter else None)
+                                        purge_step=trainer.state.start_iter + 1 if trainer.state.start_iter else None)
 
     def _quiet_writer_thread(self, args) -> None:
         if type(args.thread).__name__ != "_AsyncWriterThread":  # tensorboard's event-file writer thread
@@ -183,60 +210,137 @@ class TensorBoardHook(HookBase):
             threading.excepthook = self.thread_excepthook
 
 
+def run_name(trainer: Any) -> str:
+    """What names a run in a log shared by several: method/model and its folder's name (a sweep's
+    folders are configuration hashes)."""
+    return f"{trainer.cfg.method.name}/{trainer.cfg.model.name} {trainer.out.resolve().name}"
+
+
+def eta_text(seconds: float | None) -> str:
+    return str(timedelta(seconds=round(seconds))) if seconds is not None else "?"
+
+
+def eta_s(trainer: Any) -> float | None:
+    """Time left for the remaining iterations at this session's mean iteration time (loader waits
+    included; evaluations and checkpoints are not)."""
+    mean = trainer.mean_iter_s
+    return mean * (trainer.state.total_iters - trainer.state.iteration) if mean is not None else None
+
+
+def scores_text(miou: float, pixel_acc: float) -> str:
+    return f"mIoU {100 * miou:.2f}  PA {100 * pixel_acc:.2f}"
+
+
+def progress_line(trainer: Any, what: str, text: str) -> str:
+    """One plain log line (the format of mmengine's and detectron2's loggers): time, run, what and
+    `iter/total`, then `text`."""
+    width = len(str(trainer.state.total_iters))
+    return (f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {run_name(trainer)}  {what} "
+            f"[{trainer.state.iteration:>{width}}/{trainer.state.total_iters}]  {text}")
+
+
+def training_text(trainer: Any, event: dict[str, Any]) -> str:
+    terms = " ".join(f"{k} {event[k]:.4f}" for k in [*trainer.state.terms, *trainer.state.own_terms])
+    rate = f"{event['images_per_s']:.2f} img/s" if event["images_per_s"] is not None else "? img/s"
+    return (f"loss {event['loss']:.4f} ({terms})  lr {event['lr']:.3e}  {rate}  {event['iter_s']:.3f} s/iter "
+            f"(data {event['data_s']:.3f})  eta {eta_text(eta_s(trainer))}  peak mem {event['peak_memory_mb']:.0f} MB")
+
+
+def evaluation_text(scores: dict[str, Any], images: int) -> str:
+    """`scores`: {"miou", "pixel_acc", <extra prediction>: {"miou", "pixel_acc"}, ...}."""
+    extra = "".join(f"  {k}: {scores_text(v['miou'], v['pixel_acc'])}" for k, v in scores.items()
+                    if isinstance(v, dict) and "miou" in v)
+    return f"{scores_text(scores['miou'], scores['pixel_acc'])}{extra}  ({images} images)"
+
+
 class ProgressHook(HookBase):
+    """How far the run is, on stderr. On a terminal: rich's live bar (iterations, rate, elapsed time,
+    ETA, loss terms and lr). Anywhere else a live bar prints nothing until it ends, so instead: one
+    plain line per logged iteration (`train.log_every`: loss terms, lr, images/s, s/iter with the
+    loader's share, ETA, peak memory), per periodic evaluation and for the final one. Both show the
+    published training event's rates (`LogHook`: loader waits included) and `eta_s`."""
+
+    priority = Priority.HIGH
+
     def __init__(self, enabled: bool):
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[terms]}"), console=console, disable=not enabled)
+        self.enabled = enabled
 
     def before_train(self, trainer):
+        self.live = self.enabled and console.is_terminal
+        self.lines = self.enabled and not self.live
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                                 TextColumn("[cyan]{task.fields[eta]}"), TextColumn("{task.fields[terms]}"),
+                                 console=console, disable=not self.live)
         self.progress.start()
         self.task = self.progress.add_task(f"{trainer.cfg.method.name}/{trainer.cfg.model.name}",
-                                           total=trainer.total_iters, completed=trainer.iteration, rate="", terms="")
+                                           total=trainer.state.total_iters, completed=trainer.state.iteration, rate="", eta="",
+                                           terms="")
 
     def after_step(self, trainer):
-        if trainer.at_interval(trainer.cfg.train.log_every):
-            terms = " ".join(f"{k}={v:.4f}" for k, v in log_values(trainer).items())
-            self.progress.update(self.task, terms=f"{terms} lr={trainer.lr:.2e}",
-                                 rate=f"{1 / max(trainer.last_step_s, 1e-9):.2f} it/s")
-        self.progress.update(self.task, completed=trainer.iteration)
+        self.progress.update(self.task, completed=trainer.state.iteration)
+
+    def on_event(self, trainer, event):
+        if "val" in event:
+            val = event["val"]
+            final = trainer.state.final is not None and val["images"] == trainer.state.final.images
+            if self.lines and not final:  # at the last iteration the final evaluation's line says it
+                self.write(progress_line(trainer, "eval", evaluation_text(val, val["images"])))
+        elif "loss" in event:
+            if self.lines:
+                self.write(progress_line(trainer, "iter", training_text(trainer, event)))
+            terms = " ".join(f"{k}={event[k]:.4f}" for k in [*trainer.state.terms, *trainer.state.own_terms])
+            self.progress.update(self.task, terms=f"{terms} lr={event['lr']:.2e}", eta=eta_text(eta_s(trainer)),
+                                 rate=f"{1 / max(event['iter_s'], 1e-9):.2f} it/s")
 
     def after_train(self, trainer):
         self.progress.stop()
+        final = trainer.state.final  # FinalEvaluationHook's: lower priority, so it ran before in after_train
+        if self.lines and final is not None:
+            scores = {**final.metrics["student"], **{k: v for k, v in final.metrics.items() if k != "student"}}
+            self.write(progress_line(trainer, "final eval", evaluation_text(scores, final.images)))
+
+    @staticmethod
+    def write(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
 
 
 class CheckpointHook(HookBase):
     """`checkpoints/last.pt`; with `train.keep_checkpoints_every` also a copy `iter_<k>.pt` kept at
     every multiple k (to measure along training, e.g. `sdesbench balance`)."""
 
+    priority = Priority.LOW  # after the periodic evaluation: a checkpoint holds its iteration's evaluation
+
     def after_step(self, trainer):
-        if trainer.at_interval(trainer.cfg.train.checkpoint_every):
+        if trainer.state.at_interval(trainer.cfg.train.checkpoint_every):
             keep = trainer.cfg.train.keep_checkpoints_every
-            trainer.save_checkpoint(keep_copy=bool(keep) and trainer.iteration % keep == 0)
+            trainer.save_checkpoint(keep_copy=bool(keep) and trainer.state.iteration % keep == 0)
 
     def after_train(self, trainer):
-        if trainer.stop_signal is not None and trainer.last_checkpoint_iter != trainer.iteration:
+        if trainer.state.stop_signal is not None and trainer.state.last_checkpoint_iter != trainer.state.iteration:
             trainer.save_checkpoint()
 
 
 def evaluation_entry(trainer: Any, metrics: dict[str, dict[str, Any]], images: int) -> Evaluation:
     student = metrics["student"]
-    return Evaluation(trainer.iteration, images, student["miou"], student["pixel_acc"],
+    return Evaluation(trainer.state.iteration, images, student["miou"], student["pixel_acc"],
                       dict(zip(trainer.class_names, student["per_class_iou"])),
-                      {k: Scores(v["miou"], v["pixel_acc"]) for k, v in metrics.items() if k != "student"})
+                      {k: Scores.of(v) for k, v in metrics.items() if k != "student"}, student.get("macc"))
 
 
 class PeriodicEvaluationHook(HookBase):
     """With `eval.every`: the student (and e.g. Ens-T) evaluated every `eval.every` iterations and at
     the last one, on the first `eval.every_max_images` images of the evaluation set, appended to
-    `trainer.history` and published as a "val" event (log.jsonl, TensorBoard).
+    `trainer.state.history` and published as a "val" event (log.jsonl, TensorBoard).
 
     It leaves the training exactly as it was: the random-number state is restored after each
     evaluation (its data loader draws a seed from it) and so is every module's train/eval mode. At
     the last iteration, when the periodic images are the final evaluation's, the final evaluation is
-    reused rather than run twice; this hook's `after_train` therefore runs after the final one (it
-    comes before `FinalEvaluationHook` in the list). It comes before `CheckpointHook` so that a
-    checkpoint written at an evaluated iteration holds that evaluation (resume keeps the history)."""
+    reused rather than run twice (it reads `state.final`, which `FinalEvaluationHook`, of lower priority,
+    wrote before this hook's `after_train`). Its priority is above `CheckpointHook`'s so that a checkpoint
+    written at an evaluated iteration holds that evaluation (resume keeps the history)."""
+
+    priority = Priority.NORMAL
 
     def __init__(self, every: int | None):
         self.every = every
@@ -246,24 +350,25 @@ class PeriodicEvaluationHook(HookBase):
         return min(n for n in limits if n is not None)
 
     def due(self, trainer: Any) -> bool:
-        evaluated = trainer.history and trainer.history[-1].iteration == trainer.iteration
-        return bool(self.every) and trainer.iteration % self.every == 0 and not evaluated
+        evaluated = trainer.state.history and trainer.state.history[-1].iteration == trainer.state.iteration
+        return bool(self.every) and trainer.state.iteration % self.every == 0 and not evaluated
 
     def before_train(self, trainer):
         # a run resumed from a checkpoint whose own evaluation a signal cut short evaluates it now
-        if trainer.start_iter and trainer.iteration < trainer.total_iters and self.due(trainer):
+        if trainer.state.start_iter and trainer.state.iteration < trainer.state.total_iters and self.due(trainer):
             self.evaluate(trainer)
 
     def after_step(self, trainer):
-        if trainer.iteration < trainer.total_iters and self.due(trainer):
+        if trainer.state.iteration < trainer.state.total_iters and self.due(trainer):
             self.evaluate(trainer)
 
     def after_train(self, trainer):
-        done = trainer.history and trainer.history[-1].iteration == trainer.iteration
-        if not self.every or trainer.final_metrics is None or done:
+        state = trainer.state
+        done = state.history and state.history[-1].iteration == state.iteration
+        if not self.every or state.final is None or done:  # `final`: FinalEvaluationHook ran before it
             return
-        if self.images(trainer) == trainer.final_images:
-            self.add(trainer, evaluation_entry(trainer, trainer.final_metrics, trainer.final_images))
+        if self.images(trainer) == state.final.images:
+            self.add(trainer, evaluation_entry(trainer, state.final.metrics, state.final.images))
         else:
             self.evaluate(trainer)
 
@@ -283,7 +388,7 @@ class PeriodicEvaluationHook(HookBase):
             self.add(trainer, evaluation_entry(trainer, metrics, n))
 
     def add(self, trainer: Any, entry: Evaluation) -> None:
-        trainer.history.append(entry)
+        trainer.state.history.append(entry)
         val: dict[str, Any] = {"images": entry.images, "miou": entry.miou, "pixel_acc": entry.pixel_acc,
                                "per_class_iou": entry.per_class_iou}
         val.update({k: {"miou": v.miou, "pixel_acc": v.pixel_acc} for k, v in entry.extra.items()})
@@ -295,40 +400,31 @@ class FinalEvaluationHook(HookBase):
     needs. A signal during the evaluation stops it: the run is then recorded as interrupted, and
     `--resume` runs only the evaluation again."""
 
+    priority = Priority.LOWEST  # unwinding, it runs first: the hooks that read `final` come after it
+
     def __init__(self, show_progress: bool):
         self.show_progress = show_progress
 
     def after_train(self, trainer):
-        if trainer.failed or trainer.stop_signal is not None or trainer.iteration < trainer.total_iters:
+        if trainer.state.failed or trainer.state.stop_signal is not None or trainer.state.iteration < trainer.state.total_iters:
             return
         D.broadcast_state(trainer.learner.plain_unit)  # rank 0's BatchNorm statistics on every rank
         view = EvalView(trainer.eval_set, trainer.cfg.eval.max_images)
-        trainer.final_images = len(view)
-        trainer.final_metrics = run_evaluation(trainer, view, show_progress=self.show_progress, per_image=True)
+        metrics = run_evaluation(trainer, view, show_progress=self.show_progress, per_image=True)
+        if metrics is not None:  # None: a signal stopped the evaluation
+            trainer.state.final = FinalEvaluation(metrics, len(view))
 
 
 def run_evaluation(trainer: Any, view: EvalView, **extra: Any) -> Any:
     """`evaluate` of the run's model on `view` as its config asks (batch size, precision, eval scale or
-    size, loader workers); it stops early when a signal stops the run (None then)."""
+    size, sliding windows, test-time augmentation, the absent-class convention, loader workers), timed into
+    `trainer.state.timings.eval_s`; it stops early when a signal stops the run (None then)."""
     learner, cfg = trainer.learner, trainer.cfg
-    return evaluate(learner.model, view, trainer.num_classes, learner.runtime.device, cfg.eval.batch_size,
-                    method=learner.method, amp=learner.runtime.amp,
-                    should_stop=lambda: trainer.stop_signal is not None, scale=cfg.eval.scale, size=cfg.eval.size,
-                    workers=cfg.eval.loader_workers(cfg.data), **extra)
-
-
-def run_hooks(hooks: list[HookBase], stage: str, trainer: Any) -> None:
-    """Call `stage` on every hook; after training, in reverse order, and every hook runs even when
-    one raises (the first error is re-raised once all have run: signal handlers are always restored)."""
-    if stage != "after_train":
-        for hook in hooks:
-            getattr(hook, stage)(trainer)
-        return
-    error: BaseException | None = None
-    for hook in reversed(hooks):
-        try:
-            hook.after_train(trainer)
-        except BaseException as e:  # noqa: BLE001 - re-raised below, after the other hooks ran
-            error = error or e
-    if error is not None:
-        raise error
+    t0 = time.perf_counter()
+    try:
+        return evaluate(learner.model, view, trainer.num_classes, learner.runtime.device, cfg.eval.batch_size,
+                        method=learner.method, amp=learner.runtime.amp,
+                        should_stop=lambda: trainer.state.stop_signal is not None, inference=Inference.of(cfg.eval),
+                        absent=cfg.eval.absent_classes, workers=cfg.eval.loader_workers(cfg.data), **extra)
+    finally:
+        trainer.state.timings.eval_s += time.perf_counter() - t0

@@ -2,6 +2,16 @@
 
 Under DDP the *matrix* is all-reduced (summing counts), never the per-rank mIoU, so the metric
 is exactly the single-process one on the same images.
+
+Conventions (mmsegmentation's `IoUMetric.total_area_to_metrics`, open-mmlab/mmsegmentation
+mmseg/evaluation/metrics/iou_metric.py at 3d50cc3c5be3: per class IoU = TP / (TP + FP + FN) and accuracy
+= TP / (TP + FN), each averaged with `nanmean`):
+- a class in neither the labels nor the predictions of the evaluated set (union 0) has no IoU and is left out
+  of the mIoU mean (`absent="skip"`); CIRKD's `SegmentationMetric` (winycg/CIRKD utils/score.py) divides by
+  all classes instead, so such a class counts as 0 (`absent="zero"`, eval.absent_classes);
+- a class predicted but absent from the labels has IoU 0 (its union is its false positives), which the mIoU
+  mean includes, and no accuracy (TP + FN = 0), which the mAcc mean leaves out;
+- PA (mmsegmentation's aAcc) is TP over all labelled pixels.
 """
 from __future__ import annotations
 
@@ -39,18 +49,28 @@ class ConfusionMatrix:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.mat)
 
-    def compute(self) -> dict[str, float | list[float | None]]:
-        """mIoU over classes that occur in target or prediction (union > 0); PA over labelled pixels."""
+    def compute(self, absent: str = "skip") -> dict[str, float | list[float | None]]:
+        """mIoU, PA, mAcc and the per-class IoU / accuracy (None where undefined), by the conventions of the
+        module docstring; `absent`: "skip" leaves a class of union 0 out of the mIoU mean, "zero" counts it 0."""
         m = self.mat.double().cpu()
         tp = m.diag()
-        union = m.sum(0) + m.sum(1) - tp
+        labelled = m.sum(1)  # TP + FN
+        union = m.sum(0) + labelled - tp
         iou = tp / union.clamp(min=1)
         present = union > 0
-        miou = float(iou[present].mean()) if present.any() else 0.0
+        if absent == "zero":
+            miou = float(iou.mean())
+        else:
+            miou = float(iou[present].mean()) if present.any() else 0.0
+        acc = tp / labelled.clamp(min=1)
+        in_labels = labelled > 0
+        macc = float(acc[in_labels].mean()) if in_labels.any() else 0.0
         total = m.sum()
         pa = float(tp.sum() / total) if total > 0 else 0.0
         per_class = [float(v) if p else None for v, p in zip(iou, present)]
-        return {"miou": miou, "pixel_acc": pa, "per_class_iou": per_class}
+        per_class_acc = [float(v) if p else None for v, p in zip(acc, in_labels)]
+        return {"miou": miou, "pixel_acc": pa, "macc": macc, "per_class_iou": per_class,
+                "per_class_acc": per_class_acc}
 
 
 @torch.no_grad()
@@ -71,3 +91,16 @@ def image_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     predicted = per_image(torch.where(valid, pred.long() + offset, drop))
     labelled = per_image(torch.where(valid, target.long() + offset, drop))
     return torch.stack([tp, predicted - tp, labelled - tp], 1)
+
+
+def miou_convention(absent: str, num_classes: int | None = None) -> str:
+    """One sentence naming how the mIoU was averaged (every report's header, `sdesbench eval`)."""
+    if absent == "zero":
+        over = f"all {num_classes} classes" if num_classes else "all classes"
+        return (f"mIoU averages the IoU over {over}, a class in neither labels nor predictions counting 0 "
+                f"(eval.absent_classes=zero, CIRKD's SegmentationMetric); {MACC_CONVENTION}")
+    return ("mIoU averages the IoU over the classes present in the labels or predictions of the evaluated images "
+            f"(eval.absent_classes=skip, mmsegmentation's convention); {MACC_CONVENTION}")
+
+
+MACC_CONVENTION = "mAcc (mean per-class accuracy) averages over the classes present in the labels"

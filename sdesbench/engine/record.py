@@ -3,8 +3,20 @@
 The file is the dataclass below as JSON, with a `schema` number. Version 1 (written before the
 field existed) has the keys of version 2; version 3 added `history` (the periodic evaluations of
 `eval.every`), `best` (the best of them, recorded beside the final-iteration metric, never instead
-of it) and `image_counts`. Older records load with those fields empty; a newer version than this
-code knows is refused with one line rather than misread.
+of it) and `image_counts`. Version 4 made the times honest: `wall_time_s` is the run's real wall
+time (from the start of `Trainer.run` to its record, summed over resumes: setup, the dataset check,
+loader waits, steps, evaluations, checkpoints), `step_time_s` the sum of the training steps alone
+(what `wall_time_s` held before), `timings` where the wall time went, and `iters_per_s` the
+iterations over `timings.train_s`. Older records load with the added fields empty; a record older
+than version 4 has its `wall_time_s` read as `step_time_s`, and its wall time as unknown (None). A
+newer version than this code knows is refused with one line rather than misread.
+
+Version 5 added mAcc, the mean per-class accuracy, to every `Scores` (the final metrics, each extra
+prediction's) and to each periodic `Evaluation`; in an older record it loads as None.
+
+`evaluations/<key>.json` beside `results.json` holds `EvaluationRecord`s: the run's checkpoint evaluated
+again under other evaluation settings (`sdesbench eval --record`, e.g. multi-scale + flip), keyed by
+`RunConfig.evaluation_key` of the settings, which the report reads for an extra column.
 
 `image_counts.npz` beside `results.json` holds the final evaluation's per-image, per-class true
 positive, false positive and false negative counts (one images x 3 x classes int32 array per
@@ -26,7 +38,7 @@ from sdesbench.config import from_dict
 from sdesbench.errors import ConfigError, StorageError
 from sdesbench.io import read_json, write_bytes, write_json
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 RECORD_FILE = "results.json"
 COUNTS_FILE = "image_counts.npz"
 Status = Literal["completed", "failed", "interrupted"]
@@ -36,6 +48,12 @@ Status = Literal["completed", "failed", "interrupted"]
 class Scores:
     miou: float
     pixel_acc: float
+    macc: float | None = None  # mean per-class accuracy (engine/metrics.py); None in a record made before it existed
+
+    @classmethod
+    def of(cls, metrics: dict[str, Any]) -> "Scores":
+        """The scores of one prediction's `ConfusionMatrix.compute` result."""
+        return cls(metrics["miou"], metrics["pixel_acc"], metrics.get("macc"))
 
 
 @dataclass
@@ -48,9 +66,10 @@ class Evaluation:
     pixel_acc: float
     per_class_iou: dict[str, float | None] = field(default_factory=dict)
     extra: dict[str, Scores] = field(default_factory=dict)  # e.g. SDES's Ens-T
+    macc: float | None = None
 
     def scores(self, source: str = "student") -> Scores | None:
-        return Scores(self.miou, self.pixel_acc) if source == "student" else self.extra.get(source)
+        return Scores(self.miou, self.pixel_acc, self.macc) if source == "student" else self.extra.get(source)
 
 
 @dataclass
@@ -70,6 +89,25 @@ def best_of(history: list[Evaluation]) -> Best | None:
 
 
 @dataclass
+class Timings:
+    """Where a run's wall time went, in seconds summed over its sessions (resumes). The parts do not
+    overlap, so they add up to at most `wall_time_s`; the rest is the hooks' own work (log, TensorBoard),
+    writing the record and, in a resumed run, the sessions' starts before their checkpoint was read."""
+
+    setup_s: float = 0.0  # from the start of `Trainer.run` to the first iteration, less the dataset check
+    data_check_s: float = 0.0  # `data.check` (cached: near 0 after the first run on a dataset)
+    train_s: float = 0.0  # the iterations: waiting for the loader's batches and the steps (`step_time_s`)
+    eval_s: float = 0.0  # periodic (`eval.every`) and final evaluations
+    checkpoint_s: float = 0.0  # writing checkpoints
+
+    def plus(self, other: "Timings") -> "Timings":
+        return Timings(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)})
+
+    def rounded(self) -> "Timings":
+        return Timings(**{f.name: round(getattr(self, f.name), 3) for f in dataclasses.fields(self)})
+
+
+@dataclass
 class RunRecord:
     status: Status
     error: str | None = None
@@ -85,8 +123,10 @@ class RunRecord:
     params: int | None = None
     params_m: float | None = None
     pretrained: bool = False
-    wall_time_s: float = 0.0
-    iters_per_s: float | None = None
+    wall_time_s: float | None = None  # real wall time (module docstring); None: unknown (a record before version 4)
+    step_time_s: float | None = None  # the training steps alone, summed
+    timings: Timings | None = None
+    iters_per_s: float | None = None  # iterations / timings.train_s (before version 4: its last session's own rate)
     peak_memory_mb: float | None = None
     device: str = ""
     world_size: int = 1
@@ -128,7 +168,9 @@ class RunRecord:
         version = data.setdefault("schema", 1)
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise ConfigError(f"{where}: schema {version!r} is newer than this sdesbench reads ({SCHEMA_VERSION})")
-        data["schema"] = SCHEMA_VERSION  # versions 1 and 2 have a subset of the fields (the others default)
+        if version < 4:  # its wall_time_s summed the step times only; its real wall time is unknown
+            data["step_time_s"], data["wall_time_s"] = data.get("wall_time_s"), None
+        data["schema"] = SCHEMA_VERSION  # versions 1 to 4 have a subset of the fields (the others default)
         return from_dict(cls, data, where)
 
 
@@ -148,11 +190,71 @@ def read_record(folder: str | Path | None) -> RunRecord | None:
     path = record_path(folder)
     if not path.is_file():
         return None
+    return read_record_file(path)
+
+
+def read_record_file(path: str | Path) -> RunRecord:
+    """A run record stored under any name (`results.json`, a record set aside); `StorageError` when unreadable."""
     data = read_json(path)
     try:
         return RunRecord.from_dict(data, str(path))
     except ConfigError as e:
         raise StorageError(f"{path} is not a valid run record ({e})") from None
+
+
+EVALUATIONS_DIR = "evaluations"
+EVALUATION_SCHEMA = 1
+
+
+@dataclass
+class EvaluationRecord:
+    """A finished run's checkpoint evaluated again under other evaluation settings (`sdesbench eval --record`):
+    `settings` are `RunConfig.evaluation_identity` (the split and every eval setting that changes a number),
+    `key` its hash and the file's name; `run_config_hash` and `iteration` name the checkpoint it scored."""
+
+    key: str
+    settings: dict[str, Any]
+    description: str  # `Inference.describe()` plus the mIoU convention
+    run_config_hash: str
+    iteration: int
+    split: str
+    images: int
+    metrics: Scores
+    per_class_iou: dict[str, float | None] = field(default_factory=dict)
+    extra_metrics: dict[str, Scores] = field(default_factory=dict)
+    sdesbench_version: str | None = None
+    git_commit: str | None = None
+    finished_at: str | None = None
+    schema: int = EVALUATION_SCHEMA
+
+    def scores(self, source: str = "student") -> Scores | None:
+        return self.metrics if source == "student" else self.extra_metrics.get(source)
+
+
+def evaluation_path(folder: str | Path, key: str) -> Path:
+    return Path(folder) / EVALUATIONS_DIR / f"{key}.json"
+
+
+def write_evaluation(folder: str | Path, record: EvaluationRecord) -> Path:
+    path = evaluation_path(folder, record.key)
+    write_json(path, dataclasses.asdict(record))
+    return path
+
+
+def read_evaluation(folder: str | Path | None, key: str) -> EvaluationRecord | None:
+    """The run's evaluation under the settings of `key`, None when it has none; `StorageError` when unreadable."""
+    if folder is None:
+        return None
+    path = evaluation_path(folder, key)
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    try:
+        if not isinstance(data, dict) or data.get("schema", EVALUATION_SCHEMA) > EVALUATION_SCHEMA:
+            raise ConfigError("not an evaluation record this sdesbench reads")
+        return from_dict(EvaluationRecord, data, str(path))
+    except ConfigError as e:
+        raise StorageError(f"{path} is not a valid evaluation record ({e})") from None
 
 
 @dataclass

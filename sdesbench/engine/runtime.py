@@ -8,7 +8,6 @@ import fcntl
 import os
 import platform
 import resource
-import subprocess
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ import torch
 from sdesbench import __version__
 from sdesbench.engine import distributed as D
 from sdesbench.errors import RunLocked, SdesbenchError
+from sdesbench.version import git_commit
 
 
 def pick_device(name: str) -> torch.device:
@@ -91,15 +91,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except Exception:  # no git, not a checkout: provenance is then simply unknown
-        return None
 
 
 def provenance() -> dict[str, Any]:

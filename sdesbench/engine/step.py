@@ -9,7 +9,7 @@ to how a step runs (precision, memory layout, teacher forward) is made here and 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from sdesbench.config import ModelConfig, TrainConfig
 from sdesbench.engine import distributed as D
+from sdesbench.engine.restore import restore
 from sdesbench.engine.runtime import Runtime
 from sdesbench.io import load_checkpoint
 from sdesbench.errors import CheckpointError, SdesbenchError
@@ -36,7 +37,11 @@ class TrainUnit(nn.Module):
         self.model = model
         self.method = method
 
-    def forward(self, images, labels, step: StepInfo, teacher_out=None) -> dict[str, torch.Tensor]:
+    def forward(self, images, labels, step: StepInfo, teacher_out=None, own: bool = False) -> dict[str, torch.Tensor]:
+        """The method's loss terms for the student; with `own`, the loss of the method's own update (a
+        discriminator's, on what `loss_terms` kept), run through this module so DDP averages its gradients."""
+        if own:
+            return self.method.own_loss_terms(step)
         return self.method.loss_terms(self.model(images), labels, step, teacher_out)
 
 
@@ -49,6 +54,10 @@ class Learner:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     runtime: Runtime
+    # a method that updates some of its parameters itself (SKD's discriminator): their optimizer, and the
+    # last step's terms of that update (logged beside the student's, never added to its loss)
+    method_optimizer: torch.optim.Optimizer | None = None
+    own_terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def plain_unit(self) -> TrainUnit:
@@ -65,10 +74,12 @@ class Learner:
 
 def train_step(learner: Learner, images: torch.Tensor, labels: torch.Tensor, info: StepInfo,
                guard: LossGuard | None = None) -> dict[str, torch.Tensor]:
-    """One SGD step: teacher forward (no grad), student + method forward, loss terms, backward, update.
+    """One SGD step: teacher forward (no grad), student + method forward, loss terms, backward, update;
+    then, for a method that updates parameters of its own (`Method.own_optimizer`), its own loss on what
+    the first forward kept, backward and update of those parameters alone (`learner.own_terms`).
 
-    `guard(terms, loss)` runs after the forward and before the backward; it may raise to stop
-    before a non-finite loss touches the weights. Returns the (weighted) loss terms.
+    `guard(terms, loss)` runs after each forward and before its backward; it may raise to stop before a
+    non-finite loss touches the weights. Returns the student's (weighted) loss terms.
     """
     rt = learner.runtime
     images, labels = rt.to_device(images, labels)
@@ -84,6 +95,16 @@ def train_step(learner: Learner, images: torch.Tensor, labels: torch.Tensor, inf
     learner.optimizer.zero_grad(set_to_none=True)
     learner.scaler.scale(loss).backward()
     learner.scaler.step(learner.optimizer)
+    if learner.method_optimizer is not None:
+        with rt.autocast():
+            own = learner.unit(None, None, info, own=True)
+        own_loss = sum(own.values())
+        if guard is not None:
+            guard(own, own_loss)
+        learner.method_optimizer.zero_grad(set_to_none=True)  # also drops what the student's loss gave them
+        learner.scaler.scale(own_loss).backward()
+        learner.scaler.step(learner.method_optimizer)
+        learner.own_terms = own
     learner.scaler.update()
     return terms
 
@@ -115,18 +136,13 @@ def load_teacher(model_name: str | None, checkpoint: str | None, method_name: st
         raise CheckpointError(f"teacher checkpoint {checkpoint} has {state.get('num_classes')} classes, "
                               f"the dataset has {num_classes}")
     # built as it was trained (an aux head if it had one), never with ImageNet weights: its own replace them
-    trained_aux = bool(((state.get("config") or {}).get("model") or {}).get("aux", False))
-    teacher = build_model(ModelConfig(name=model_name, aux=trained_aux), num_classes)
-    try:
-        teacher.load_state_dict(state["model"])
-    except RuntimeError:
-        raise CheckpointError(f"teacher checkpoint {checkpoint} does not fit {model_name}") from None
-    return freeze(teacher.to(device))
+    return freeze(restore(checkpoint, device, state=state).model)
 
 
-def make_optimizer(unit: nn.Module, train: TrainConfig) -> torch.optim.SGD:
-    """SGD over every trainable parameter of the student and the method's modules."""
-    params = [p for p in unit.parameters() if p.requires_grad]
+def make_optimizer(unit: nn.Module, train: TrainConfig, exclude: set[int] = frozenset()) -> torch.optim.SGD:
+    """SGD over every trainable parameter of the student and the method's modules, except those whose
+    id is in `exclude` (the parameters a method updates itself)."""
+    params = [p for p in unit.parameters() if p.requires_grad and id(p) not in exclude]
     return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
@@ -147,11 +163,13 @@ def build_learner(model_cfg: ModelConfig, method_name: str, options: dict[str, A
         teacher.to(runtime.device)
     if runtime.channels_last:
         unit.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(unit, train)
+    own = unit.method.own_optimizer(train)  # built on the device, after channels_last
+    owned = {id(p) for group in own.param_groups for p in group["params"]} if own is not None else set()
+    optimizer = make_optimizer(unit, train, owned)
     if train.compile:
         model.forward = torch.compile(model.forward)
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp == torch.float16)
-    return Learner(D.wrap(unit, runtime.device, train.sync_bn), teacher, optimizer, scaler, runtime)
+    return Learner(D.wrap(unit, runtime.device, train.sync_bn), teacher, optimizer, scaler, runtime, own)
 
 
 def random_learner(model_name: str, method_name: str, num_classes: int, options: dict[str, Any] | None = None,

@@ -3,13 +3,16 @@
 Iteration-based SGD with poly decay (torch's PolynomialLR, stepped every iteration), a seeded and
 resumable data stream, and `step.train_step` for every iteration; checkpoints, the log, the
 progress bar, signal handling and the final evaluation are hooks (`engine/hooks.py`). Each run
-ends with one atomic results record (`engine/record.py`).
+ends with one atomic results record (`engine/record.py`), whose times the Trainer measures: the
+real wall time, the steps' own, and where the rest went (`record.Timings`), summed over resumes
+through the checkpoint.
 
 Output folder layout (`output.dir`):
     config.yaml          the full resolved configuration
     checkpoints/last.pt  model, method modules, optimizer, scheduler, RNG, iteration
     checkpoints/iter_<k>.pt  copies kept every `train.keep_checkpoints_every` iterations (off by default)
-    log.jsonl            loss terms, lr and images/s every `train.log_every` iterations; periodic evaluations
+    log.jsonl            loss terms, lr, images/s, s/iter, loader wait, peak memory every `train.log_every`
+                         iterations; periodic evaluations
     tensorboard/         the same scalars as TensorBoard event files (`output.tensorboard`)
     results.json         the results record (status completed | failed | interrupted), with `history`
     image_counts.npz     per-image TP/FP/FN counts of the final evaluation (engine/record.py)
@@ -18,6 +21,13 @@ Starting a run in a folder that already holds one: a completed run is never over
 checkpoint (an interrupted, failed or killed run) is continued only with `resume` ("required" from
 `sdesbench train --resume`, "auto" from `sdesbench run`), never silently retrained from zero;
 `--resume` into a folder without a checkpoint says there is nothing to resume.
+
+Bringing back the weights of a recorded run ("restore" from `sdesbench train --restore-weights`, or
+"auto" when `sdesbench run` needs a teacher whose record is here and whose checkpoint is not: a fresh
+clone keeps records in git, never checkpoints): the run is trained again from its configuration, its
+record set aside as `results.previous.json` first (so an interruption loses nothing). At the end the
+new metrics are compared with the recorded ones, and one line says whether they are the same; the
+record always describes the weights in the folder, and the previous one is kept when they differ.
 """
 from __future__ import annotations
 
@@ -40,17 +50,21 @@ from sdesbench.data.base import IterationSampler, TrainView, build_dataset, clas
 from sdesbench.data.check import ensure_checked
 from sdesbench.engine import distributed as D
 from sdesbench.engine import step
-from sdesbench.engine.hooks import (CheckpointHook, FinalEvaluationHook, HookBase, LogHook, PeriodicEvaluationHook,
-                                    ProgressHook, SignalHook, TensorBoardHook, run_hooks)
-from sdesbench.engine.record import (Evaluation, ImageCounts, RunRecord, Scores, best_of, read_record,
-                                     write_image_counts, write_record)
+from sdesbench.console import err as console
+from sdesbench.engine.hooks import (CheckpointHook, FinalEvaluationHook, LogHook, PeriodicEvaluationHook, ProgressHook,
+                                    SignalHook, TensorBoardHook)
+from sdesbench.engine.record import (Evaluation, ImageCounts, RunRecord, Scores, Timings, best_of, read_record,
+                                     read_record_file, write_image_counts, write_record)
+from sdesbench.engine.restore import CLASS_COUNTS_KEY
 from sdesbench.engine.runtime import RunLock, Runtime, peak_memory_mb, provenance, set_determinism
+from sdesbench.engine.state import HookBase, TrainState, run_hooks
 from sdesbench.errors import CheckpointError, Interrupted, NumericalFault, SdesbenchError, StorageError
-from sdesbench.io import check_writable, load_checkpoint, save_checkpoint, write_text
+from sdesbench.io import check_writable, load_checkpoint, save_checkpoint, write_json, write_text
 from sdesbench.methods.base import StepInfo
 from sdesbench.models import count_params
 
-Resume = Literal["never", "auto", "required"]
+Resume = Literal["never", "auto", "required", "restore"]
+PREVIOUS_RECORD = "results.previous.json"  # a recorded run's record while its weights are trained again
 
 
 class Trainer:
@@ -60,20 +74,18 @@ class Trainer:
         self.show_progress = show_progress and D.is_main()
         self.out = Path(cfg.output.dir)
         self.ckpt_path = self.out / "checkpoints" / "last.pt"
-        # state the hooks read and write
-        self.total_iters = cfg.train.iters
-        self.start_iter = 0
-        self.iteration = 0
-        self.terms: dict[str, torch.Tensor] = {}
-        self.last_step_s = 0.0
-        self.elapsed = 0.0  # training seconds, summed over resumes
-        self.stop_signal: int | None = None
-        self.failed = False
-        self.last_checkpoint_iter: int | None = None
-        self.final_metrics: dict[str, dict[str, Any]] | None = None
-        self.final_images = 0
-        self.history: list[Evaluation] = []  # periodic evaluations (eval.every)
+        self.state = TrainState(total_iters=cfg.train.iters)  # what the loop and the hooks share
+        self.step_time_s = 0.0  # the steps alone, summed over resumes
+        # where the wall time went: in the sessions before this one (from the checkpoint); this one's is
+        # `state.timings`
+        self.timings_before = Timings()
+        self.wall_before = 0.0
+        self.untimed_iters = 0  # iterations of sessions whose times are unknown (`_restore`)
+        self.started = time.perf_counter()  # reset when `run` starts
         self.hooks: list[HookBase] = []
+        self.hook_states: dict[str, dict[str, Any]] = {}  # from the checkpoint, for `load_state_dict`
+        self.previous: RunRecord | None = None  # the record whose weights are being brought back
+        self.class_counts: torch.Tensor | None = None  # the training split's, once a method asked for them
 
     # ------------------------------------------------------------------ setup
     @property
@@ -89,7 +101,9 @@ class Trainer:
         self.train_set = build_dataset(cfg.data.name, cfg.data.root, cfg.data.train_split)
         self.eval_set = build_dataset(cfg.data.name, cfg.data.root, cfg.data.eval_split)
         if cfg.data.check:
+            t0 = time.perf_counter()
             ensure_checked(self.train_set, self.eval_set, self.cache_dir)
+            self.state.timings.data_check_s += time.perf_counter() - t0
         self.num_classes = self.train_set.num_classes
         self.class_names = list(self.train_set.class_names)
 
@@ -98,24 +112,32 @@ class Trainer:
                                      runtime.device)
 
         self.learner = step.build_learner(cfg.model, cfg.method.name, cfg.method.options, self.num_classes, runtime,
-                                          cfg.train, lambda: class_pixel_counts(self.train_set, self.cache_dir),
-                                          teacher)
+                                          cfg.train, self._class_counts, teacher)
         self.student_params = count_params(self.learner.model)
         self.scheduler = PolynomialLR(self.learner.optimizer, total_iters=cfg.train.iters, power=cfg.train.poly_power)
         self._check_free_space()
 
+    def _class_counts(self) -> torch.Tensor:
+        """The training split's per-class pixel counts (SDES's class split), kept for the checkpoint so
+        that the run can be restored without its training set (engine/restore.py)."""
+        if self.class_counts is None:
+            self.class_counts = class_pixel_counts(self.train_set, self.cache_dir)
+        return self.class_counts
+
     def _check_free_space(self) -> None:
         """Fail before training when the output disk cannot hold a checkpoint (weights + optimizer state)."""
-        n = count_params(self.learner.plain_unit)
-        need = 3 * 4 * n + 64 * 2**20  # fp32 weights + momentum + temporary copy during the atomic write, + margin
+        unit = self.learner.plain_unit
+        n = count_params(unit)
+        buffers = sum(b.numel() * b.element_size() for b in unit.buffers())  # e.g. CIRKD's memory queues
+        # fp32 weights + momentum + the buffers, twice during the atomic write, + margin
+        need = 2 * (2 * 4 * n + buffers) + 64 * 2**20
         free = shutil.disk_usage(self.out).free
         if free < need:
             raise SdesbenchError(f"output folder {self.out} has {free / 2**20:.0f} MiB free; a checkpoint needs about "
                                  f"{need / 2**20:.0f} MiB")
 
     def build_hooks(self) -> list[HookBase]:
-        # the order matters (engine/hooks.py): writers before the hooks that publish, the periodic
-        # evaluation before the checkpoint and before the final evaluation it may reuse
+        """The run's hooks; each declares its priority (engine/hooks.py has the table of who runs when)."""
         return [SignalHook(), LogHook(), TensorBoardHook(), ProgressHook(self.show_progress),
                 PeriodicEvaluationHook(self.cfg.eval.every), CheckpointHook(), FinalEvaluationHook(self.show_progress)]
 
@@ -128,7 +150,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         learner = self.learner
         return {
-            "iteration": self.iteration,
+            "iteration": self.state.iteration,
             "model_name": self.cfg.model.name,
             "num_classes": self.num_classes,
             "config": self.cfg.to_dict(),
@@ -140,19 +162,26 @@ class Trainer:
             "scaler": learner.scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "elapsed": self.elapsed,
-            "history": [dataclasses.asdict(e) for e in self.history],
+            "elapsed": self.step_time_s,  # the key older checkpoints have
+            "wall_s": self.wall_time_s,
+            "timings": dataclasses.asdict(self.total_timings),
+            "history": [dataclasses.asdict(e) for e in self.state.history],
+            "hooks": {h.name: h.state_dict() for h in self.hooks if h.state_dict()},
+            **({"method_optimizer": learner.method_optimizer.state_dict()} if learner.method_optimizer else {}),
+            **({CLASS_COUNTS_KEY: self.class_counts} if self.class_counts is not None else {}),
         }
 
     def save_checkpoint(self, keep_copy: bool = False) -> None:
         """`checkpoints/last.pt` (and `iter_<k>.pt` with `keep_copy`)."""
+        t0 = time.perf_counter()
         if D.is_main():
             state = self._state()
             save_checkpoint(self.ckpt_path, state)
             if keep_copy:
-                save_checkpoint(self.ckpt_path.with_name(f"iter_{self.iteration}.pt"), state)
+                save_checkpoint(self.ckpt_path.with_name(f"iter_{self.state.iteration}.pt"), state)
         D.barrier()
-        self.last_checkpoint_iter = self.iteration
+        self.state.last_checkpoint_iter = self.state.iteration
+        self.state.timings.checkpoint_s += time.perf_counter() - t0
 
     def _restore(self) -> None:
         state = load_checkpoint(self.ckpt_path, map_location="cpu")
@@ -168,9 +197,17 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.start_iter = self.iteration = self.last_checkpoint_iter = int(state["iteration"])
-        self.elapsed = float(state["elapsed"])
-        self.history = [from_dict(Evaluation, e, "checkpoint history") for e in state.get("history", [])]
+        self.state.start_iter = self.state.iteration = self.state.last_checkpoint_iter = int(state["iteration"])
+        self.step_time_s = float(state["elapsed"])
+        # a checkpoint written before the record's schema 4 carries no times: its sessions count as 0 s,
+        # and its iterations are left out of iters_per_s
+        self.wall_before = float(state.get("wall_s", 0.0))
+        self.timings_before = from_dict(Timings, state.get("timings", {}), "checkpoint timings")
+        self.untimed_iters = 0 if "timings" in state else self.state.start_iter
+        self.state.history = [from_dict(Evaluation, e, "checkpoint history") for e in state.get("history", [])]
+        self.hook_states = dict(state.get("hooks", {}))
+        if learner.method_optimizer is not None:
+            learner.method_optimizer.load_state_dict(state["method_optimizer"])
 
     def _check_existing(self) -> None:
         """What the folder already holds decides whether this run may start (module docstring)."""
@@ -178,10 +215,20 @@ class Trainer:
             previous = read_record(self.out)
         except StorageError:
             previous = None  # an unreadable record is replaced; the checkpoint rules below still apply
+        has_ckpt = self.ckpt_path.is_file()
+        if self.resume == "restore" and has_ckpt:
+            raise SdesbenchError(f"{self.out} has its checkpoint ({self.ckpt_path.relative_to(self.out)}); there are "
+                                 "no weights to bring back (nothing was changed)")
+        if self.resume == "restore" and not (previous is not None and previous.completed):
+            raise SdesbenchError(f"nothing to restore in {self.out}: it holds no completed run's record; train it "
+                                 "without --restore-weights")
+        if self.resume == "restore" and previous.config_hash != self.cfg.identity_hash():
+            raise SdesbenchError(f"{self.out}: its record was made with another configuration than the one given "
+                                 f"(hash {previous.config_hash}, given {self.cfg.identity_hash()}); restore it with "
+                                 f"--config {self.out / 'config.yaml'}")
         if previous is not None and previous.completed and self.resume == "never":
             raise SdesbenchError(f"{self.out} already holds a completed run; choose another --out "
                                  "(nothing was overwritten)")
-        has_ckpt = self.ckpt_path.is_file()
         if self.resume == "never" and has_ckpt:
             where = f"{previous.status} at iteration {previous.iterations}" if previous else "a checkpoint is there"
             raise SdesbenchError(f"{self.out}: {where}: add --resume to continue, or choose another --out "
@@ -189,29 +236,76 @@ class Trainer:
         if self.resume == "required" and not has_ckpt:
             raise SdesbenchError(f"nothing to resume in {self.out} (no {self.ckpt_path.relative_to(self.out)}); "
                                  "run without --resume to start fresh")
+        if previous is not None and previous.completed and not has_ckpt:  # "auto" or "restore": bring back weights
+            self.previous = previous
+        elif (self.out / PREVIOUS_RECORD).is_file() and has_ckpt:  # an interrupted restoration, resumed
+            try:
+                self.previous = read_record_file(self.out / PREVIOUS_RECORD)
+            except StorageError:
+                self.previous = None
+
+    def _set_previous_aside(self) -> None:
+        if self.previous is not None and D.is_main() and not (self.out / PREVIOUS_RECORD).is_file():
+            write_json(self.out / PREVIOUS_RECORD, self.previous.to_dict())
+
+    def _compare_with_previous(self, record: RunRecord) -> None:
+        """One line: whether the weights brought back score what their record said (module docstring)."""
+        if self.previous is None or not D.is_main():
+            return
+        before, after = self.previous, record
+        same = (before.metrics == after.metrics and before.per_class_iou == after.per_class_iou
+                and before.extra_metrics == after.extra_metrics)
+        if same:
+            (self.out / PREVIOUS_RECORD).unlink(missing_ok=True)
+            console.print(f"restored {self.out}: trained again, it reproduces its record exactly "
+                          f"(mIoU {100 * after.metrics.miou:.2f})", soft_wrap=True)
+            return
+        was = f"{100 * before.metrics.miou:.2f}" if before.metrics else "none"
+        console.print(f"[yellow]warning[/yellow]: {self.out} trained again to bring back its weights does not "
+                      f"reproduce its record: mIoU {100 * after.metrics.miou:.2f}, recorded {was}; the record now "
+                      f"describes the new weights, the old one is kept as {self.out / PREVIOUS_RECORD}", soft_wrap=True)
+
+    # ------------------------------------------------------------------ time
+    @property
+    def wall_time_s(self) -> float:
+        """The run's wall time so far, summed over its sessions (as of their last checkpoint: the work
+        a killed session did after it is redone, and its time is not counted)."""
+        return self.wall_before + time.perf_counter() - self.started
+
+    @property
+    def total_timings(self) -> Timings:
+        return self.timings_before.plus(self.state.timings)
+
+    @property
+    def mean_iter_s(self) -> float | None:
+        """This session's mean iteration time, loader waits included (what the ETA extrapolates)."""
+        done = self.state.iteration - self.state.start_iter
+        return self.state.timings.train_s / done if done > 0 else None
 
     # ------------------------------------------------------------------ record
     def _record(self, status: str, error: str | None = None) -> RunRecord:
         cfg, learner = self.cfg, self.learner
-        done = self.iteration - self.start_iter
+        wall, timings = self.wall_time_s, self.total_timings
         record = RunRecord(
             status=status, error=error, config=cfg.to_dict(), config_hash=cfg.identity_hash(),
             model=cfg.model.name, method=cfg.method.name, dataset=cfg.data.name, seed=cfg.train.seed,
-            iterations=self.iteration, num_classes=self.num_classes, class_names=self.class_names,
+            iterations=self.state.iteration, num_classes=self.num_classes, class_names=self.class_names,
             params=self.student_params, params_m=round(self.student_params / 1e6, 4),
-            pretrained=bool(getattr(learner.model, "pretrained", False)), wall_time_s=round(self.elapsed, 3),
-            iters_per_s=round(done / self.session_s, 4) if self.session_s > 0 and done > 0 else None,
+            pretrained=bool(getattr(learner.model, "pretrained", False)), wall_time_s=round(wall, 3),
+            step_time_s=round(self.step_time_s, 3), timings=timings.rounded(),
+            iters_per_s=round((self.state.iteration - self.untimed_iters) / timings.train_s, 4) if timings.train_s > 0
+            else None,
             peak_memory_mb=round(peak_memory_mb(learner.runtime.device), 1), device=learner.runtime.device_name,
-            world_size=D.world_size(), amp=learner.runtime.amp_name, history=list(self.history),
-            best=best_of(self.history), **provenance())
-        if status == "completed" and self.final_metrics is not None:
-            student = self.final_metrics["student"]
-            record.metrics = Scores(student["miou"], student["pixel_acc"])
+            world_size=D.world_size(), amp=learner.runtime.amp_name, history=list(self.state.history),
+            best=best_of(self.state.history), **provenance())
+        final = self.state.final
+        if status == "completed" and final is not None:
+            student = final.metrics["student"]
+            record.metrics = Scores.of(student)
             record.per_class_iou = dict(zip(self.class_names, student["per_class_iou"]))
-            record.extra_metrics = {k: Scores(v["miou"], v["pixel_acc"])
-                                    for k, v in self.final_metrics.items() if k != "student"}
+            record.extra_metrics = {k: Scores.of(v) for k, v in final.metrics.items() if k != "student"}
             if D.is_main():
-                counts = {k: v["image_counts"].numpy() for k, v in self.final_metrics.items()}
+                counts = {k: v["image_counts"].numpy() for k, v in final.metrics.items()}
                 record.image_counts = write_image_counts(self.out, ImageCounts(self.image_ids(), counts))
         if D.is_main():
             write_record(self.out, record)
@@ -221,7 +315,7 @@ class Trainer:
         """Names of the final evaluation's images, relative to the dataset folder (comparable across
         machines): which images two runs share."""
         root = getattr(self.eval_set, "root", None)
-        ids = [self.eval_set.sample_id(i) for i in range(self.final_images)]
+        ids = [self.eval_set.sample_id(i) for i in range(self.state.final.images)]
         return [os.path.relpath(i, root) if root and os.path.isabs(i) else i for i in ids]
 
     # ------------------------------------------------------------------ loop
@@ -229,11 +323,8 @@ class Trainer:
     def lr(self) -> float:
         return self.learner.optimizer.param_groups[0]["lr"]
 
-    def at_interval(self, every: int) -> bool:
-        """Whether the iteration just finished is a multiple of `every`, or the last one."""
-        return self.iteration % every == 0 or self.iteration == self.total_iters
-
     def run(self) -> RunRecord:
+        self.started = time.perf_counter()
         check_writable(self.out)
         # under torchrun the ranks share the folder: rank 0 holds the lock and writes the files
         with RunLock(self.out) if D.is_main() else nullcontext():
@@ -244,18 +335,22 @@ class Trainer:
         self.setup()
         if self.resume != "never" and self.ckpt_path.is_file():
             self._restore()
+        self._set_previous_aside()
         if D.is_main():
             write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        self.session_s = 0.0
+        self.state.timings.setup_s = time.perf_counter() - self.started - self.state.timings.data_check_s
         self.hooks = hooks = self.build_hooks()
+        for hook in hooks:  # a resumed run: each hook continues from its checkpointed state
+            if hook.name in self.hook_states:
+                hook.load_state_dict(self.hook_states[hook.name])
         try:
             run_hooks(hooks, "before_train", self)
             self._loop(hooks)
         except NumericalFault as e:
-            self.failed = True
+            self.state.failed = True
             error: SdesbenchError | None = e
         except StorageError as e:  # disk full while writing a checkpoint or the log
-            self.failed = True
+            self.state.failed = True
             error = e
         else:
             error = None
@@ -267,18 +362,20 @@ class Trainer:
             except StorageError as e:  # the disk that stopped the run cannot take its record either
                 raise StorageError(f"{error}; the run's record could not be written either ({e})") from None
             raise error
-        if self.stop_signal is not None:
+        if self.state.stop_signal is not None:
             self._record("interrupted")
-            name = signal.Signals(self.stop_signal).name
-            raise Interrupted(f"{name}: stopped at iteration {self.iteration}, checkpoint saved in {self.ckpt_path}; "
-                              "continue with --resume", self.stop_signal)
-        return self._record("completed")
+            name = signal.Signals(self.state.stop_signal).name
+            raise Interrupted(f"{name}: stopped at iteration {self.state.iteration}, checkpoint saved in {self.ckpt_path}; "
+                              "continue with --resume", self.state.stop_signal)
+        record = self._record("completed")
+        self._compare_with_previous(record)
+        return record
 
     def _loader(self) -> DataLoader:
         cfg = self.cfg
         view = TrainView(self.train_set, cfg.data.crop, cfg.data.scale, cfg.data.flip)
         sampler = IterationSampler(len(view), cfg.data.batch_size, cfg.train.iters, cfg.train.seed,
-                                   start_iter=self.start_iter, rank=D.rank(), world_size=D.world_size())
+                                   start_iter=self.state.start_iter, rank=D.rank(), world_size=D.world_size())
         cuda = self.learner.runtime.device.type == "cuda"
         workers = cfg.data.workers
         return DataLoader(view, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=workers,
@@ -291,29 +388,30 @@ class Trainer:
         if D.all_true(bool(torch.isfinite(loss)), self.learner.runtime.device):
             return
         bad = [k for k, v in terms.items() if not bool(torch.isfinite(v))] or ["total"]
-        kept = (f"the last good checkpoint is kept (iteration {self.last_checkpoint_iter})"
-                if self.last_checkpoint_iter is not None else "no checkpoint had been written yet")
-        raise NumericalFault(f"non-finite loss term '{bad[0]}' at iteration {self.iteration + 1}; {kept}")
+        kept = (f"the last good checkpoint is kept (iteration {self.state.last_checkpoint_iter})"
+                if self.state.last_checkpoint_iter is not None else "no checkpoint had been written yet")
+        raise NumericalFault(f"non-finite loss term '{bad[0]}' at iteration {self.state.iteration + 1}; {kept}")
 
     def _loop(self, hooks: list[HookBase]) -> None:
-        if self.iteration >= self.total_iters:
+        if self.state.iteration >= self.state.total_iters:
             return
         self.learner.unit.train()
-        t_session = time.perf_counter()
-        try:
-            for images, labels in self._loader():
-                t0 = time.perf_counter()
-                self.terms = step.train_step(self.learner, images, labels, StepInfo(self.iteration, self.total_iters),
-                                             guard=self._guard)
-                self.scheduler.step()
-                self.iteration += 1
-                self.last_step_s = time.perf_counter() - t0
-                self.elapsed += self.last_step_s
-                run_hooks(hooks, "after_step", self)
-                if self.stop_signal is not None:
-                    break
-        finally:
-            self.session_s = time.perf_counter() - t_session
+        ready = time.perf_counter()  # the loader's start (its workers) counts as the first batch's wait
+        for images, labels in self._loader():
+            t0 = time.perf_counter()
+            self.state.terms = step.train_step(self.learner, images, labels,
+                                               StepInfo(self.state.iteration, self.state.total_iters), guard=self._guard)
+            self.state.own_terms = self.learner.own_terms
+            self.scheduler.step()
+            self.state.iteration += 1
+            t1 = time.perf_counter()
+            self.state.last_data_s, self.state.last_step_s = t0 - ready, t1 - t0
+            self.step_time_s += self.state.last_step_s
+            self.state.timings.train_s += t1 - ready
+            run_hooks(hooks, "after_step", self)  # evaluations and checkpoints in here are timed apart
+            if self.state.stop_signal is not None:
+                break
+            ready = time.perf_counter()
 
 
 def train(cfg: RunConfig, resume: Resume | bool = "never", show_progress: bool = True) -> RunRecord:

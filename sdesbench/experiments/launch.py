@@ -22,23 +22,38 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import torch
-from rich.console import Console
 
 from sdesbench.config import parse_override
+from sdesbench.console import err as console
+from sdesbench.data.base import build_dataset
 from sdesbench.engine import distributed as D
 from sdesbench.engine.configure import build_config
-from sdesbench.engine.record import RunRecord, read_record
+from sdesbench.engine.record import RunRecord
 from sdesbench.engine.trainer import train
-from sdesbench.errors import ConfigError, Interrupted, RunLocked, SdesbenchError, StorageError
-from sdesbench.experiments.plan import PlannedRun, Sweep
+from sdesbench.errors import ConfigError, Interrupted, RunLocked, SdesbenchError
+from sdesbench.experiments.plan import PlannedRun, Sweep, dependency_finished
 from sdesbench.io import check_writable
 
-console = Console(stderr=True)
 LAUNCHERS = ("local", "slurm")
 
 
-def pending_runs(plans: Sequence[PlannedRun], sweep: Sweep) -> list[PlannedRun]:
-    """List skipped rows, then return the distinct run folders not done yet (teachers first)."""
+def check_datasets(runs: Sequence[PlannedRun]) -> None:
+    """Open every dataset split the runs to train read (folders and list files are scanned, no image is
+    decoded): a missing folder, split or list file (Table 1 without its trainaug list) stops the sweep
+    in one line before the first run, instead of failing each run in turn. Local launchers only: a
+    Slurm job may see folders the submitting machine does not."""
+    opened: set[tuple[str, str | None, str]] = set()
+    for run in runs:
+        data = run.cfg.data
+        for split in (data.train_split, data.eval_split):
+            if (data.name, data.root, split) not in opened:
+                opened.add((data.name, data.root, split))
+                build_dataset(data.name, data.root, split)
+
+
+def pending_runs(plans: Sequence[PlannedRun], sweep: Sweep, open_data: bool = True) -> list[PlannedRun]:
+    """List skipped rows, then return the distinct run folders not done yet (teachers first), after
+    opening their datasets (`check_datasets`) unless `open_data` is off (Slurm)."""
     check_writable(sweep.results)
     first_seed = min((p.seed for p in plans), default=0)
     for p in plans:
@@ -50,16 +65,12 @@ def pending_runs(plans: Sequence[PlannedRun], sweep: Sweep) -> list[PlannedRun]:
             seen.add(str(p.out))
             if not p.done():
                 unique.append(p)
-    console.print(f"{sweep.title}: {len(unique)} run(s) to train, {len(seen) - len(unique)} already done")
+    if open_data:
+        check_datasets(unique)
+    again = sum(1 for p in unique if p.recorded())
+    console.print(f"{sweep.title}: {len(unique)} run(s) to train, {len(seen) - len(unique)} already done"
+                  + (f"; {again} of them recorded without a checkpoint, trained again for their weights" if again else ""))
     return unique
-
-
-def _teacher_finished(folder: str) -> bool:
-    try:
-        rec = read_record(folder)
-    except StorageError:
-        return False
-    return rec is not None and rec.completed
 
 
 def train_locally(plans: Sequence[PlannedRun], sweep: Sweep, progress: bool) -> int:
@@ -71,7 +82,7 @@ def train_locally(plans: Sequence[PlannedRun], sweep: Sweep, progress: bool) -> 
     failed = 0
     for i, p in enumerate(unique, 1):
         console.print(f"[{i}/{len(unique)}] {p.key} seed {p.seed} -> {p.out}")
-        if not all(_teacher_finished(d) for d in p.depends_on):
+        if not all(dependency_finished(d) for d in p.depends_on):
             console.print(f"[red]skip[/red] {p.key}: its teacher did not finish")
             failed += 1
             continue
@@ -122,7 +133,7 @@ def job_graph(runs: Sequence[PlannedRun]) -> list[Job]:
         for dep in r.depends_on:
             if dep in by_dir:
                 visit(by_dir[dep], chain + (key,))
-            elif not Path(dep, "results.json").is_file():
+            elif not dependency_finished(dep):
                 raise ConfigError(f"run {r.key} needs {dep}, which is neither finished nor planned")
         state[key] = "done"
         order.append(r)
@@ -139,13 +150,15 @@ class Executor(Protocol):  # what submit() needs of a submitit executor
     def submit(self, fn: Any, *args: Any) -> Any: ...
 
 
-def train_in_process_group(cfg_dict: dict[str, Any], cwd: str) -> RunRecord:
+def train_in_process_group(cfg_dict: dict[str, Any], cwd: str, progress: bool = False) -> RunRecord:
     """Train one run (resuming) in this process, joining the process group that RANK/WORLD_SIZE/
-    MASTER_PORT describe when they are set (a Slurm task, a torchrun-style group of `parallel`)."""
+    MASTER_PORT describe when they are set (a Slurm task, a torchrun-style group of `parallel`).
+    `progress`: the Trainer's plain progress lines when this process's stderr is not a terminal (a
+    Slurm log, a file); never its live bar, which the runs sharing a terminal could not share."""
     os.chdir(cwd)  # run folders and teacher checkpoints are relative to where the sweep was started
     D.init_from_env()
     try:
-        return train(build_config(cfg_dict), resume="auto", show_progress=False)
+        return train(build_config(cfg_dict), resume="auto", show_progress=progress and not console.is_terminal)
     finally:
         D.cleanup()
 
@@ -159,7 +172,7 @@ class TrainJob:
         if submitit.JobEnvironment().num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         rank = int(os.environ.get("RANK", 0))
-        rec = train_in_process_group(cfg_dict, cwd)
+        rec = train_in_process_group(cfg_dict, cwd, progress=True)  # the job's log shows how far it is
         return {"miou": rec.metrics.miou, "pixel_acc": rec.metrics.pixel_acc} if rank == 0 and rec.metrics else None
 
     def checkpoint(self, cfg_dict: dict[str, Any], cwd: str) -> Any:
@@ -235,7 +248,7 @@ def submit_to_slurm(plans: Sequence[PlannedRun], sweep: Sweep, partition: str | 
                     sets: Sequence[str]) -> list[tuple[PlannedRun, str]]:
     """`sdesbench run --launcher slurm`: the runs still to do as jobs; returns (run, job id) pairs."""
     check_launcher("slurm")
-    submitted = submit_runs(pending_runs(plans, sweep), sweep.results, partition, gpus, time_min, sets)
+    submitted = submit_runs(pending_runs(plans, sweep, open_data=False), sweep.results, partition, gpus, time_min, sets)
     for run, job_id in submitted:
         console.print(f"submitted {job_id}: {run.key} seed {run.seed} -> {run.out}")
     return submitted

@@ -45,10 +45,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from sdesbench.engine.record import read_record
-from sdesbench.errors import ConfigError, Interrupted, RunLocked, SdesbenchError, StorageError
+from sdesbench.errors import ConfigError, Interrupted, RunLocked, SdesbenchError
 from sdesbench.experiments.launch import console, pending_runs, train_in_process_group, train_locally
-from sdesbench.experiments.plan import PlannedRun, Sweep
+from sdesbench.experiments.plan import PlannedRun, Sweep, dependency_finished
 
 BASE_PORT = 29500  # torchrun's default MASTER_PORT; slot i of a DDP group uses BASE_PORT + i
 
@@ -179,13 +178,13 @@ def enter_slot(slot: Slot) -> None:
     torch.set_num_threads(slot.threads)
 
 
-def rank_main(cfg_dict: dict[str, Any], cwd: str) -> dict[str, Any]:
+def rank_main(cfg_dict: dict[str, Any], cwd: str, progress: bool = False) -> dict[str, Any]:
     """One process of a run (its only one, or one rank of its process group): train, resuming, and
     say how it ended as a plain dict (an exception would only travel as a traceback)."""
     if torch.cuda.is_available():  # peak memory per run, not per process (a slot's process trains several)
         torch.cuda.reset_peak_memory_stats()
     try:
-        rec = train_in_process_group(cfg_dict, cwd)
+        rec = train_in_process_group(cfg_dict, cwd, progress)
     except Interrupted as e:
         return {"status": "interrupted", "error": str(e)}
     except RunLocked as e:
@@ -195,41 +194,40 @@ def rank_main(cfg_dict: dict[str, Any], cwd: str) -> dict[str, Any]:
     return {"status": rec.status, "miou": rec.metrics.miou if rec.metrics else None}
 
 
-def run_in_slot(cfg_dict: dict[str, Any], cwd: str, slot: Slot) -> dict[str, Any]:
-    """The executor task: the run in this process, or in a process group of `slot.procs` processes."""
+def run_in_slot(cfg_dict: dict[str, Any], cwd: str, slot: Slot, progress: bool = False) -> dict[str, Any]:
+    """The executor task: the run in this process, or in a process group of `slot.procs` processes
+    (`progress`: `launch.train_in_process_group`)."""
     if slot.procs == 1:
-        return rank_main(cfg_dict, cwd)
+        return rank_main(cfg_dict, cwd, progress)
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=slot.procs, rdzv_backend="static",
                           rdzv_endpoint=f"127.0.0.1:{slot.master_port}", rdzv_configs={"rank": 0},
                           run_id=f"sdesbench-slot{slot.index}", max_restarts=0)
-    results = elastic_launch(config, rank_main)(cfg_dict, cwd)
+    results = elastic_launch(config, rank_main)(cfg_dict, cwd, progress)
     return results[0]  # rank 0 trained and wrote the record
 
 
 def _dep_status(folder: str, status: dict[str, str]) -> str:
     if folder in status:
         return status[folder]
-    try:  # not part of this sweep's work: finished earlier, or not at all
-        rec = read_record(folder)
-    except StorageError:
-        return FAILED
-    return DONE if rec is not None and rec.completed else FAILED
+    return DONE if dependency_finished(folder) else FAILED  # not this sweep's work: finished earlier, or not at all
 
 
 class SlotProcesses:
-    """One worker process per slot (spawned on first use, set up by `enter_slot`), replaced if it dies."""
+    """One worker process per slot (spawned on first use, set up by `enter_slot`), replaced if it dies.
+    `progress`: each run's plain progress lines where stderr is not a terminal (`run_in_slot`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: bool = False) -> None:
         self.ctx = multiprocessing.get_context("spawn")
         self.executors: dict[int, ProcessPoolExecutor] = {}
+        self.progress = progress
 
     def submit(self, slot: Slot, *args: Any) -> Future:
         if slot.index not in self.executors:
             self.executors[slot.index] = ProcessPoolExecutor(1, mp_context=self.ctx, initializer=enter_slot,
                                                              initargs=(slot,))
-        return self.executors[slot.index].submit(run_in_slot, *args, slot)
+        return self.executors[slot.index].submit(run_in_slot, *args, slot, self.progress)
 
     def discard(self, slot: Slot) -> None:
         """After a crash (BrokenProcessPool): the next run in this slot gets a new process."""
@@ -249,17 +247,17 @@ class SlotProcesses:
 
 
 def train_concurrently(plans: Sequence[PlannedRun], sweep: Sweep, slots: Sequence[Slot],
-                       processes: SlotProcesses | None = None) -> int:
+                       processes: SlotProcesses | None = None, progress: bool = False) -> int:
     """Train the planned runs not done yet, one per slot at a time (module docstring). Returns the number
     of runs that failed or could not start, like `launch.train_locally`; raises `Interrupted` after a
     signal, once the running runs have saved their checkpoints. `processes` runs the tasks (default:
-    a spawned worker process per slot)."""
+    a spawned worker process per slot, printing progress lines with `progress`)."""
     queue = pending_runs(plans, sweep)
     total = len(queue)
     status: dict[str, str] = {str(r.out): WAITING for r in queue}
     free = sorted(slots, key=lambda s: s.index)
     running: dict[Future, tuple[PlannedRun, Slot]] = {}
-    processes = processes or SlotProcesses()
+    processes = processes or SlotProcesses(progress)
     failed, started = 0, 0
     stop: list[int] = []
     cwd = os.getcwd()
@@ -345,4 +343,4 @@ def train_here(plans: Sequence[PlannedRun], sweep: Sweep, progress: bool, gpus: 
     slots = plan_slots(gpus, gpus_per_run, workers)
     if gpus:
         check_gpus(gpus)
-    return train_concurrently(plans, sweep, slots)
+    return train_concurrently(plans, sweep, slots, progress=progress)

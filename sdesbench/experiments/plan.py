@@ -13,19 +13,55 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdesbench.config import RunConfig, apply_overrides, merge, method_section
+from sdesbench.config import RunConfig, apply_overrides, identity_changes, merge, method_section, parse_config
 from sdesbench.engine.configure import build_config
 from sdesbench.engine.record import RunRecord, read_record
 from sdesbench.errors import ConfigError, StorageError
-from sdesbench.experiments.spec import Group, Row, Spec, load_spec
+from sdesbench.experiments.spec import Group, Row, Spec, load_spec, spec_name
 from sdesbench.experiments.sweeps import sweep_groups
 
 # method option -> protocol column shown by `--dry-run` and in reports
-PROTOCOL_OPTIONS = {"tau": "tau", "n_experts": "N", "expert": "expert"}
+PROTOCOL_OPTIONS = {"n_experts": "N", "expert": "expert"}
+# a method's temperatures and loss weights, found by their names in its resolved options (`--dry-run`)
+TEMPERATURE_NAMES = ("tau", "temperature")
+WEIGHT_NAMES = ("weight", "alpha", "beta")
+
+
+def temperatures_and_weights(options: dict[str, Any]) -> tuple[str, str]:
+    """('tau=5', 'alpha=0.5 beta=100') from resolved method options: every option named like a temperature
+    (`tau`, `kd_temperature`, `cwd_tau`, ...) and every loss weight (`*_weight`, `alpha`, `beta`; the aux
+    head's `aux_weight` applies only to models with one and is left out)."""
+    def named(words: tuple[str, ...]) -> str:
+        return " ".join(f"{k}={v:g}" for k, v in options.items() if isinstance(v, (int, float))
+                        and not isinstance(v, bool) and k != "aux_weight"
+                        and any(k == w or k.endswith(f"_{w}") for w in words))
+    return named(TEMPERATURE_NAMES), named(WEIGHT_NAMES)
+# the teacher of a `teacher: true` row ("another pre-trained student") gets its own seed, derived from the
+# row's: another training run, not the row's own baseline (docs/tables.md)
+TEACHER_SEED_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class StaleRecord:
+    """A completed record of the same request (the same spec row and settings) made under other resolved
+    settings: a default changed since (`method.p: 1.0 -> 2.0`). It is kept, never shown as current."""
+
+    folder: Path
+    changes: list[tuple[str, Any, Any]]
+
+    def describe(self, most: int = 3) -> str:
+        def short(v: Any) -> str:
+            text = "absent" if v is None else str(v)
+            return text if len(text) <= 40 else "..." + text[-37:]
+
+        parts = [f"{k.replace('method.options.', 'method.')}: {short(a)} -> {short(b)}" for k, a, b in self.changes]
+        more = f", and {len(parts) - most} more" if len(parts) > most else ""
+        return "stale (" + ", ".join(parts[:most]) + more + ")"
 
 
 @dataclass(frozen=True)
@@ -33,7 +69,7 @@ class Sweep:
     """What `run`, `ablate` and `report` work on: a table at a preset, over seeds, in a results folder,
     with the `--set` overrides the runs are made with (they are part of each run's hash)."""
 
-    table: str
+    table: str  # a table name (`sdesbench list tables`) or the path of a spec file
     preset: str = "smoke"
     seeds: tuple[int, ...] = (0,)
     results: Path = Path("results")
@@ -46,8 +82,24 @@ class Sweep:
         return expand(spec or self.spec(), self)
 
     @property
+    def name(self) -> str:
+        """The table's name: what its outputs are filed under (the file's stem for a spec path)."""
+        return spec_name(self.table)
+
+    @property
     def title(self) -> str:
-        return f"{self.table} ({self.preset})"
+        return f"{self.name} ({self.preset})"
+
+    def command(self, verb: str, *extra: str) -> str:
+        """The command line that works on this sweep (`verb` = run, report, ...): what advice prints."""
+        words = ["sdesbench", verb, shlex.quote(self.table), "--preset", self.preset]
+        if self.seeds != (0,):
+            words += ["--seeds", ",".join(map(str, self.seeds))]
+        if Path(self.results) != Path("results"):
+            words += ["--results", shlex.quote(str(self.results))]
+        for o in self.overrides:
+            words += ["--set", shlex.quote(o)]
+        return " ".join(words + list(extra))
 
     def with_table(self, table: str) -> "Sweep":
         return dataclasses.replace(self, table=table)
@@ -65,12 +117,14 @@ class PlannedRun:
     depends_on: list[str] = field(default_factory=list)  # run dirs that must finish first
     skipped: str | None = None  # reason the row cannot run
     is_teacher: bool = False
+    needs_weights: bool = False  # done only with its checkpoint (a teacher; every run under --restore-weights)
     model: str = ""
     method: str = "student"
     protocol: dict[str, Any] = field(default_factory=dict)  # iters, crop, batch, lr, splits, tau, N, expert, teacher
     show: dict[str, Any] = field(default_factory=dict)  # extra display columns of the paper's table
     group_spec: Group | None = None
     row_spec: Row | None = None
+    stale: StaleRecord | None = None  # an older record of this request under other resolved settings
 
     @property
     def out(self) -> Path | None:
@@ -79,12 +133,47 @@ class PlannedRun:
     def record(self) -> RunRecord | None:
         return read_record(self.out)
 
-    def done(self) -> bool:
+    def recorded(self) -> bool:
+        """Whether the folder holds this configuration's completed record."""
         try:
             rec = self.record()
         except StorageError:
             return False
         return bool(rec and rec.completed and rec.config_hash == self.cfg.identity_hash())
+
+    def done(self) -> bool:
+        """Finished, with what other runs need of it: a teacher's record is not enough without its weights
+        (a fresh clone has the records of git, not the checkpoints)."""
+        return self.recorded() and (not self.needs_weights or has_weights(self.out))
+
+    def status(self) -> str:
+        """The `--dry-run` status: skipped (why), done, to run (again, when a stale record of it exists),
+        or to train again for its weights."""
+        if self.cfg is None:
+            return f"skipped: {self.skipped}"
+        if self.done():
+            return "done"
+        if self.recorded():
+            return "recorded, no checkpoint: trained again for its weights"
+        return f"{self.stale.describe()}: to run" if self.stale else "to run"
+
+
+def checkpoint_of(folder: str | Path) -> Path:
+    return Path(folder) / "checkpoints" / "last.pt"
+
+
+def has_weights(folder: str | Path) -> bool:
+    return checkpoint_of(folder).is_file()
+
+
+def dependency_finished(folder: str | Path) -> bool:
+    """A run other runs depend on (a teacher) is finished when its record says completed and its
+    checkpoint, what they load, is there."""
+    try:
+        rec = read_record(folder)
+    except StorageError:
+        return False
+    return rec is not None and rec.completed and has_weights(folder)
 
 
 def run_dir(results: Path, cfg: RunConfig) -> Path:
@@ -114,12 +203,41 @@ def protocol_of(data: dict[str, Any], overrides: tuple[str, ...] | list[str] = (
     return proto
 
 
+class RecordIndex:
+    """The completed records of one results folder, read once per planning, by run folder's parent
+    (`runs/<dataset>/<model>/<method>/`): where an older record of a planned run would be."""
+
+    def __init__(self) -> None:
+        self.parents: dict[Path, list[tuple[Path, RunConfig]]] = {}
+
+    def siblings(self, folder: Path) -> list[tuple[Path, RunConfig]]:
+        parent = folder.parent
+        if parent not in self.parents:
+            found = []
+            for other in sorted(parent.glob("*/")) if parent.is_dir() else []:
+                try:
+                    rec = read_record(other)
+                    if rec is not None and rec.completed:
+                        found.append((other, parse_config(rec.config)))
+                except (StorageError, ConfigError):  # unreadable, or a config this version cannot read
+                    continue
+            self.parents[parent] = found
+        return self.parents[parent]
+
+    def stale_record(self, plan: PlannedRun) -> StaleRecord | None:
+        """A completed record of the same request under other resolved settings, if one is kept."""
+        for other, cfg in self.siblings(plan.out):
+            if other != plan.out and cfg.request == plan.cfg.request:
+                return StaleRecord(other, identity_changes(cfg.identity(), plan.cfg.identity()))
+        return None
+
+
 def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
     """All runs of a table for a preset: teachers first, then rows x seeds (skips explained)."""
-    base = spec.preset_settings(sweep.preset)
     overrides = list(sweep.overrides)
     teachers: dict[str, PlannedRun] = {}
     planned: list[PlannedRun] = []
+    records = RecordIndex()
 
     def configure(pr: PlannedRun, data: dict[str, Any], sets: list[str]) -> None:
         pr.protocol = protocol_of(data, sets)
@@ -132,11 +250,14 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
             return
         cfg.output.dir = str(run_dir(sweep.results, cfg))
         pr.cfg = cfg
+        pr.protocol["temperature"], pr.protocol["weights"] = temperatures_and_weights(cfg.method.options)
+        if not pr.recorded():
+            pr.stale = records.stale_record(pr)
 
     def teacher_run(name: str, group_base: dict[str, Any], seed: int) -> PlannedRun:
         data = merge(group_base, {"model": {"name": name}, "method": {"name": "student"}, "train": {"seed": seed}})
         pr = PlannedRun(key=f"teacher:{name}", group="teacher", row=name, seed=seed, cfg=None, is_teacher=True,
-                        model=name)
+                        needs_weights=True, model=name)
         # the spec's and the user's settings apply to the teacher too, except method options
         configure(pr, data, [o for o in overrides if not o.startswith("method.")])
         ident = str(pr.out) if pr.cfg else f"{pr.key}:{seed}:{json.dumps(pr.protocol, sort_keys=True)}"
@@ -144,7 +265,7 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
 
     groups = sweep_groups(spec) if spec.is_sweep else spec.groups
     for group in groups:
-        group_base = merge(base, group.config)
+        group_base = spec.group_settings(group, sweep.preset)
         for row in group.rows:
             for seed in sweep.seeds:
                 pr = PlannedRun(key=f"{group.name}/{row.label}", group=group.name, row=row.label, seed=seed, cfg=None,
@@ -155,14 +276,19 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
                                           "method": {"name": row.method, **options}, "train": {"seed": seed}})
                 if row.teacher:
                     tname = row.teacher if isinstance(row.teacher, str) else group.model
-                    t = teacher_run(tname, group_base, seed)
+                    # `teacher: <model>` is the table's teacher network, whose own row (Table 2's Teacher)
+                    # reports this very run; `teacher: true` is "another" copy of the row's network
+                    same = isinstance(row.teacher, str) or (row.teacher_seed or spec.teacher_seed) == "same"
+                    t = teacher_run(tname, group_base, seed if same else seed + TEACHER_SEED_OFFSET)
                     data = merge(data, {"teacher": {"model": tname}})
                     if t.cfg is not None:
-                        data = merge(data, {"teacher": {"checkpoint": str(t.out / "checkpoints" / "last.pt")}})
+                        data = merge(data, {"teacher": {"checkpoint": str(checkpoint_of(t.out))}})
                         pr.depends_on.append(str(t.out))
                     else:
                         pr.skipped = f"teacher {tname}: {t.skipped}"
                 configure(pr, data, overrides)
+                if row.teacher:
+                    pr.protocol["teacher_seed"] = t.seed
                 planned.append(pr)
     return list(teachers.values()) + planned
 

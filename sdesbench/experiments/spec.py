@@ -1,12 +1,18 @@
-"""Table specs (`experiments/<table>.yaml`) as typed values, validated like run configs.
+"""Table specs as typed values, validated like run configs.
+
+The paper's tables ship with the package (`sdesbench/specs/<table>.yaml`, read through
+importlib.resources); `$SDESBENCH_EXPERIMENTS` adds folders of one's own tables, and `run`, `ablate`
+and `report` also take the path of a spec file (`find_spec`).
 
 A spec reads like the paper's table: groups (one per network) of rows (one per method), each row
 with the paper's numbers (`miou`, `pa`). Method options are given per method name
 (`options: {sdes: {tau: 5}}`) at the spec or group level, or per row (`options: {...}` inside the
 row). Presets (`paper`, `mini`, `smoke`) hold the protocol, `base` the settings every preset
 shares, a group's `config:` (e.g. `{model: {pretrained: false}}`) applies to its rows. A row names
-its teacher with `teacher: true` (another trained copy of the row's own network: the table's
-Student row of the same seed, shared by configuration hash) or `teacher: <model name>`.
+its teacher with `teacher: true` (another trained copy of the row's own network, with the Student row's
+configuration, trained with its own seed derived from the row's, `teacher_seed: separate` (the default),
+or with the row's seed, `teacher_seed: same`, which makes it the table's Student row itself, shared by
+configuration hash) or `teacher: <model name>` (the table's teacher network, at the row's seed).
 A sweep spec (fig3) has `sweeps` (one per hyper-parameter) instead of groups.
 
 Loading checks every key and type (the same `from_dict` as the run config, the same one-line
@@ -17,17 +23,27 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from sdesbench.config import RunConfig, from_dict, load_yaml, merge, method_section, parse_config
+from sdesbench.config import RunConfig, from_dict, load_yaml, merge, method_section, parse_config, parse_yaml
 from sdesbench.data import DATASETS
 from sdesbench.errors import ConfigError
 from sdesbench.methods import METHODS
 from sdesbench.models import MODELS
+from sdesbench.registry import did_you_mean
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 PRESETS = ("paper", "mini", "smoke")
-Metric = Literal["miou", "pa"]
+Metric = Literal["miou", "pa", "macc"]  # macc: mean per-class accuracy (no paper gives it)
+# the teacher of a `teacher: true` row: trained with its own seed, derived from the row's (`separate`:
+# "another pre-trained student"), or with the row's seed (`same`: the table's Student row itself). A
+# `teacher: <model>` row always uses the row's seed: its teacher is the table's teacher network, whose
+# own row (Table 2's Teacher) reports that very run
+TeacherSeed = Literal["separate", "same"]
 
 
 @dataclass
@@ -38,6 +54,7 @@ class Row:
     pa: float | None = None
     metric: Literal["student", "ens_t"] = "student"  # which evaluated prediction the row reports
     teacher: bool | str = False
+    teacher_seed: TeacherSeed | None = None  # default: the spec's
     options: dict[str, Any] = field(default_factory=dict)
     show: dict[str, Any] = field(default_factory=dict)  # extra display columns of the paper's table
     params_m: float | None = None  # the paper's Params / FLOPs when the row's differ from its group's
@@ -53,6 +70,10 @@ class Group:
     model: str
     rows: list[Row]
     config: dict[str, Any] = field(default_factory=dict)  # partial run config for this group's rows
+    # per preset, partial run config for this group's rows on top of `config`: a group on another dataset
+    # than the table's (CIRKD's CamVid and VOC groups) names its own protocol for `paper`, and none for
+    # `smoke`, which then runs on the preset's built-in data like every other group
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method name
     params_m: float | None = None
     gflops: float | None = None
@@ -103,6 +124,7 @@ class Spec:
     layout: Literal["long", "wide"] = "long"
     profile: Profile | None = None
     cost: bool = True
+    teacher_seed: TeacherSeed = "separate"
     base: dict[str, Any] = field(default_factory=dict)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method name
     groups: list[Group] = field(default_factory=list)
@@ -123,6 +145,10 @@ class Spec:
         """`base` merged with the preset's sections: the protocol shared by every run of the preset."""
         return merge(dict(self.base), self.preset(name).settings())
 
+    def group_settings(self, group: Group, preset: str) -> dict[str, Any]:
+        """The protocol of one group's runs: the preset's, the group's `config`, its settings for the preset."""
+        return merge(merge(self.preset_settings(preset), group.config), group.presets.get(preset, {}))
+
     def method_options(self, method: str, group: Group | None = None) -> dict[str, Any]:
         opts = dict(self.options.get(method, {}))
         return merge(opts, group.options.get(method, {})) if group else opts
@@ -133,32 +159,77 @@ class Spec:
         return self.sweeps[param]
 
 
-def experiments_dir() -> Path:
-    """`experiments/` of the checkout (or $SDESBENCH_EXPERIMENTS)."""
-    env = os.environ.get("SDESBENCH_EXPERIMENTS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "experiments"
+SPEC_SUFFIXES = (".yaml", ".yml")
+PACKAGED_SPECS = "specs"  # the paper's tables, shipped inside the package (sdesbench/specs/*.yaml)
+
+
+def spec_folders() -> list[Path | Traversable]:
+    """Where table names are looked up, first match wins: the folders of $SDESBENCH_EXPERIMENTS
+    (separated like PATH; a researcher's own tables, which may shadow a paper table of the same name),
+    then the paper's tables that ship with the package (found through importlib.resources, so an
+    installed wheel knows them as well as a checkout does)."""
+    env = os.environ.get("SDESBENCH_EXPERIMENTS", "")
+    return [Path(p) for p in env.split(os.pathsep) if p] + [resources.files("sdesbench") / PACKAGED_SPECS]
+
+
+def is_spec_path(table: str) -> bool:
+    """Whether a table argument names a file (`my_table.yaml`, `specs/x.yml`) rather than a table name."""
+    return table.endswith(SPEC_SUFFIXES) or "/" in table or os.sep in table
+
+
+def spec_name(table: str) -> str:
+    """The name a table's outputs are filed under (`results/<name>-<preset>.md`): the name itself, or
+    the file's stem for a path."""
+    return Path(table).stem if is_spec_path(table) else table
+
+
+def _named_specs() -> dict[str, Path | Traversable]:
+    found: dict[str, Path | Traversable] = {}
+    for folder in spec_folders():
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            stem, dot, suffix = entry.name.rpartition(".")
+            if dot and f".{suffix}" in SPEC_SUFFIXES and entry.is_file():
+                found.setdefault(stem, entry)
+    return found
 
 
 def list_tables() -> list[str]:
-    return sorted(p.stem for p in experiments_dir().glob("*.yaml"))
+    return sorted(_named_specs())
+
+
+def find_spec(table: str) -> Path | Traversable:
+    """The YAML file of a table name or path; one line naming what is known otherwise."""
+    if is_spec_path(table):
+        path = Path(table).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"table spec not found: {path}")
+        return path
+    specs = _named_specs()
+    if table not in specs:
+        raise ConfigError(f"unknown table {table!r}; known: {', '.join(sorted(specs))}"
+                          f"{did_you_mean(table, specs)} (or give the path of a spec file)")
+    return specs[table]
 
 
 def load_spec(table: str) -> Spec:
-    path = experiments_dir() / f"{table}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown table {table!r}; known: {', '.join(list_tables())}")
-    data = load_yaml(path)
+    source = find_spec(table)
+    where = source.name
+    if isinstance(source, Path):
+        data = load_yaml(source)
+    else:  # a spec inside the package (a wheel may keep it in a zip)
+        data = parse_yaml(source.read_text(encoding="utf-8"), where)
     if "presets" not in data:
-        raise ConfigError(f"{path}: a table spec needs a mapping with 'presets'")
-    data.setdefault("name", table)
-    data.setdefault("title", table)
+        raise ConfigError(f"{where}: a table spec needs a mapping with 'presets'")
+    name = spec_name(table)
+    data.setdefault("name", name)
+    data.setdefault("title", name)
     try:
         spec = from_dict(Spec, data)
         check_spec(spec)
     except ConfigError as e:
-        raise ConfigError(f"{path.name}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     return spec
 
 
@@ -171,6 +242,11 @@ def check_spec(spec: Spec) -> None:
         _check_partial(settings, f"presets.{name}")
     for group in spec.groups:  # an unknown name is an error (with a did-you-mean), never "not implemented yet"
         _check_partial(group.config, f"group {group.name!r} config")
+        for preset, settings in group.presets.items():
+            if preset not in spec.presets:
+                raise ConfigError(f"group {group.name!r} has settings for preset {preset!r}, which the table does "
+                                  f"not have ({', '.join(spec.presets)})")
+            _check_partial(merge(group.config, settings), f"group {group.name!r} presets.{preset}")
         MODELS.get(group.model)
         for row in group.rows:
             METHODS.get(row.method)

@@ -15,6 +15,8 @@ training step (`engine.step.train_step`) on learners built as the Trainer builds
   loader workers) and **data loader** throughput (`measure/throughput.py`).
 - **paper tables**: the wall time of each `experiments/*.yaml` table's `paper` preset on this device,
   estimated as iterations x the method's step time, scaled by batch x crop pixels.
+- **class count**: the pieces of evaluation, SDES and the dataset checks whose work grows with the
+  number of classes, at the dataset's class count and at 171 (COCO-Stuff-164K; `measure/class_scaling.py`).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from sdesbench.errors import ConfigError, SdesbenchError
 from sdesbench.experiments.parallel import makespan
 from sdesbench.experiments.plan import Sweep
 from sdesbench.experiments.spec import list_tables
+from sdesbench.measure.class_scaling import class_scaling, format_class_scaling
 from sdesbench.measure.step_cost import Clock, StepBench, interleaved_ratios
 from sdesbench.measure.throughput import eval_throughput, loader_throughput
 from sdesbench.methods import METHODS
@@ -207,6 +210,8 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> 
                                pin_memory=cuda)
     loader = {"workers": s.workers, "images_per_s": round(loader["images_per_s"], 3),
               "ratio_to_training_step": round(loader["images_per_s"] / ref["images_per_s"], 2)}
+    log(f"bench class count ({ds_cls.num_classes} and 171 classes)")
+    classes = class_scaling(ds_cls.num_classes, runtime, batch, crop, s.model)
     result: dict[str, Any] = {
         "device": runtime.device_name if cuda else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -219,6 +224,7 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> 
         "methods": [rows[n] for n in names],
         "eval": evaluation,
         "data_loader": loader,
+        "classes": classes,
     }
     if s.tables:
         step_s = {r["method"]: r["step_ms"] / 1e3 for r in rows.values() if "step_ms" in r}
@@ -256,7 +262,7 @@ def format_report(r: dict[str, Any]) -> str:
               f"{e['with_loader']['batch_size']}): {e['with_loader']['images_per_s']:.2f} img/s end to end",
               f"data loader ({d['workers']} workers): {d['images_per_s']:.1f} img/s = "
               f"{d['ratio_to_training_step']:.1f}x what the student's training step consumes"]
-    return "\n".join(lines + table_estimate_lines(r.get("tables", [])))
+    return "\n".join(lines + table_estimate_lines(r.get("tables", [])) + format_class_scaling(r["classes"]))
 
 
 def table_estimate_lines(tables: list[dict[str, Any]]) -> list[str]:

@@ -8,9 +8,13 @@ parameters, optimizer state, batch, ...) plus the highest running sum of allocat
 CUDA the same quantity is read from the allocator: the rise of `max_memory_allocated` above what was
 allocated before the call, plus the same bytes alive before it. Either way, other objects in the
 process (other methods' models in `bench`) do not count.
+
+torch.profiler's kineto logs every start and stop on stderr (`USDT: ... profiler_start`), between
+the lines of `bench` and `doctor`; it is told to keep quiet unless the user set `KINETO_LOG_LEVEL`.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable
 
 import torch
@@ -30,6 +34,10 @@ def cpu_allocation_peak(fn: Callable[[], Any]) -> int:
     """Highest running sum of the CPU allocation events (+ allocated, - freed) while `fn` runs."""
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto reads this once, when the process first profiles. Its start/stop lines are at its highest
+    # level (5), so only 6 silences them, its own errors too (on a CPU machine: "gpuGetDeviceCount
+    # failed"); a profiler that failed is caught below instead, as a step without allocations.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events: list[tuple[int, int]] = []
@@ -43,6 +51,9 @@ def cpu_allocation_peak(fn: Callable[[], Any]) -> int:
 
     for root in prof.profiler.kineto_results.experimental_event_tree():
         walk(root)
+    if not events:
+        raise RuntimeError("torch.profiler recorded no CPU allocation: the peak memory cannot be measured "
+                           "(KINETO_LOG_LEVEL=0 shows the profiler's own messages)")
     running = peak = 0
     for _, size in sorted(events):
         running += size

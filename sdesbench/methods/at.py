@@ -68,8 +68,6 @@ def paired_stages(student_stages: list, teacher_stages: list, pairs: int = 0) ->
 class AT(TeacherStudentMethod):
     """L = L_SS (Eq. 1) + at_weight * sum_j L_AT^j over paired encoder stages; see the module docstring."""
 
-    name = "at"
-
     @dataclass
     class Options(TeacherStudentOptions):
         at_weight: float = field(default=1000.0, metadata=rng(0.0, doc="beta = 1e3 of the authors' code (paper: beta/2)"))

@@ -27,7 +27,7 @@ from sdesbench.config import from_dict
 from sdesbench.models.base import SegmentationModel
 from sdesbench.registry import Registry
 
-METHODS = Registry("method")
+METHODS = Registry("method", names_entries=True)  # a method's `name` is its registered name
 
 
 @dataclass
@@ -84,3 +84,18 @@ class Method(nn.Module):
     def eval_predictions(self, student_out: dict[str, Any], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra logits to score beside the student's (name -> B x C x H x W)."""
         return {}
+
+    # --- a method that updates some of its own parameters itself (SKD's discriminator) -----------------
+    # It returns their optimizer from `own_optimizer` (those parameters then leave the main optimizer),
+    # keeps what its update needs (detached) in `loss_terms`, and returns that update's loss terms from
+    # `own_loss_terms`. The one training step (engine/step.py `train_step`) runs it after the student's
+    # update, in the same step and under the same precision and gradient scaler; the optimizer's state
+    # travels in the checkpoint, so a resumed run continues it exactly.
+
+    def own_optimizer(self, train: Any) -> torch.optim.Optimizer | None:
+        """The optimizer of the parameters this method updates itself, or None (`train`: the TrainConfig)."""
+        return None
+
+    def own_loss_terms(self, step: StepInfo) -> dict[str, torch.Tensor]:
+        """The loss of this method's own update, from what `loss_terms` kept in this step."""
+        raise NotImplementedError(f"{self.name} has no update of its own")

@@ -29,6 +29,12 @@ Choices:
   reproduces it (tests/conformance/cwd.json). Without an adapter both choices are the same.
 - When spatial sizes differ (features of different strides) the student map is resized
   (bilinear) to the teacher's size.
+
+`cwd+kd+adv`, registered here beside the pure method, is the CWD row of CIRKD's table
+(winycg/CIRKD `scripts/train_kd/train_cwd.sh`): CWD on the logits (weight 3) and on the feature before the
+classifier (`cwd_feature_weight` 50, the same tau = 4), plus pixel KD (`--lambda-kd 1`, the `kl` term) and
+the holistic adversarial term (`--lambda-adv 0.001 --lambda-d 0.1`, methods/adversarial.py). CIRKD's exact
+reductions: `kd_valid_only=false cwd_channel_norm=student` (the latter matters only with an adapter).
 """
 from __future__ import annotations
 
@@ -41,7 +47,9 @@ from torch import nn
 
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
+from sdesbench.methods.adversarial import AdversarialOptions, KDAdversarialMethod
 from sdesbench.methods.base import METHODS, MethodContext
+from sdesbench.methods.kl import KLOptions
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 from sdesbench.models.base import to_size
 
@@ -75,6 +83,26 @@ def pick_map(out: dict[str, Any], target: CwdTarget) -> torch.Tensor:
     return out[target]
 
 
+def channel_adapter(mode: AdapterMode, student_channels: int, teacher_channels: int, option: str,
+                    target: str) -> nn.Conv2d | None:
+    """The trainable 1x1 convolution (no bias, as CIRKD) from the student's to the teacher's channels:
+    built when `mode` is `always`, or `auto` and the counts differ; `never` with differing counts is an
+    error naming `option` (the method's option that chose the mode) and the distilled map `target`."""
+    if mode == "always" or (mode == "auto" and student_channels != teacher_channels):
+        return nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
+    if student_channels != teacher_channels:
+        raise ConfigError(f"method.{option}=never but {target} has {student_channels} student and "
+                          f"{teacher_channels} teacher channels")
+    return None
+
+
+def student_and_teacher_channels(ctx: MethodContext, target: CwdTarget) -> tuple[int, int]:
+    """Channels of map `target` in the student and in the teacher (the student's when no teacher is built)."""
+    s_ch = map_channels(ctx.model, target, ctx.num_classes)
+    t_ch = map_channels(ctx.teacher, target, ctx.num_classes) if ctx.teacher is not None else s_ch
+    return s_ch, t_ch
+
+
 @dataclass
 class CWDOptions:
     cwd_weight: float = field(default=3.0, metadata=rng(0.0, doc="weight of the CWD term"))
@@ -90,14 +118,8 @@ class CWDTerm(nn.Module):
     def __init__(self, opts: CWDOptions, ctx: MethodContext):
         super().__init__()
         self.opts = opts
-        s_ch = map_channels(ctx.model, opts.cwd_on, ctx.num_classes)
-        t_ch = map_channels(ctx.teacher, opts.cwd_on, ctx.num_classes) if ctx.teacher is not None else s_ch
-        self.adapter = None
-        if opts.cwd_adapter == "always" or (opts.cwd_adapter == "auto" and s_ch != t_ch):
-            self.adapter = nn.Conv2d(s_ch, t_ch, kernel_size=1, bias=False)
-        elif s_ch != t_ch:
-            raise ConfigError(f"method.cwd_adapter=never but cwd_on={opts.cwd_on} has {s_ch} student and "
-                              f"{t_ch} teacher channels")
+        s_ch, t_ch = student_and_teacher_channels(ctx, opts.cwd_on)
+        self.adapter = channel_adapter(opts.cwd_adapter, s_ch, t_ch, "cwd_adapter", f"cwd_on={opts.cwd_on}")
 
     def forward(self, student_out: dict[str, Any], teacher_out: dict[str, Any]) -> torch.Tensor:
         s = pick_map(student_out, self.opts.cwd_on)
@@ -113,8 +135,6 @@ class CWDTerm(nn.Module):
 class CWD(TeacherStudentMethod):
     """L = L_SS (Eq. 1) + cwd_weight * L_CWD (Shu et al. 2021 Eq. 3); see the module docstring."""
 
-    name = "cwd"
-
     @dataclass
     class Options(CWDOptions, TeacherStudentOptions):
         pass
@@ -127,4 +147,38 @@ class CWD(TeacherStudentMethod):
         teacher_out = self.require_teacher(teacher_out)
         terms = self.task_terms(student_out, labels)
         terms["cwd"] = self.cwd(student_out, teacher_out)
+        return terms
+
+
+@dataclass
+class CWDFeatureOptions:
+    cwd_feature_weight: float = field(default=50.0, metadata=rng(0.0, doc="weight of the feature CWD term "
+                                                                          "(CIRKD --lambda-cwd-fea 50)"))
+    cwd_feature_on: CwdTarget = "decoder_feature"
+
+
+@METHODS.register("cwd+kd+adv")
+class CWDKDAdv(KDAdversarialMethod):
+    """CIRKD's CWD row: L_SS + aux + CWD on the logits (`cwd`, 3) + CWD on the feature before the classifier
+    (`cwd_feature`, 50, its adapter when the widths differ) + pixel KD (`kd`, 1) + the holistic adversarial
+    term (`adv`, 0.001; the discriminator's own update `adv_d`, 0.1), as `scripts/train_kd/train_cwd.sh`
+    runs it. Both CWD terms share `cwd_tau`, `cwd_adapter` and `cwd_channel_norm`."""
+
+    @dataclass
+    class Options(CWDFeatureOptions, CWDOptions, KLOptions, AdversarialOptions, TeacherStudentOptions):
+        pass
+
+    def __init__(self, options, ctx: MethodContext):
+        super().__init__(options, ctx)
+        o = options
+        self.cwd = CWDTerm(o, ctx)
+        self.cwd_feature = CWDTerm(CWDOptions(o.cwd_feature_weight, o.cwd_tau, o.cwd_feature_on, o.cwd_adapter,
+                                              o.cwd_channel_norm), ctx)
+
+    def loss_terms(self, student_out, labels, step, teacher_out=None):
+        teacher_out = self.require_teacher(teacher_out)
+        terms = self.task_terms(student_out, labels)
+        terms["cwd"] = self.cwd(student_out, teacher_out)
+        terms["cwd_feature"] = self.cwd_feature(student_out, teacher_out)
+        terms.update(self.kd_and_adversarial_terms(student_out, labels, teacher_out))
         return terms

@@ -48,8 +48,6 @@ def kd_term(opts: KLOptions, student_logits: torch.Tensor, teacher_logits: torch
 class KL(TeacherStudentMethod):
     """L = L_SS (Eq. 1) + kd_weight * T^2 * mean_pixels KL(p^T || p^S) (Hinton 2015); see the module docstring."""
 
-    name = "kl"
-
     @dataclass
     class Options(KLOptions, TeacherStudentOptions):
         pass

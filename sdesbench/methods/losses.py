@@ -1,7 +1,9 @@
 """Loss terms shared by several methods. Method-specific terms live in the method's own file.
 
-Under mixed precision, compute softmax/KL at a temperature and attention maps inside
-`full_precision()` on `fp32(...)` inputs (see docs/performance.md)."""
+Under mixed precision, compute matrix products (similarities, Gram matrices, correlations) and
+softmax/KL at a temperature inside `full_precision()` on `fp32(...)` inputs: autocast would run a
+matmul in bf16/fp16 even on fp32 inputs (docs/performance.md). Elementwise terms only need `.float()`
+on their inputs, as `pixel_ce` and `class_kl_map` do."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -53,6 +55,14 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
 
 def valid_mask(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     return labels != ignore_index
+
+
+def labels_at(labels: torch.Tensor, size) -> torch.Tensor:
+    """B x H x W labels at another spatial size by nearest-neighbour sampling (label values, the ignore
+    index included, are kept as they are); labels already at that size are returned unchanged."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels.unsqueeze(1).float(), size=tuple(size), mode="nearest").squeeze(1).long()
 
 
 @contextmanager

@@ -58,8 +58,6 @@ class LabelSmoothing(Student):
     An auxiliary head, if the model has one, keeps the plain CE of `student`.
     """
 
-    name = "lsr"
-
     @dataclass
     class Options(Student.Options):
         epsilon: float = field(default=0.1, metadata=rng(0.0, 1.0, doc="smoothing mass moved off the true class"))

@@ -147,8 +147,6 @@ class RDDOptions:
 class RDD(TeacherStudentMethod):
     """Relative difficulty distillation: TFE-RDD then TSE-RDD pixel selection of the CE; see the module docstring."""
 
-    name = "rdd"
-
     @dataclass
     class Options(RDDOptions, TeacherStudentOptions):
         pass
@@ -195,8 +193,6 @@ class RDD(TeacherStudentMethod):
 class RDDKL(RDD):
     """RDD (TFE then TSE) + the Hinton KD term of `kl` at every iteration (the public RDD script)."""
 
-    name = "rdd+kl"
-
     @dataclass
     class Options(KLOptions, RDDOptions, TeacherStudentOptions):
         pass
@@ -210,8 +206,6 @@ class RDDKL(RDD):
 @METHODS.register("rdd+cwd")
 class RDDCWD(RDD):
     """RDD (TFE then TSE) + the channel-wise distillation term of `cwd` at every iteration."""
-
-    name = "rdd+cwd"
 
     @dataclass
     class Options(CWDOptions, RDDOptions, TeacherStudentOptions):

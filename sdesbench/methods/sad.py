@@ -82,8 +82,6 @@ class SelfAttentionDistillation(Student):
     to the shallower map (bilinear) before the softmax, MSE mean (see `sad_pair_loss`).
     """
 
-    name = "sad"
-
     @dataclass
     class Options(Student.Options):
         weight: float = field(default=0.1, metadata=rng(0.0, doc="weight of the SAD term"))

@@ -354,8 +354,6 @@ def bilinear_upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 class SDES(Method):
     """SDES (Eq. 12): (L_SS + L_SS^T) + alpha L_DPED + beta L_DFED. See the module docstring."""
 
-    name = "sdes"
-
     @dataclass
     class Options:
         n_experts: int = field(default=4, metadata=rng(1, doc="N expert decoders (<= classes)"))
@@ -448,8 +446,6 @@ class SDES(Method):
 class SDESNoDFED(SDES):
     """Ablation "Ours w/o DFED" (Table 2) / L_SS + L_DPED (Table 4)."""
 
-    name = "sdes-no-dfed"
-
     @dataclass
     class Options(SDES.Options):
         use_dfed: bool = False
@@ -459,8 +455,6 @@ class SDESNoDFED(SDES):
 class SDESNoDPED(SDES):
     """Ablation "Ours w/o DPED" (Table 2) / L_SS + L_DFED (Table 4): no experts are built."""
 
-    name = "sdes-no-dped"
-
     @dataclass
     class Options(SDES.Options):
         use_dped: bool = False
@@ -469,8 +463,6 @@ class SDESNoDPED(SDES):
 @METHODS.register("sdes-random-split")
 class SDESRandomSplit(SDES):
     """Table 4 "Rand": classes grouped by a seeded random ranking instead of "more to less"."""
-
-    name = "sdes-random-split"
 
     @dataclass
     class Options(SDES.Options):

@@ -109,8 +109,6 @@ class SelfRegulation(Student):
     training cost only; the deployed student is unchanged.
     """
 
-    name = "srss"
-
     @dataclass
     class Options(Student.Options):
         exit_weight: float = field(default=1.0, metadata=rng(0.0, doc="weight of the exits' CE"))

@@ -12,8 +12,6 @@ from sdesbench.methods.losses import task_terms
 class Student(Method):
     """L = L_SS (Eq. 1). With an auxiliary head (model.aux) adds `aux_weight` x its CE."""
 
-    name = "student"
-
     @dataclass
     class Options:
         aux_weight: float = field(default=0.4, metadata=rng(0.0))

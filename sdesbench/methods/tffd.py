@@ -125,8 +125,6 @@ class TeacherFreeFeatureDistillation(Student):
     (default) keeps that, `true` makes the salient half a fixed target, as a teacher usually is.
     """
 
-    name = "tffd"
-
     @dataclass
     class Options(Student.Options):
         intra_weight: float = field(default=8e-4, metadata=rng(0.0, doc="weight of the intra-layer term (public 8e-4)"))

@@ -82,8 +82,6 @@ class TeacherFreeKD(Student):
     CE weighted by 1 - alpha as in the paper (an auxiliary head keeps its plain CE).
     """
 
-    name = "tfkd"
-
     @dataclass
     class Options(Student.Options):
         alpha: float = field(default=0.1, metadata=rng(0.0, 1.0, doc="weight of the KL term; CE gets 1 - alpha"))
@@ -127,7 +125,6 @@ class TeacherFreeKDSelf(Student):
     classes of the segmentation sets mean x 50 would be 2.4-4.5x Eq. 8's KL, not a reproduction of it.
     """
 
-    name = "tfkd-self"
     needs_teacher = True
     teacher_free = False
 

@@ -171,7 +171,7 @@ def write_curves(sweep: Sweep, spec: Spec) -> Path:
                    title=f"mean over seeds {','.join(map(str, sweep.seeds))}; band = min..max", title_fontsize=8)
     fig.suptitle(f"{spec.title} (preset {sweep.preset})", fontsize=10)
     fig.tight_layout()
-    path = Path(sweep.results) / f"{sweep.table}-{sweep.preset}-curves.png"
+    path = Path(sweep.results) / f"{sweep.name}-{sweep.preset}-curves.png"
     write_file(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))  # atomic
     plt.close(fig)
     return path

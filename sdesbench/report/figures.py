@@ -14,7 +14,8 @@ from sdesbench.experiments.spec import ParameterSweep, Spec
 from sdesbench.experiments.sweeps import sweep_spec, sweep_values
 from sdesbench.io import write_file
 from sdesbench.report.numbers import fmt, mean_or_none
-from sdesbench.report.tables import ReportOptions, RowResults, Written, collect, short_status, write_outputs
+from sdesbench.report.tables import (ReportOptions, RowResults, Written, collect, evaluation_lines, short_status,
+                                     write_outputs)
 
 
 def saver(fig: Any, dpi: int):
@@ -42,12 +43,14 @@ def write_sweep_figure(sweep: Sweep, spec: Spec, options: ReportOptions | None =
     params = list(spec.sweeps)
     results = Path(sweep.results)
     frames = []
+    all_plans = []
     figures: list[tuple[Path, Any, int]] = []
     fig_all, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.6), squeeze=False)
     for i, param in enumerate(params):
         sw = spec.sweeps[param]
         values = sweep_values(spec, results, sweep.preset, param)
         plans = sweep.plans(sweep_spec(spec, param, values))
+        all_plans += plans
         entries = collect(plans, ("miou",))
         # the Ens-T line (the experts' ensemble) is drawn where the method reports it
         ens = collect([dataclasses.replace(p, metric_source="ens_t") for p in plans], ("miou",))
@@ -64,17 +67,17 @@ def write_sweep_figure(sweep: Sweep, spec: Spec, options: ReportOptions | None =
         for a in (ax, axes[0][i]):
             _draw_sweep(a, param, sw, df, ens_by_key, entries)
         fig.tight_layout()
-        figures.append((results / f"{sweep.table}-{sweep.preset}-{param}.png", fig, 110))
+        figures.append((results / f"{sweep.name}-{sweep.preset}-{param}.png", fig, 110))
     fig_all.suptitle(f"{spec.title} (preset {sweep.preset})")
     fig_all.tight_layout()
-    all_png = results / f"{sweep.table}-{sweep.preset}.png"
+    all_png = results / f"{sweep.name}-{sweep.preset}.png"
     figures.append((all_png, fig_all, 100))
     df = pd.concat(frames, ignore_index=True)
     shown = df.drop(columns=["mean", "std"])
     chosen = ", ".join(f"{p}: {spec.sweeps[p].best}" for p in params)
     md = (f"# {spec.title}\n\nPreset `{sweep.preset}`, seeds {','.join(map(str, sweep.seeds))}. mIoU in %, mean ± "
           "std over seeds. The paper gives curves, not numbers; its chosen values are marked on the plots "
-          f"({chosen}).\n\n"
+          f"({chosen}).\n\n{evaluation_lines(all_plans)}\n\n"
           f"![Figure 3]({all_png.name})\n\n{shown.to_markdown(index=False, disable_numparse=True)}\n")
     try:
         written = write_outputs(sweep, md, df, (options or ReportOptions()).force,

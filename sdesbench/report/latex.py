@@ -5,11 +5,13 @@ naming each network, `wide` specs (Table 1) networks as rows and methods as colu
 "measured" and a "paper" line per network. Measured cells are mean $\\pm$ std over seeds (the plain
 value with one seed), the best measured value of each network in bold (among the rows that report
 the student itself: never Ens-T, never a lone row), the paper's numbers in their own column (line).
-A cell without a measured number gives the run's status in italics. The file is a `table`
-environment for `\\input`; it needs `\\usepackage{booktabs,amssymb}` (amssymb for \\checkmark).
+A cell without a measured number gives the run's status in italics. Loss names written `L_SS` in the
+specs are set as the paper sets them, $\\mathcal{L}_{SS}$. The file is a `table` environment for
+`\\input`; it needs `\\usepackage{booktabs,amssymb}` (amssymb for \\checkmark).
 """
 from __future__ import annotations
 
+import re
 import statistics
 import unicodedata
 from typing import Any
@@ -26,13 +28,29 @@ SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r
            "α": r"$\alpha$", "β": r"$\beta$", "γ": r"$\gamma$", "τ": r"$\tau$"}
 SIZE_COLUMNS = ("Params (M)", "paper Params", "FLOPs (G)", "paper FLOPs")
 PREAMBLE = r"\usepackage{booktabs,amssymb}"
+# a loss name (L_SS, L_DPED, ...) or a sum of them, not part of a longer word: one math span
+LOSS_SUM = re.compile(r"(?<![A-Za-z0-9])L_[A-Za-z]+\b(?:\s*\+\s*L_[A-Za-z]+\b)*")
+# the float numbers itself: "Table 4: ..." would be captioned "Table 1: Table 4: ..."
+TABLE_NUMBER = re.compile(r"^\s*Table\s+\d+\s*:\s*")
 
 
 def escape(text: Any) -> str:
-    """Text as LaTeX: special characters escaped, the symbols of the tables spelled as macros, any other
-    non-ASCII character reduced to its ASCII base (pdflatex's default input has no glyph for it)."""
+    """Text as LaTeX: loss names as the paper's math ($\\mathcal{L}_{SS}$), special characters escaped,
+    the symbols of the tables spelled as macros, any other non-ASCII character reduced to its ASCII base
+    (pdflatex's default input has no glyph for it)."""
+    text, out, start = str(text), [], 0
+    for match in LOSS_SUM.finditer(text):
+        out.append(escape_chars(text[start:match.start()]))
+        terms = re.findall(r"L_([A-Za-z]+)", match.group())
+        out.append("$" + " + ".join(rf"\mathcal{{L}}_{{{t}}}" for t in terms) + "$")
+        start = match.end()
+    out.append(escape_chars(text[start:]))
+    return "".join(out)
+
+
+def escape_chars(text: str) -> str:
     out = []
-    for ch in str(text):
+    for ch in text:
         if ch in SPECIAL:
             out.append(SPECIAL[ch])
         elif ord(ch) < 128:
@@ -73,7 +91,8 @@ def best_rows(entries: list[RowResults], metric: str) -> set[int]:
 
 
 def caption(sweep: Sweep, spec: Spec) -> str:
-    return (escape(spec.title) + f". Measured (preset \\texttt{{{escape(sweep.preset)}}}, seeds "
+    title = TABLE_NUMBER.sub("", spec.title)
+    return (escape(title[:1].upper() + title[1:]) + f". Measured (preset \\texttt{{{escape(sweep.preset)}}}, seeds "
             f"{','.join(map(str, sweep.seeds))}): mean $\\pm$ std over seeds, the best of each network in bold; "
             "paper: the paper's number.")
 
@@ -82,7 +101,7 @@ def wrap(sweep: Sweep, spec: Spec, columns: str, header: list[str], body: list[s
     lines = [f"% {escape(spec.title)} -- written by `sdesbench report {sweep.table} --preset {sweep.preset} "
              "--format latex`.", f"% Needs {PREAMBLE} in the preamble.",
              r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption(sweep, spec)}}}",
-             rf"\label{{tab:{sweep.table}-{sweep.preset}}}", rf"\begin{{tabular}}{{{columns}}}", r"\toprule",
+             rf"\label{{tab:{sweep.name}-{sweep.preset}}}", rf"\begin{{tabular}}{{{columns}}}", r"\toprule",
              " & ".join(header) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 

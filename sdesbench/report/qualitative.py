@@ -10,6 +10,7 @@ the label and the predictions pixel for pixel.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from sdesbench.errors import CheckpointError, ConfigError
 from sdesbench.experiments.plan import PlannedRun, Sweep
 from sdesbench.experiments.spec import Spec
 from sdesbench.io import write_file
+from sdesbench.registry import did_you_mean
 
 IGNORED_BLACK = (0, 0, 0)
 IGNORED_FALLBACK = (224, 224, 192)  # VOC's boundary colour, where a class is drawn black
@@ -103,22 +105,39 @@ def write_grid(runs: list[tuple[str, TrainedRun]], images: int, split: str | Non
     return out
 
 
-def shown_plans(plans: list[PlannedRun], seed: int) -> list[PlannedRun]:
-    """A table's Student and Ours rows (the plain student; SDES) and its teachers, at `seed`, each run once."""
+def shown_plans(plans: list[PlannedRun], seed: int, rows: Sequence[str] = ()) -> list[PlannedRun]:
+    """The runs a grid draws at `seed`, each once: the rows `rows` names (a row's label, as "Ours", or its
+    key, as "EfficientNet-B0/Ours"), in the table's order, or by default each group's Student row (its
+    reference) and its last row (a table's own method comes last), and the teachers. Rows reporting
+    another prediction (Ens-T) are their run's: the grid draws a run's extra predictions beside it."""
+    rows_of = [p for p in plans if p.cfg is not None and p.seed == seed and not p.is_teacher]
+    if rows:
+        known = {p.key for p in rows_of} | {p.row for p in rows_of}
+        unknown = [r for r in rows if r not in known]
+        if unknown:
+            raise ConfigError(f"--rows: no row {unknown[0]!r} in this table{did_you_mean(unknown[0], known)}; "
+                              f"its rows: {', '.join(dict.fromkeys(p.row for p in rows_of))}")
+        chosen = [p for p in rows_of if p.key in rows or p.row in rows]
+    else:
+        teaching = {d for p in rows_of for d in p.depends_on}  # the teachers of this seed's rows
+        chosen = [p for p in plans if p.cfg is not None and p.is_teacher and str(p.out) in teaching]
+        by_group: dict[str, list[PlannedRun]] = {}
+        for p in rows_of:
+            by_group.setdefault(p.group, []).append(p)
+        for runs in by_group.values():
+            reference = next((p for p in runs if p.method == "student"), runs[0])
+            chosen += [reference] + ([runs[-1]] if runs[-1] is not reference else [])
     picked: dict[str, PlannedRun] = {}
-    for p in plans:
-        if p.cfg is None or p.seed != seed or p.metric_source != "student":
-            continue
-        if p.is_teacher or p.method in ("student", "sdes"):
-            picked.setdefault(str(p.out), p)
+    for p in chosen:
+        picked.setdefault(str(p.out), p)
     return list(picked.values())
 
 
-def write_table_grid(sweep: Sweep, spec: Spec, images: int) -> Path:
-    """results/<table>-<preset>-qualitative.png: the table's Student / Ours / teacher runs on the same images."""
+def write_table_grid(sweep: Sweep, spec: Spec, images: int, rows: Sequence[str] = ()) -> Path:
+    """results/<table>-<preset>-qualitative.png: the runs of `rows` (`shown_plans`) on the same images."""
     if spec.is_sweep:
         raise ConfigError(f"{sweep.table} is a sweep of one method; draw chosen runs with `sdesbench show RUN_DIR ...`")
-    plans = shown_plans(sweep.plans(spec), sweep.seeds[0])
+    plans = shown_plans(sweep.plans(spec), sweep.seeds[0], rows)
     groups = {p.group for p in plans if not p.is_teacher}
     runs, missing = [], []
     for p in plans:
@@ -126,12 +145,15 @@ def write_table_grid(sweep: Sweep, spec: Spec, images: int) -> Path:
         try:
             runs.append((label, load_run(p.out, "auto")))
         except CheckpointError:
-            missing.append(label)
+            missing.append((label, p))
+    if missing:  # a grid without some of its columns would show less than the table it illustrates
+        recorded = [label for label, p in missing if p.recorded()]
+        advice = (f"bring their weights back with `{sweep.command('run', '--restore-weights')}`" if recorded
+                  else f"train them with `{sweep.command('run')}`")
+        raise CheckpointError(f"{sweep.name}: no checkpoint here for {', '.join(label for label, _ in missing)}; "
+                              f"{advice}")
     if not runs:
-        raise CheckpointError(f"{sweep.table}: none of its Student / Ours / teacher runs has a checkpoint here "
-                              f"({', '.join(missing) or 'no such rows'}); train them with `sdesbench run "
-                              f"{sweep.table} --preset {sweep.preset}`")
-    title = (f"{spec.title} (preset {sweep.preset}, seed {sweep.seeds[0]})"
-             + (f"; without a checkpoint here: {', '.join(missing)}" if missing else ""))
-    return write_grid(runs, images, None, Path(sweep.results) / f"{sweep.table}-{sweep.preset}-qualitative.png",
+        raise CheckpointError(f"{sweep.name} has no rows to draw")
+    title = f"{spec.title} (preset {sweep.preset}, seed {sweep.seeds[0]})"
+    return write_grid(runs, images, None, Path(sweep.results) / f"{sweep.name}-{sweep.preset}-qualitative.png",
                       title)

@@ -9,7 +9,9 @@ never a number. Layouts follow the paper: `long` (one line per method: Tables 2-
 
 Significance (`report/stats.py`, docs/tables.md): with two or more seeds each row gets its difference
 to its group's Student row with a 95% interval and a p-value (Welch's t-test over seeds); with
-`stats`, a per-image paired bootstrap from the runs' per-image counts as well (one seed suffices).
+`stats`, from the runs' per-image counts, the two-level bootstrap over seeds and test images (two or more
+seeds) and the image-only bootstrap (test-set noise only: never starred; one seed suffices). Each
+column's name says what its interval covers (`COLUMNS`).
 
 A report never replaces a table that holds measured cells with one that holds fewer (a fresh clone
 without the runs, a narrower seed list), unless `force` is given; it says what it kept.
@@ -24,26 +26,28 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from sdesbench.engine.inference import Inference
+from sdesbench.engine.metrics import miou_convention
 from sdesbench.engine.record import RunRecord, read_image_counts
 from sdesbench.errors import StorageError
 from sdesbench.experiments.plan import PlannedRun, Sweep
 from sdesbench.experiments.spec import Spec
 from sdesbench.io import write_text
-from sdesbench.report.columns import SizeColumns, cost_cells
+from sdesbench.report.columns import (COST_COLUMNS, METRIC_LABEL, RECORD_KEY, ExtraEvaluation, SizeColumns,
+                                      cost_cells)
 from sdesbench.report.numbers import fmt, mean_or_none
-from sdesbench.report.stats import BOOTSTRAP_DRAWS, Difference, paired_bootstrap, welch
+from sdesbench.report.stats import BOOTSTRAP_DRAWS, Difference, paired_bootstrap, two_level_bootstrap, welch
 
-METRIC_LABEL = {"miou": "mIoU", "pa": "PA"}
-RECORD_KEY = {"miou": "miou", "pa": "pixel_acc"}  # paper metric -> Scores field
 MEASURED = re.compile(r"^-?\d+\.\d+( ± \d+\.\d+)?$")  # a measured cell: "m" or "m ± s"
-MEASURED_COLUMNS = ("mIoU", "PA", "Ens-T mIoU")  # the measured metric columns of tables and sweeps
+MEASURED_COLUMNS = ("mIoU", "PA", "mAcc", "Ens-T mIoU")
+PAPER_METRICS = ("miou", "pa")  # the metrics a spec row holds the paper's numbers of (`spec.Row.paper`)  # the measured metric columns of tables and sweeps
 NOT_SAME_SCALE = ("\nThe `{preset}` preset is a sanity check of the pipeline, not a reproduction: its numbers "
                   "are not comparable with the paper's.\n")
 
 
 def short_status(statuses: list[str]) -> str:
     """The word shown in a cell without a number: the most telling status of its runs."""
-    for word in ("failed", "unreadable", "interrupted", "missing", "skipped"):
+    for word in ("failed", "unreadable", "interrupted", "stale", "missing", "skipped"):
         if any(s.startswith(word) for s in statuses):
             return word
     return "missing"
@@ -51,15 +55,24 @@ def short_status(statuses: list[str]) -> str:
 
 @dataclass
 class ReportOptions:
-    """What `sdesbench report` adds to the table: significance against the Student row by per-image
-    bootstrap (`stats`), a LaTeX table (`latex`), training curves (`curves`), a grid of predictions
-    on `qualitative` images; `force` replaces a table even when the new one has fewer measured cells."""
+    """What `sdesbench report` adds to the table: significance against the Student row by bootstrap from
+    the per-image counts (`stats`), a LaTeX table (`latex`), training curves (`curves`), a forest plot of
+    the differences to the Student row (`plot`), a grid of predictions on `qualitative` images of the
+    rows `rows` names (default: each group's Student row and its last row, and the teachers); `force`
+    replaces a table even when the new one has fewer measured cells."""
 
     stats: bool = False
     latex: bool = False
     curves: bool = False
+    plot: bool = False
     qualitative: int = 0
+    rows: tuple[str, ...] = ()  # row labels ("Ours") or keys ("EfficientNet-B0/Ours")
     force: bool = False
+    columns: tuple[str, ...] = ()  # the metrics shown (`--columns miou,pa,macc`); () = the spec's `metrics`
+    extra: ExtraEvaluation | None = None  # a second evaluation of each run (`--eval-set`), a column per metric
+
+    def metrics(self, spec: Spec) -> tuple[str, ...]:
+        return tuple(self.columns) or tuple(spec.metrics)
 
 
 @dataclass
@@ -71,6 +84,10 @@ class RowResults:
     values: dict[str, list[float]]
     status: list[str] = field(default_factory=list)
     records: list[tuple[PlannedRun, RunRecord]] = field(default_factory=list)
+    # metric -> test (`COLUMNS` keys) -> the difference to the group's Student row (in points), None
+    # where a side lacks runs; empty on the Student row itself and in a group without one
+    differences: dict[str, dict[str, Difference | None]] = field(default_factory=dict)
+    is_reference: bool = False
 
     def status_text(self) -> str:
         parts = sorted(set(self.status))
@@ -80,15 +97,21 @@ class RowResults:
         return text
 
 
-def collect(plans: list[PlannedRun], metrics: tuple[str, ...]) -> list[RowResults]:
-    """One entry per table row (teachers left out), in plan order."""
+def extra_key(metric: str) -> str:
+    """`RowResults.values` key of a metric of the extra evaluation (`ExtraEvaluation`)."""
+    return f"extra:{metric}"
+
+
+def collect(plans: list[PlannedRun], metrics: tuple[str, ...], extra: ExtraEvaluation | None = None) -> list[RowResults]:
+    """One entry per table row (teachers left out), in plan order; with `extra`, each metric of the extra
+    evaluation too (values under `extra_key(metric)`)."""
     by_key: dict[str, list[PlannedRun]] = {}
     for p in plans:
         if not p.is_teacher:
             by_key.setdefault(p.key, []).append(p)
     rows = []
     for runs in by_key.values():
-        entry = RowResults(runs[0], runs, {m: [] for m in metrics})
+        entry = RowResults(runs[0], runs, {m: [] for m in metrics} | ({extra_key(m): [] for m in metrics} if extra else {}))
         for p in runs:
             if p.skipped:
                 entry.status.append(f"skipped: {p.skipped}")
@@ -98,7 +121,9 @@ def collect(plans: list[PlannedRun], metrics: tuple[str, ...]) -> list[RowResult
             except StorageError as e:
                 entry.status.append(f"unreadable: {e}")
                 continue
-            if rec is None:
+            if rec is None and p.stale is not None:  # recorded under other defaults: never shown as current
+                entry.status.append(f"{p.stale.describe()}; the old record is kept in {p.stale.folder}")
+            elif rec is None:
                 entry.status.append("missing: not run yet")
             elif not rec.completed:
                 entry.status.append(f"{rec.status}: {rec.error or 'no error recorded'}")
@@ -108,9 +133,15 @@ def collect(plans: list[PlannedRun], metrics: tuple[str, ...]) -> list[RowResult
                 for m in metrics:
                     v = getattr(scores, RECORD_KEY.get(m, m), None) if scores else None
                     if v is None:
-                        entry.status.append(f"missing: no {p.metric_source} {m} in {p.out}/results.json")
+                        before = " (recorded before sdesbench recorded mAcc)" if m == "macc" else ""
+                        entry.status.append(f"missing: no {p.metric_source} {m} in {p.out}/results.json{before}")
                     else:
                         entry.values[m].append(100.0 * v)
+                    if extra is not None:
+                        value, why = extra.value(p, rec, m)
+                        entry.values[extra_key(m)] += [value] if value is not None else []
+                        entry.status += [why] if why else []
+        entry.status = list(dict.fromkeys(entry.status))  # one line per reason (the extra's may repeat per metric)
         rows.append(entry)
     return rows
 
@@ -137,44 +168,74 @@ def seed_counts(entry: RowResults, source: str) -> dict[int, tuple[list[str], np
     return out
 
 
-def bootstrap_cells(entry: RowResults, ref: RowResults, metric: str) -> tuple[str, str]:
-    """The per-image paired bootstrap of `entry` against `ref` over the seeds both have on the same images."""
+def shared_counts(entry: RowResults, ref: RowResults) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """seed -> counts of the row's and of the Student row's runs, those scored on the Student row's images
+    (the ids of its first seed with counts); a run scored on other images is left out."""
     mine, theirs = seed_counts(entry, entry.plan.metric_source), seed_counts(ref, "student")
-    seeds = sorted(s for s in mine if s in theirs and mine[s][0] == theirs[s][0])
-    if not seeds:
-        return "—", "—"
-    diff = paired_bootstrap([mine[s][1] for s in seeds], [theirs[s][1] for s in seeds], metric)
-    scaled = Difference(100 * diff.delta, 100 * diff.low, 100 * diff.high, diff.p)
-    return scaled.cell(), scaled.p_cell()
+    if not theirs:
+        return {}, {}
+    ids = theirs[min(theirs)][0]
+    return ({s: c for s, (i, c) in mine.items() if i == ids}, {s: c for s, (i, c) in theirs.items() if i == ids})
 
 
-def comparison_cells(entry: RowResults, ref: RowResults | None, metrics: tuple[str, ...], seeds: bool,
-                     stats: bool) -> dict[str, str]:
-    """The row's difference to its group's Student row, per metric: Welch over seeds (`seeds`) and the
-    per-image bootstrap (`stats`); "ref" on the Student row itself, "—" where a side lacks runs."""
+def differences(entry: RowResults, ref: RowResults, metric: str, seeds: bool,
+                stats: bool) -> dict[str, Difference | None]:
+    """The row's difference to its group's Student row in points, per test: Welch over seeds (`seeds`);
+    with `stats`, the two-level bootstrap over all seeds of both rows (`seeds`) and the image-only one
+    over the seeds both rows have (seed s of the row against seed s of the Student row)."""
+    out: dict[str, Difference | None] = {}
+    if seeds:
+        out["welch"] = welch(entry.values[metric], ref.values[metric])
+    if not stats:
+        return out
+    mine, theirs = shared_counts(entry, ref)
+    if seeds:
+        two = two_level_bootstrap(list(mine.values()), list(theirs.values()), metric) if mine and theirs else None
+        out["two_level"] = two.scaled(100) if two else None
+    both = sorted(s for s in mine if s in theirs)
+    image = paired_bootstrap([mine[s] for s in both], [theirs[s] for s in both], metric) if both else None
+    out["images"] = image.scaled(100) if image else None
+    return out
+
+
+# test -> (the interval's column, the p-value's column); `{m}` is the metric's label
+COLUMNS = {"welch": ("vs Student {m} (seeds: Welch 95% CI)", "Welch p {m}"),
+           "two_level": ("vs Student {m} (seeds + images: bootstrap 95% CI)", "seeds + images p {m}"),
+           "images": ("vs Student {m} (test images only: bootstrap 95% CI)", "images only p {m}")}
+
+
+def comparison_tests(seeds: bool, stats: bool) -> list[str]:
+    """The tests a table shows: Welch with two or more seeds; with `stats` the two-level bootstrap (two
+    or more seeds) and the image-only one."""
+    return (["welch"] if seeds else []) + ((["two_level"] if seeds else []) + ["images"] if stats else [])
+
+
+def comparison_cells(entry: RowResults, metrics: tuple[str, ...], tests: list[str]) -> dict[str, str]:
+    """The row's difference to its group's Student row (`entry.differences`) per metric and test: the
+    interval cell and the p-value cell; "ref" on the Student row itself, "—" where a side lacks runs."""
     out: dict[str, str] = {}
     for m in metrics:
         label = METRIC_LABEL.get(m, m)
-        tests = ([("95% CI", "p")] if seeds else []) + ([("bootstrap 95% CI", "bootstrap p")] if stats else [])
-        for kind, p_kind in tests:
-            if ref is None or ref is entry:
-                cell, p = ("ref", "") if ref is entry else ("—", "—")
-            elif kind == "95% CI":
-                diff = welch(entry.values[m], ref.values[m])
-                cell, p = (diff.cell(), diff.p_cell()) if diff else ("—", "—")
+        for test in tests:
+            diff = entry.differences.get(m, {}).get(test)
+            if entry.is_reference:
+                cell, p = "ref", ""
             else:
-                cell, p = bootstrap_cells(entry, ref, m)
-            out[f"vs Student {label} ({kind})"] = cell
-            out[f"{p_kind} {label}"] = p
+                cell, p = (diff.cell(), diff.p_cell()) if diff else ("—", "—")
+            ci_column, p_column = COLUMNS[test]
+            out[ci_column.format(m=label)] = cell
+            out[p_column.format(m=label)] = p
     return out
 
 
 def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = False,
-               stats: bool = False) -> tuple[pd.DataFrame, list[str], list[RowResults]]:
+               stats: bool = False, extra: ExtraEvaluation | None = None) -> tuple[pd.DataFrame, list[str], list[RowResults]]:
     """`table_frame` plus the rows' results (for the LaTeX table)."""
     metrics = tuple(spec.metrics)
     sizes = SizeColumns(spec, results)
-    entries = collect(plans, metrics)
+    entries = collect(plans, metrics, extra)
+    extra_label = extra_column_label(plans, extra)
+    with_paper = {m for m in metrics if m in PAPER_METRICS}
     refs = reference_rows(entries)
     several_seeds = max((len(e.runs) for e in entries), default=0) >= 2
     lines = []
@@ -186,9 +247,18 @@ def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = 
             vals = entry.values[m]
             paper = plan.paper.get(m)
             line[label] = fmt(vals) or short_status(entry.status)
-            line[f"paper {label}"] = f"{paper:.2f}" if paper is not None else "—"
-            line[f"Δ {label}"] = f"{mean_or_none(vals) - paper:+.2f}" if vals and paper is not None else "—"
-        line.update(comparison_cells(entry, refs.get(plan.group), metrics, several_seeds, stats))
+            if m in with_paper:  # no paper column for a metric no paper gives (mAcc)
+                line[f"paper {label}"] = f"{paper:.2f}" if paper is not None else "—"
+                line[f"Δ {label}"] = f"{mean_or_none(vals) - paper:+.2f}" if vals and paper is not None else "—"
+        if extra is not None:
+            for m in metrics:
+                line[f"{METRIC_LABEL.get(m, m)} ({extra_label})"] = fmt(entry.values[extra_key(m)]) or \
+                    short_status(entry.status)
+        ref = refs.get(plan.group)
+        entry.is_reference = ref is entry
+        if ref is not None and not entry.is_reference:
+            entry.differences = {m: differences(entry, ref, m, several_seeds, stats) for m in metrics}
+        line.update(comparison_cells(entry, metrics, comparison_tests(several_seeds, stats)))
         line.update(sizes.cells(plan))
         if cost:
             line.update(cost_cells(entry.records, sizes.cache))
@@ -212,9 +282,10 @@ def wide_markdown(df: pd.DataFrame, metric: str) -> str:
     the difference to the Student column with its p-values when the table has them)."""
     label = METRIC_LABEL.get(metric, metric)
     methods = list(dict.fromkeys(df["Method"]))
-    kinds = [("measured", label), ("paper", f"paper {label}"), ("Δ", f"Δ {label}")]
-    kinds += [(c.replace(f" {label} (", " ("), c) for c in df.columns
-              if c.startswith(f"vs Student {label} (") or c in (f"p {label}", f"bootstrap p {label}")]
+    kinds = [(what, col) for what, col in (("measured", label), ("paper", f"paper {label}"), ("Δ", f"Δ {label}"))
+             if col in df.columns]
+    comparison = {c.format(m=label) for pair in COLUMNS.values() for c in pair}
+    kinds += [(c.replace(f" {label} (", " (").replace(f" {label}", ""), c) for c in df.columns if c in comparison]
     lines = []
     for net, part in df.groupby("Network", sort=False):
         cells = {r["Method"]: r for _, r in part.iterrows()}
@@ -222,6 +293,27 @@ def wide_markdown(df: pd.DataFrame, metric: str) -> str:
             lines.append({"Network": net if what == "measured" else "", "": what,
                           **{m: cells[m][col] if m in cells else "—" for m in methods}})
     return pd.DataFrame(lines).to_markdown(index=False, disable_numparse=True)
+
+
+def extra_column_label(plans: list[PlannedRun], extra: ExtraEvaluation | None) -> str:
+    """What the extra evaluation's columns are called after their metric: `mIoU (MS+flip)`."""
+    cfg = next((p.cfg for p in plans if p.cfg is not None and not p.is_teacher), None)
+    return extra.label(cfg) if extra is not None and cfg is not None else ""
+
+
+def evaluation_lines(plans: list[PlannedRun], extra: ExtraEvaluation | None = None) -> str:
+    """Every report's header says how its numbers were evaluated: the inference (whole image or sliding
+    windows, scales, flip and the rule merging them) and the mIoU convention, of the table's runs and of the
+    extra evaluation's columns."""
+    cfgs = [p.cfg for p in plans if p.cfg is not None and not p.is_teacher]
+    if not cfgs:
+        return ""
+    described = {f"{Inference.of(c.eval).describe()}; {miou_convention(c.eval.absent_classes)}" for c in cfgs}
+    own = described.pop() if len(described) == 1 else "as each run's eval settings say (they differ)"
+    text = f"Evaluation: {own}."
+    if extra is not None:
+        text += f" Columns `({extra.label(cfgs[0])})`: {extra.describe(cfgs[0])} (`sdesbench eval --record`)."
+    return text
 
 
 def protocol_line(plans: list[PlannedRun]) -> str:
@@ -252,40 +344,59 @@ class Written:
     entries: list[RowResults] = field(default_factory=list)
 
 
-COMPARISON_NOTE = ("\n`vs Student ... (95% CI)`: difference of the row's mean to its group's Student row over seeds, "
-                   "with the 95% confidence interval and the two-sided p-value of Welch's t-test{boot}; `*` marks an "
-                   "interval that excludes 0 (docs/tables.md). `ref` is the Student row itself, `—` a side without "
-                   "enough runs.\n")
-BOOTSTRAP_NOTE = (" and of a per-image paired bootstrap (the test images resampled {draws} times, seeded; "
-                  "mIoU from the summed per-image counts of the final evaluation)")
+COMPARISON_NOTE = ("\n`vs Student ...`: the row minus its group's Student row, in points, with a 95% interval and a "
+                   "two-sided p-value; each column's name says what its interval covers (docs/tables.md, "
+                   "\"Significance\"). {tests} `*` marks an interval that excludes 0, and only an interval that "
+                   "includes the training noise (the seeds) carries one. `ref` is the Student row itself, `—` a side "
+                   "without enough runs.\n")
+TEST_NOTES = {
+    "welch": "`seeds: Welch`: Welch's t-test over the seeds, the test images held fixed (would another training "
+             "seed give a different difference?).",
+    "two_level": "`seeds + images`: a two-level bootstrap from the per-image counts of the final evaluation "
+                 "({draws} seeded draws, each resampling the test images once for both rows and every seed, then "
+                 "each row's seeds), interval Δ ± t × its standard error (would another seed and another draw of "
+                 "test images give a different difference?).",
+    "images": "`test images only`: a paired bootstrap of the test images ({draws} seeded draws) for these exact "
+              "trained models, seed s against seed s (would this exact pair of trained models differ on another "
+              "draw of test images?): test-set noise only, training noise not included, so never starred.",
+}
+
+
+def comparison_note(df: pd.DataFrame, metrics: tuple[str, ...]) -> str:
+    """The note under a table with `vs Student` columns: what each of its tests answers; "" without any."""
+    label = METRIC_LABEL.get(metrics[0], metrics[0])
+    tests = [t for t, (ci, _) in COLUMNS.items() if ci.format(m=label) in df.columns]
+    if not tests:
+        return ""
+    return COMPARISON_NOTE.format(tests=" ".join(TEST_NOTES[t].format(draws=BOOTSTRAP_DRAWS) for t in tests))
 
 
 def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) -> Written:
     """Write results/<table>-<preset>.md and .csv (unless the existing table holds more measured cells)."""
     options = options or ReportOptions()
     plans = sweep.plans(spec)
-    df, notes, entries = table_rows(plans, spec, sweep.results, cost=spec.cost, stats=options.stats)
-    units = "mIoU/PA in %" if "pa" in spec.metrics else "mIoU in %"
+    df, notes, entries = table_rows(plans, spec, sweep.results, cost=spec.cost, stats=options.stats,
+                                    extra=options.extra)
+    units = "/".join(METRIC_LABEL.get(m, m) for m in spec.metrics) + " in %"
     md = (f"# {spec.title}\n\nPreset `{sweep.preset}`, seeds {','.join(map(str, sweep.seeds))}. "
           f"{protocol_line(plans)} {units}, mean ± std over seeds; Δ = measured mean − paper. Cells without a "
-          "number give the run's status (reason in `status`).\n\n")
+          f"number give the run's status (reason in `status`).\n\n{evaluation_lines(plans, options.extra)}\n\n")
     if spec.layout == "wide":
         for m in spec.metrics:
             md += wide_markdown(df, m) + "\n\n"
         md += "## Status and training cost per row\n\n"
-        keep = ["Network", "Method"] + [c for c in ("s/iter", "peak MB", "train FLOPs ×", "seeds", "status")
-                                        if c in df.columns]
+        keep = ["Network", "Method"] + [c for c in (*COST_COLUMNS, "seeds", "status") if c in df.columns]
         md += df[keep].to_markdown(index=False, disable_numparse=True) + "\n"
     else:
         md += df.to_markdown(index=False, disable_numparse=True) + "\n"
-    if any(c.startswith("vs Student") for c in df.columns):
-        boot = BOOTSTRAP_NOTE.format(draws=BOOTSTRAP_DRAWS) if options.stats else ""
-        md += COMPARISON_NOTE.format(boot=boot)
+    md += comparison_note(df, tuple(spec.metrics))
     if spec.cost:
-        md += ("\nTraining cost: `s/iter` = wall_time_s / iterations; `peak MB` = peak CUDA memory, or the "
-               "process's max RSS on CPU; `train FLOPs ×` = FLOPs of one training step (teacher forward, student "
-               "and method modules forward + backward) over the plain student's, counted with torch's "
-               "FlopCounterMode at 64x64.\n")
+        md += ("\nTraining cost: `step s/iter` = the training steps' time / iterations (step_time_s: no loader "
+               "waits, evaluations, checkpoints or setup); `wall s` = the run's real wall time, all of those "
+               "included (wall_time_s, summed over resumes; `—` for a record older than schema 4, which did not "
+               "measure it); `peak MB` = peak CUDA memory, or the process's max RSS on CPU; `train FLOPs ×` = "
+               "FLOPs of one training step (teacher forward, student and method modules forward + backward) over "
+               "the plain student's, counted with torch's FlopCounterMode at 64x64.\n")
     for n in notes:
         md += f"\n{n}\n"
     written = write_outputs(sweep, md, df, options.force)
@@ -294,8 +405,11 @@ def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) 
 
 
 def measured_cells(df: pd.DataFrame) -> int:
-    """How many measured numbers a table holds (its metric cells that are a number, not a status)."""
-    return sum(bool(MEASURED.match(str(v))) for c in MEASURED_COLUMNS if c in df.columns for v in df[c])
+    """How many measured numbers a table holds (its metric cells that are a number, not a status; an extra
+    evaluation's `mIoU (MS+flip)` columns included)."""
+    columns = [c for c in df.columns if c in MEASURED_COLUMNS or (str(c).split(" (")[0] in MEASURED_COLUMNS
+                                                                   and str(c).endswith(")"))]
+    return sum(bool(MEASURED.match(str(v))) for c in columns for v in df[c])
 
 
 def existing_measured_cells(csv_path: Path) -> int:
@@ -314,7 +428,7 @@ def write_outputs(sweep: Sweep, md: str, df: pd.DataFrame, force: bool = False,
     more measured cells than the new one, unless `force`."""
     if sweep.preset != "paper":
         md += NOT_SAME_SCALE.format(preset=sweep.preset)
-    md_path = Path(sweep.results) / f"{sweep.table}-{sweep.preset}.md"
+    md_path = Path(sweep.results) / f"{sweep.name}-{sweep.preset}.md"
     csv_path = md_path.with_suffix(".csv")
     old, new = existing_measured_cells(csv_path), measured_cells(df)
     if new < old and not force:
