@@ -302,7 +302,7 @@ groups:
 def test_cirkd_tables_have_the_cirkd_row_with_the_default_weights(table, reference, tmp_path):
     spec = load_spec(table)
     (row,) = [r for g in spec.groups for r in g.rows if r.label == "CIRKD"]
-    assert (row.method, row.teacher, row.miou) == ("cirkd+kd", "deeplabv3_resnet101", reference)
+    assert (row.method, row.teacher, row.miou) == ("cirkd+kd", "deeplabv3_resnet101_cirkd", reference)
     (plan,) = [p for p in Sweep(table, "paper", (0,), tmp_path).plans(spec) if p.key.endswith("/CIRKD")]
     opts = plan.cfg.method.options
     assert (opts["cirkd_batch_weight"], opts["cirkd_pixel_weight"], opts["cirkd_region_weight"]) == (1.0, 0.1, 0.1)

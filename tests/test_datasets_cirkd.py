@@ -333,9 +333,14 @@ def test_spec_protocols_reference_numbers_and_shared_teacher(table, tmp_path):
         assert (c.data.name, c.train.iters, c.data.crop, c.data.batch_size, c.train.lr) == (dataset, iters, crop,
                                                                                              batch, lr)
         assert c.model.aux and c.model.pretrained and c.data.scale == [0.5, 2.0]
+        if table == "pascal_context59":  # mmsegmentation's test_cfg: 480x480 windows every 320 pixels
+            assert (c.eval.mode, c.eval.crop, c.eval.stride) == ("slide", [480, 480], [320, 320])
     by_key = {p.key: p for p in plans}
-    teacher, kd = by_key["teacher:deeplabv3_resnet101"], by_key["DeepLabV3-ResNet-18/KD"]
-    assert kd.cfg.method.name == "kl" and kd.cfg.teacher.model == "deeplabv3_resnet101"
+    (teacher,) = [p for p in plans if p.is_teacher]
+    kd = by_key["DeepLabV3-ResNet-18/KD"]
+    # CIRKD's tables distil from CIRKD's own ResNet-101 DeepLabV3, Pascal Context (mmsegmentation's) from ours
+    assert teacher.model == ("deeplabv3_resnet101" if table == "pascal_context59" else "deeplabv3_resnet101_cirkd")
+    assert kd.cfg.method.name == "kl" and kd.cfg.teacher.model == teacher.model
     assert kd.depends_on == [str(teacher.out)]
     if "CIRKD" in reference:  # train_cirkd.py's objective, distilled from the same teacher run
         cirkd = by_key["DeepLabV3-ResNet-18/CIRKD"]

@@ -21,7 +21,8 @@ from sdesbench.methods import METHODS
 from sdesbench.methods.base import StepInfo
 from sdesbench.models import MODELS, count_params
 
-MODELS_UNDER_TEST = [m for m in MODELS.names() if m != "deeplabv3_resnet101"]  # R101: a teacher only
+TEACHERS_ONLY = ("deeplabv3_resnet101", "deeplabv3_resnet101_cirkd")
+MODELS_UNDER_TEST = [m for m in MODELS.names() if m not in TEACHERS_ONLY]
 ON_EVERY_MODEL = [("student", {}), ("sdes", {}), ("sdes", {"expert": "student", "n_experts": 2})]
 MODEL_OFFSETS = (0, 3)  # a method's two models: consecutive methods start one model further along
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import assert_one_line_error, run_cli
 from sdesbench.errors import ConfigError
-from sdesbench.models import build_model, count_params
+from sdesbench.models import MODELS, build_model, count_params
 from sdesbench.models.enet import max_unpool2x
 from sdesbench.models.experts import LightExpertDecoder
 from sdesbench.measure.profile import build_profiled, count_cirkd_gflops, count_gflops
@@ -31,6 +31,9 @@ LAYOUT = {
     "enet": ([16, 64, 128, 128], [2, 4, 8, 8], 16, 1),
     "pspnet_resnet18": ([64, 128, 256, 512], [4, 8, 8, 8], 128, 8),
     "pspnet_resnet18_vanilla": ([64, 128, 256, 512], [4, 8, 8, 8], 128, 8),
+    "deeplabv3_resnet18_cirkd": ([64, 128, 256, 512], [4, 8, 8, 8], 128, 8),
+    "deeplabv3_resnet101_cirkd": ([256, 512, 1024, 2048], [4, 8, 8, 8], 256, 8),
+    "deeplabv3_mobilenetv2_cirkd": ([24, 32, 96, 320], [4, 8, 8, 8], 128, 8),
 }
 
 # The paper's Params (M): Table 2 (19 classes) and "Results on CamVid" (11 classes).
@@ -41,6 +44,10 @@ PAPER_PARAMS = {
 }
 
 SIZE = 32  # a multiple of 8: every model's deepest stride
+
+
+def test_every_registered_model_has_a_documented_layout():
+    assert set(LAYOUT) == set(MODELS.names())
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUT))
@@ -281,16 +288,91 @@ def test_cirkd_counter_ignores_dilation_and_counts_convs_only():
     assert count_cirkd_gflops(net, (h, w)) * 1e9 == expected
 
 
-def test_profile_cirkd_reference_for_pspnet_resnet18():
+@pytest.mark.parametrize("name, params_m, gflops", [("pspnet_resnet18", 12.9, 507.4),
+                                                     ("deeplabv3_resnet18_cirkd", 13.6, 572.0)])
+def test_profile_cirkd_reference_for_cirkds_students(name, params_m, gflops):
     """`profile --reference cirkd`: Params and FLOPs (CIRKD's counter) within 1% of CIRKD Table 1's
-    12.9 M / 507.4 G (docs/models.md), at 1024x2048 with the aux head, as CIRKD counts it."""
-    proc = run_cli("profile", "--reference", "cirkd", "--model", "pspnet_resnet18", "--json")
+    figures (docs/models.md), at 1024x2048 with the aux head, as CIRKD counts it."""
+    proc = run_cli("profile", "--reference", "cirkd", "--model", name, "--json")
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(proc.stdout)
     assert (row["reference"], row["input_size"], row["aux"], row["counter"]) == ("cirkd", [1024, 2048], True, "cirkd")
-    assert (row["paper_params_m"], row["paper_gflops"]) == (12.9, 507.4)
-    assert row["params_m"] == round(count_params(build_model(ModelConfig(name="pspnet_resnet18", aux=True), 19)) / 1e6, 4)
+    assert (row["paper_params_m"], row["paper_gflops"]) == (params_m, gflops)
+    assert row["params_m"] == round(count_params(build_model(ModelConfig(name=name, aux=True), 19)) / 1e6, 4)
     assert abs(row["params_rel_diff"]) < 0.01 and abs(row["gflops_rel_diff"]) < 0.01, row
-    assert row["gflops_rel_diff"] == pytest.approx((row["cirkd_counter_gflops"] - 507.4) / 507.4, abs=1e-6)
+    assert row["gflops_rel_diff"] == pytest.approx((row["cirkd_counter_gflops"] - gflops) / gflops, abs=1e-6)
     assert 0 < row["gflops"] < row["cirkd_counter_gflops"]  # fvcore: dilated convs at their true output size
     assert_one_line_error(run_cli("profile", "--reference", "cirkdd"), "--reference")
+
+
+# --- DeepLabV3 as CIRKD builds it (sdesbench/models/deeplabv3_cirkd.py) ----------------------------------
+
+CIRKD_DEEPLAB_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "cirkd_deeplabv3.json"
+
+
+@pytest.mark.parametrize("name", ["deeplabv3_resnet18_cirkd", "deeplabv3_mobilenetv2_cirkd"])
+def test_cirkd_deeplabv3_reproduces_cirkd_outputs(name):
+    """CIRKD's own DeepLabV3 (7e0d21f), given the tensors of `seeded_weights`, produced the recorded logits,
+    aux logits and `x_feat_after_aspp` (the fixture's recipe)."""
+    fixture = json.loads(CIRKD_DEEPLAB_FIXTURE.read_text())
+    aux = "resnet" in name
+    model = build_model(ModelConfig(name=name, aux=aux), fixture["num_classes"]).eval()
+    seeded_weights(model, fixture["weights_seed"])
+    x = torch.randn(*fixture["input_shape"], generator=torch.Generator().manual_seed(fixture["input_seed"]))
+    assert x.double().sum().item() == pytest.approx(fixture["input_sum"], rel=1e-9)
+    ref = fixture["models"][name]
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(model.decoder(out["stages"])["logits"], torch.tensor(ref["logits"]),
+                                   rtol=1e-4, atol=1e-4)
+        if aux:
+            torch.testing.assert_close(model.aux_head(out["stages"][-2]), torch.tensor(ref["aux"]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["decoder_feature"].mean(dim=(2, 3)), torch.tensor(ref["feature_channel_mean"]),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_cirkd_deeplabv3_params_equal_cirkds_code():
+    """Parameter counts of CIRKD's own networks (fixture, counted on its code) and CIRKD Table 1's figures."""
+    counts = json.loads(CIRKD_DEEPLAB_FIXTURE.read_text())["params"]
+    r18 = count_params(build_model(ModelConfig(name="deeplabv3_resnet18_cirkd", aux=True), 19))
+    r101 = count_params(build_model(ModelConfig(name="deeplabv3_resnet101_cirkd", aux=True), 19))
+    mbv2 = count_params(build_model("deeplabv3_mobilenetv2_cirkd", 19))
+    assert (r18, r101, mbv2) == (counts["deeplabv3_resnet18_cirkd (aux)"], counts["deeplabv3_resnet101_cirkd (aux)"],
+                                 counts["deeplabv3_mobilenetv2_cirkd"])
+    assert (round(r18 / 1e6, 1), round(r101 / 1e6, 1), round(mbv2 / 1e6, 1)) == (13.6, 61.1, 3.2)  # CIRKD Table 1
+    # the head's width by hand (ResNet-18: 128): ASPP's four convs and pooling, projection 5*128->128, 3x3 conv,
+    # each BN 2*128, classifier 128->19 with bias
+    w, c = 128, 512
+    aspp = c * w + 3 * c * w * 9 + c * w + 5 * 2 * w + 5 * w * w + 2 * w
+    head = aspp + w * w * 9 + 2 * w + w * 19 + 19
+    assert count_params(build_model("deeplabv3_resnet18_cirkd", 19).decoder) == head
+    with pytest.raises(ConfigError, match="no auxiliary head"):
+        build_model(ModelConfig(name="deeplabv3_mobilenetv2_cirkd", aux=True), 19)
+
+
+def test_cirkd_mobilenetv2_loads_csail_layout_in_order(tmp_path):
+    """CIRKD's mobilenetv2-imagenet.pth (CSAIL's names, recorded; plus the 1x1 conv and classifier such a file
+    holds) loads into timm's backbone tensor for tensor; pairs checked by hand from both architectures."""
+    layout = json.loads(CIRKD_DEEPLAB_FIXTURE.read_text())["mobilenetv2_features_state"]
+    gen = torch.Generator().manual_seed(5)
+    state = {name: torch.randn(shape, generator=gen) if shape else torch.tensor(7) for name, shape in layout}
+    state["features.18.0.weight"], state["classifier.1.weight"] = torch.randn(1280, 320, 1, 1), torch.randn(1000, 1280)
+    (tmp_path / "cirkd").mkdir()
+    torch.save(state, tmp_path / "cirkd" / "mobilenetv2-imagenet.pth")
+    # a folder of CIRKD's files: each network takes its own
+    model = build_model(ModelConfig(name="deeplabv3_mobilenetv2_cirkd", pretrained=True, weights=str(tmp_path / "cirkd")), 19)
+    own = model.backbone.state_dict()
+    assert torch.equal(own["conv_stem.weight"], state["features.0.0.weight"])  # 3x3 3->32, stride 2
+    assert torch.equal(own["blocks.0.0.conv_dw.weight"], state["features.1.conv.0.weight"])  # t=1: dw first
+    assert torch.equal(own["blocks.1.0.conv_dw.weight"], state["features.2.conv.3.weight"])  # 24: pw, bn, relu, dw
+    assert torch.equal(own["blocks.3.3.bn3.running_var"], state["features.10.conv.7.running_var"])  # 64, 4th block
+    assert torch.equal(own["blocks.6.0.conv_pwl.weight"], state["features.17.conv.6.weight"])  # the 320 block
+    with pytest.raises(ConfigError, match="has no resnet18-imagenet.pth") as e:
+        build_model(ModelConfig(name="deeplabv3_resnet18_cirkd", pretrained=True, weights=str(tmp_path / "cirkd")), 19)
+    assert len(str(e.value).splitlines()) == 1
+    del state["features.5.conv.0.weight"]
+    torch.save(state, tmp_path / "short.pth")
+    with pytest.raises(ConfigError, match="does not fit the MobileNetV2"):
+        build_model(ModelConfig(name="deeplabv3_mobilenetv2_cirkd", pretrained=True, weights=str(tmp_path / "short.pth")), 19)
+    with pytest.raises(ConfigError, match="model.weights"):  # pretrained without a file: timm has no such weights
+        build_model(ModelConfig(name="deeplabv3_resnet101_cirkd", pretrained=True), 19)

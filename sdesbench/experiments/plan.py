@@ -271,7 +271,7 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
                 pr = PlannedRun(key=f"{group.name}/{row.label}", group=group.name, row=row.label, seed=seed, cfg=None,
                                 paper=row.paper(), metric_source=row.metric, model=group.model, method=row.method,
                                 show=dict(row.show), group_spec=group, row_spec=row)
-                options = merge(spec.method_options(row.method, group), row.options)
+                options = merge(spec.method_options(row.method, group, sweep.preset), row.options)
                 data = merge(group_base, {"model": {"name": group.model},
                                           "method": {"name": row.method, **options}, "train": {"seed": seed}})
                 if row.teacher:
@@ -279,7 +279,8 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
                     # `teacher: <model>` is the table's teacher network, whose own row (Table 2's Teacher)
                     # reports this very run; `teacher: true` is "another" copy of the row's network
                     same = isinstance(row.teacher, str) or (row.teacher_seed or spec.teacher_seed) == "same"
-                    t = teacher_run(tname, group_base, seed if same else seed + TEACHER_SEED_OFFSET)
+                    t = teacher_run(tname, spec.teacher_settings(group, sweep.preset),
+                                    seed if same else seed + TEACHER_SEED_OFFSET)
                     data = merge(data, {"teacher": {"model": tname}})
                     if t.cfg is not None:
                         data = merge(data, {"teacher": {"checkpoint": str(checkpoint_of(t.out))}})

@@ -89,9 +89,12 @@ class Preset:
     teacher: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
+    # per method name, options for this preset only, over the spec's and the group's: CIRKD's memory
+    # queues sized for the tiny data in `smoke` (the `paper` preset keeps CIRKD's lengths)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if v}
+        return {k: v for k, v in vars(self).items() if v and k != "options"}
 
 
 @dataclass
@@ -149,9 +152,21 @@ class Spec:
         """The protocol of one group's runs: the preset's, the group's `config`, its settings for the preset."""
         return merge(merge(self.preset_settings(preset), group.config), group.presets.get(preset, {}))
 
-    def method_options(self, method: str, group: Group | None = None) -> dict[str, Any]:
+    def teacher_settings(self, group: Group, preset: str) -> dict[str, Any]:
+        """The protocol of the teacher of a group's rows: the group's, except its `model` settings, which
+        are the group's network's (CIRKD's MobileNetV2 group turns the aux head off; its teacher, shared
+        with the ResNet groups, keeps the table's)."""
+        own = {k: v for k, v in merge(group.config, group.presets.get(preset, {})).items() if k != "model"}
+        return merge(self.preset_settings(preset), own)
+
+    def method_options(self, method: str, group: Group | None = None, preset: str | None = None) -> dict[str, Any]:
+        """A method's options from the spec's `options`, then the group's, then the preset's."""
         opts = dict(self.options.get(method, {}))
-        return merge(opts, group.options.get(method, {})) if group else opts
+        if group:
+            opts = merge(opts, group.options.get(method, {}))
+        if preset:
+            opts = merge(opts, self.preset(preset).options.get(method, {}))
+        return opts
 
     def sweep(self, param: str) -> ParameterSweep:
         if param not in self.sweeps:
@@ -252,7 +267,7 @@ def check_spec(spec: Spec) -> None:
             METHODS.get(row.method)
             if isinstance(row.teacher, str):
                 MODELS.get(row.teacher)
-    for method in spec.options:
+    for method in [*spec.options, *(m for p in spec.presets.values() for m in p.options)]:
         METHODS.get(method)
     if spec.method:
         METHODS.get(spec.method)

@@ -59,12 +59,17 @@ PAPER_ROWS: list[PaperFigures] = [
 
 # CIRKD Table 1 (Params M, FLOPs G at 1024x2048; the aux head of the ResNet models included). The
 # paper prints one decimal; CIRKD's own code at 7e0d21f gives 61.1189 M / 2371.66 G, 13.6080 M /
-# 572.01 G, 3.2332 M / 128.92 G and 12.9193 M / 507.35 G for these four (docs/models.md).
+# 572.01 G, 3.2332 M / 128.92 G and 12.9193 M / 507.35 G for these four (docs/models.md). The rows are
+# CIRKD's networks (`*_cirkd`, `pspnet_resnet18`), with the SDES-shaped DeepLabV3s beside them to show
+# how far those are from CIRKD's.
 CIRKD_ROWS: list[PaperFigures] = [
+    PaperFigures("deeplabv3_resnet101_cirkd", 19, (1024, 2048), 61.1, 2371.7, aux=True),
+    PaperFigures("deeplabv3_resnet18_cirkd", 19, (1024, 2048), 13.6, 572.0, aux=True),
+    PaperFigures("deeplabv3_mobilenetv2_cirkd", 19, (1024, 2048), 3.2, 128.9),
+    PaperFigures("pspnet_resnet18", 19, (1024, 2048), 12.9, 507.4, aux=True),
     PaperFigures("deeplabv3_resnet101", 19, (1024, 2048), 61.1, 2371.7, aux=True),
     PaperFigures("deeplabv3_resnet18", 19, (1024, 2048), 13.6, 572.0, aux=True),
     PaperFigures("deeplabv3_mobilenetv2", 19, (1024, 2048), 3.2, 128.9),
-    PaperFigures("pspnet_resnet18", 19, (1024, 2048), 12.9, 507.4, aux=True),
 ]
 
 

@@ -13,7 +13,8 @@ dab64db: the same outputs on the same weights):
   11,324,992 parameters). CIRKD's ImageNet checkpoint `resnet18-imagenet.pth` (by its name and the
   layout CIRKD's loader requires, the deep-stem ResNet-18 that CSAILVision's semantic-segmentation-
   pytorch publishes at sceneparsing.csail.mit.edu; CIRKD's `mobilenetv2.py` points at that project's
-  pretrained folder) loads into it with the stem keys renamed (`CIRKD_STEM_KEYS`). `pspnet_resnet18_vanilla` is the same model with the standard 7x7 stem (CIRKD's
+  pretrained folder) loads into it with the stem keys renamed (`models/cirkd_weights.py`; `model.weights` may also be a
+  folder of CIRKD's files). `pspnet_resnet18_vanilla` is the same model with the standard 7x7 stem (CIRKD's
   `resnet18_vanilla`, timm's plain `resnet18`, whose ImageNet weights timm provides).
 - Head `_PSPHead` on layer4 (512 channels): pyramid pooling with bins 1, 2, 3, 6, each branch
   adaptive average pooling -> 1x1 conv 512->128 (no bias) -> BN -> ReLU -> bilinear upsampling to
@@ -32,7 +33,6 @@ Params and FLOPs against CIRKD's Table 1 figures: docs/models.md (`sdesbench pro
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -42,15 +42,11 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from sdesbench.errors import ConfigError
 from sdesbench.models.base import MODELS, SegmentationModel
+from sdesbench.models.cirkd_weights import cirkd_weights_file, load_cirkd_backbone
 from sdesbench.models.deeplabv3 import create_backbone
 
 PSP_BINS = (1, 2, 3, 6)
 Stem = Literal["deep", "standard"]
-
-# CIRKD's deep-stem state-dict names (resnetv1b.py: conv1/bn1/conv2/bn2/conv3/bn3) -> timm's deep stem
-# (`conv1` = Sequential(conv, bn, relu, conv, bn, relu, conv), then `bn1` after the last conv)
-CIRKD_STEM_KEYS = {"conv1.": "conv1.0.", "bn1.": "conv1.1.", "conv2.": "conv1.3.", "bn2.": "conv1.4.",
-                   "conv3.": "conv1.6.", "bn3.": "bn1."}
 
 
 class PyramidPooling(nn.Module):
@@ -91,37 +87,6 @@ class PSPDecoder(nn.Module):
         return {"decoder_feature": feat, "logits": self.classifier(feat)}
 
 
-def cirkd_to_timm_key(key: str) -> str:
-    """A key of CIRKD's deep-stem ResNet state dict as timm names it (stem keys renamed, others kept)."""
-    for cirkd, timm_prefix in CIRKD_STEM_KEYS.items():
-        if key.startswith(cirkd):
-            return timm_prefix + key[len(cirkd):]
-    return key
-
-
-def load_cirkd_backbone(backbone: nn.Module, path: str) -> None:
-    """ImageNet weights for the deep-stem backbone from a local file: CIRKD's `resnet18-imagenet.pth`
-    (stem keys renamed, `fc.*` ignored) or a timm-named state dict of the same network. Every backbone
-    tensor must be found with its shape, else one line says how many were not."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"model.weights: no such file {file}")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a tensor file: one line, not a traceback
-        raise ConfigError(f"model.weights: cannot read {file} as a state dict ({type(e).__name__})") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if "conv1.0.weight" not in state:  # CIRKD's names; a timm-named file is taken as it is
-        state = {cirkd_to_timm_key(k): v for k, v in state.items()}
-    own = backbone.state_dict()
-    found = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    if len(found) < len(own):
-        raise ConfigError(f"model.weights: {file} does not fit the deep-stem ResNet-18 of pspnet_resnet18 "
-                          f"({len(own) - len(found)} of {len(own)} tensors missing or of another shape; "
-                          f"expected CIRKD's resnet18-imagenet.pth)")
-    backbone.load_state_dict(found)
-
-
 class PSPNet(SegmentationModel):
     """PSPNet on a timm ResNet dilated to output stride 8; the head reads the last stage.
 
@@ -145,7 +110,7 @@ class PSPNet(SegmentationModel):
             self.backbone = create_backbone(timm_name, out_indices, False, None, output_stride=output_stride,
                                             stem_type="deep", stem_width=64)
             if pretrained:
-                load_cirkd_backbone(self.backbone, weights)
+                load_cirkd_backbone(self.backbone, cirkd_weights_file(weights, "resnet18-imagenet.pth"))
         else:
             self.backbone = create_backbone(timm_name, out_indices, pretrained, weights, output_stride=output_stride)
         info = self.backbone.feature_info

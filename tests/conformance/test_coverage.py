@@ -18,6 +18,7 @@ NO_PUBLIC_REFERENCE = {
     "sdes-random-split": "an SDES ablation (as sdes)",
     "rdd+kl": "the sum of rdd and kl, each checked against its reference",
     "rdd+cwd": "the sum of rdd and cwd, each checked against its reference",
+    "fitnet+kd": "the sum of fitnet and kl, each checked against its reference",
 }
 
 
