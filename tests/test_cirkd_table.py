@@ -66,6 +66,7 @@ def test_recipes_and_per_dataset_cirkd_weights(paper):
                for k, o in ((p.key, p.cfg.method.options) for p in paper if p.method == "cirkd+kd")}
     for key, w in weights.items():  # CIRKD's train_cirkd/voc scripts: memory terms at 0.01; 20,000-pixel queues
         assert w == ((0.01, 0.01, 20000) if key.startswith("VOC") else (0.1, 0.1, 20000)), key
+    assert by_key["DeepLabV3-ResNet-18/DSD"].cfg.method.options["dsd_psd_weight"] == 1000.0  # train_dsd.sh
     fit = by_key["DeepLabV3-ResNet-18/FitNet"].cfg.method.options  # train_fitnet.sh: --lambda-kd 1 --lambda-fitnet 10
     assert (fit["fitnet_weight"], fit["kd_weight"]) == (10.0, 1.0)
     # CIRKD's reductions on every row that has them (docs/methods-tskd.md, conformance table)
@@ -94,9 +95,11 @@ def test_smoke_runs_every_row_on_tiny_with_small_queues(tmp_path):
     smoke = Sweep("cirkd", "smoke", (0,), tmp_path).plans(load_spec("cirkd"))
     assert {p.cfg.data.name for p in smoke} == {"tiny"} and {p.cfg.train.iters for p in smoke} == {40}
     for p in smoke:
+        o = p.cfg.method.options
         if p.method == "cirkd+kd":
-            o = p.cfg.method.options
             assert (o["cirkd_pixel_memory"], o["cirkd_region_memory"], o["cirkd_pixel_contrast"]) == (64, 8, 64)
+        if p.method == "dsd":  # PSD's weight scaled to the 6x6 grid of 48x48 crops: 1000 x 36 / 8192
+            assert o["dsd_psd_weight"] == pytest.approx(1000 * 36 / 8192, abs=0.01)
     # on tiny the CamVid and VOC groups coincide with the Cityscapes rows, except VOC's CIRKD weights
     assert len({p.out for p in smoke}) == 30
     proc = run_cli("run", "cirkd", "--preset", "smoke", "--dry-run", "--results", str(tmp_path))

@@ -1,4 +1,7 @@
 """End-to-end: training learns, its record is complete, bad input is one line."""
+import os
+
+import numpy as np
 import pytest
 import torch
 
@@ -88,3 +91,19 @@ def test_eval_checkpoint_reproduces_recorded_metrics(tmp_path):
     assert e.returncode == 0, e.stderr
     import json
     assert abs(json.loads(e.stdout)["miou"] - read_json(tmp_path / "results.json")["metrics"]["miou"]) < 1e-9
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="no resettable peak RSS (Linux only)")
+def test_each_run_measures_its_own_peak_memory():
+    """`run` trains its runs one after another in one process: a run's peak restarts at its setup, so a
+    small run after a large one records its own peak, not the larger run's."""
+    from sdesbench.engine.runtime import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    big = np.ones(400 * 2**20, dtype=np.uint8)  # 400 MB, touched page by page
+    during = peak_memory_mb(cpu)
+    del big
+    reset_peak_memory(cpu)
+    after = peak_memory_mb(cpu)
+    assert during - after >= 350, (during, after)

@@ -99,8 +99,8 @@ class LogHook(HookBase):
     The times are those of the iterations since the previous logged one, loader waits included:
     `iter_s` the mean iteration time (waiting for the batch + the step), `data_s` its mean wait for
     the batch, `images_per_s` the images (all ranks) over that time. Evaluations and checkpoints in
-    between are timed apart (`trainer.state.timings`) and are not in them. `peak_memory_mb`: this process's
-    peak so far (CUDA allocator, or max RSS on CPU: `runtime.peak_memory_mb`). Under DDP the loss terms
+    between are timed apart (`trainer.state.timings`) and are not in them. `peak_memory_mb`: the run's peak
+    so far, since its setup (CUDA allocator, or the peak resident set on CPU: `runtime.peak_memory_mb`). Under DDP the loss terms
     are averaged over ranks (each rank's loss is on its own batch). `loss` is the sum of the student's
     terms; a method's own update's terms (a discriminator's) are logged beside it, not in it.
 

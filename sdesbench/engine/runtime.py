@@ -86,10 +86,34 @@ def set_determinism(deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+# Linux: writing "5" to clear_refs resets the process's peak resident set (VmHWM in /proc/self/status)
+CLEAR_REFS, PROC_STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for `peak_memory_mb`: `run` trains its runs one after another in one process, and
+    each record's peak must be its own run's, not the largest so far. Where the OS offers no reset (CPU
+    outside Linux), the peak stays the process's lifetime maximum."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        CLEAR_REFS.write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA's allocator peak, or the max RSS on CPU (Linux: KiB)."""
+    """Peak memory since the last `reset_peak_memory`: CUDA's allocator peak, or the peak resident set on
+    CPU (Linux's VmHWM; elsewhere the process's max RSS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -56,7 +56,8 @@ from sdesbench.engine.hooks import (CheckpointHook, FinalEvaluationHook, LogHook
 from sdesbench.engine.record import (Evaluation, ImageCounts, RunRecord, Scores, Timings, best_of, read_record,
                                      read_record_file, write_image_counts, write_record)
 from sdesbench.engine.restore import CLASS_COUNTS_KEY
-from sdesbench.engine.runtime import RunLock, Runtime, peak_memory_mb, provenance, set_determinism
+from sdesbench.engine.runtime import (RunLock, Runtime, peak_memory_mb, provenance, reset_peak_memory,
+                                      set_determinism)
 from sdesbench.engine.state import HookBase, TrainState, run_hooks
 from sdesbench.errors import CheckpointError, Interrupted, NumericalFault, SdesbenchError, StorageError
 from sdesbench.io import check_writable, load_checkpoint, save_checkpoint, write_json, write_text
@@ -97,6 +98,7 @@ class Trainer:
         cfg = self.cfg
         set_determinism(cfg.train.deterministic)
         runtime = Runtime.create(cfg.train.device, cfg.train.amp, cfg.train.channels_last)
+        reset_peak_memory(runtime.device)  # this run's peak, not the largest of the runs before it in this process
         torch.manual_seed(cfg.train.seed)
         self.train_set = build_dataset(cfg.data.name, cfg.data.root, cfg.data.train_split)
         self.eval_set = build_dataset(cfg.data.name, cfg.data.root, cfg.data.eval_split)

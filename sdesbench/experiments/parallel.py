@@ -14,8 +14,8 @@ counts as failed; every other run goes on regardless of failures.
 Runner. Each slot has one worker process, a one-process `concurrent.futures.ProcessPoolExecutor`
 started with the spawn method (no CUDA state or torch threads inherited from this process), whose
 initializer sets the slot's GPUs and threads before anything touches CUDA; the slot's runs train in
-it one after another, as `train_locally` trains them in one process (CUDA peak memory is reset per
-run; on CPU the record's peak is the process's max RSS, as it is sequentially). A process is started
+it one after another, as `train_locally` trains them in one process (each run's peak memory,
+CUDA or resident set, restarts at its setup, as it does sequentially). A process is started
 once per slot, not per run: importing torch and the suite takes seconds, which a run of the smoke
 presets would feel. A process that dies (out of memory, a crash) fails its run and is replaced. A
 slot with several processes runs each run under `torch.distributed.launcher.elastic_launch`

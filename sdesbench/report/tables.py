@@ -394,7 +394,7 @@ def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) 
         md += ("\nTraining cost: `step s/iter` = the training steps' time / iterations (step_time_s: no loader "
                "waits, evaluations, checkpoints or setup); `wall s` = the run's real wall time, all of those "
                "included (wall_time_s, summed over resumes; `—` for a record older than schema 4, which did not "
-               "measure it); `peak MB` = peak CUDA memory, or the process's max RSS on CPU; `train FLOPs ×` = "
+               "measure it); `peak MB` = the run's peak CUDA memory, or its peak resident set on CPU; `train FLOPs ×` = "
                "FLOPs of one training step (teacher forward, student and method modules forward + backward) over "
                "the plain student's, counted with torch's FlopCounterMode at 64x64.\n")
     for n in notes:
