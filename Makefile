@@ -13,9 +13,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## test: the test suite (CPU, tiny data; tests that need ../shared/data/camvid skip without it)
+## test: the test suite (CPU, tiny data; tests that need ../shared/data/camvid skip without it), in
+## TEST_WORKERS pytest-xdist processes of one torch thread each (a test file stays in one process)
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 ## smoke: the main job on the built-in tiny dataset (Table 3, smoke preset)
 smoke: $(STAMP)
