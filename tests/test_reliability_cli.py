@@ -385,9 +385,12 @@ def test_sigint_outside_the_training_loop_prints_interrupted(tmp_path, moment):
     """Ctrl-C while the command line starts (seconds of importing torch and the commands) or during
     `profile` (tens of seconds of FLOP counting, no training loop): one line `error: interrupted`, 130."""
     started = tmp_path / "started"
+    # as at a terminal: a test run started in the background (`nohup make test &`, a CI runner) ignores
+    # SIGINT, which its children inherit, and then the suite rightly leaves Ctrl-C ignored too
     proc = subprocess.Popen([sys.executable, str(console_script(tmp_path, started)), "profile", "--model",
                              "deeplabv3_resnet101"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(), cwd=tmp_path)
+                            env=cli_env(), cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if moment == "starting":
         time.sleep(0.5)
         if started.exists():
