@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from sdesbench.errors import ConfigError
+from sdesbench.models.deeplabv3 import read_state
 
 # CIRKD's deep-stem state-dict names (resnetv1b.py: conv1/bn1/conv2/bn2/conv3/bn3) -> timm's deep stem
 # (`conv1` = Sequential(conv, bn, relu, conv, bn, relu, conv), then `bn1` after the last conv)
 CIRKD_STEM_KEYS = {"conv1.": "conv1.0.", "bn1.": "conv1.1.", "conv2.": "conv1.3.", "bn2.": "conv1.4.",
                    "conv3.": "conv1.6.", "bn3.": "bn1."}
+
+
+# CSAIL's MobileNetV2: blocks features.0-17 (stem to the 320-channel block); 18 is the 1x1 conv CIRKD leaves out
+CSAIL_LAST_BLOCK = 17
 
 
 def cirkd_weights_file(weights: str, filename: str) -> str:
@@ -28,17 +32,6 @@ def cirkd_weights_file(weights: str, filename: str) -> str:
             raise ConfigError(f"model.weights: the folder {path.parent} has no {filename} (CIRKD's ImageNet file "
                               f"of this network)")
     return str(path)
-
-
-def read_state(file: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a local file (a checkpoint's `state_dict` unwrapped), or one line why not."""
-    if not file.is_file():
-        raise ConfigError(f"model.weights: no such file {file}")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a tensor file: one line, not a traceback
-        raise ConfigError(f"model.weights: cannot read {file} as a state dict ({type(e).__name__})") from None
-    return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
 def cirkd_to_timm_key(key: str) -> str:
@@ -67,23 +60,22 @@ def load_cirkd_backbone(backbone: nn.Module, path: str, network: str = "deep-ste
     backbone.load_state_dict(found)
 
 
-def load_in_order(backbone: nn.Module, path: str, keep_prefix: str) -> None:
-    """Weights whose names differ from timm's but whose tensors come in the same order with the same
-    shapes (CSAIL's MobileNetV2: `features.0` .. `features.17`, then the 1x1 conv `features.18` and the
-    classifier, which the backbone lacks): matched one to one in order, BatchNorm step counters left out.
-    A timm-named file loads by name."""
+def load_csail_mobilenetv2(backbone: nn.Module, path: str) -> None:
+    """CIRKD's mobilenetv2-imagenet.pth (CSAIL's names: `features.0` .. `features.17`, then the 1x1 conv
+    `features.18` and the classifier, which the backbone lacks) into timm's MobileNetV2 backbone: the two
+    hold the same tensors in the same order with the same shapes, so they are matched one to one in
+    order, BatchNorm step counters left out. A timm-named file loads by name."""
     file = Path(path)
     state = read_state(file)
     own = {k: v for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")}
     if not set(own) <= set(state):  # not timm's names: CSAIL's, in order
-        theirs = [(k, v) for k, v in state.items()
-                  if k.startswith(keep_prefix) and not k.endswith("num_batches_tracked")]
-        theirs = [(k, v) for k, v in theirs if int(k.split(".")[1]) < 18]  # features.18: the unused 1x1 conv
+        theirs = [(k, v) for k, v in state.items() if k.startswith("features.")
+                  and int(k.split(".")[1]) <= CSAIL_LAST_BLOCK and not k.endswith("num_batches_tracked")]
         fits = len(theirs) == len(own) and all(tuple(v.shape) == tuple(o.shape)
                                                for (_, v), o in zip(theirs, own.values()))
         if not fits:
             raise ConfigError(f"model.weights: {file} does not fit the MobileNetV2 backbone ({len(theirs)} tensors "
-                              f"under {keep_prefix}0-17 for {len(own)}, or of other shapes; expected CIRKD's "
+                              f"under features.0-{CSAIL_LAST_BLOCK} for {len(own)}, or of other shapes; expected CIRKD's "
                               f"mobilenetv2-imagenet.pth or timm's mobilenetv2_100)")
         state = {name: v for name, (_, v) in zip(own, theirs)}
     backbone.load_state_dict({k: state[k] for k in own}, strict=False)

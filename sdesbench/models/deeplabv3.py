@@ -71,6 +71,17 @@ def cached_weights(timm_name: str) -> str | None:
     return None
 
 
+def read_state(file: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file (a checkpoint's `state_dict` unwrapped), or one line why not."""
+    if not file.is_file():
+        raise ConfigError(f"model.weights: no such file {file}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a tensor file: one line, not a traceback
+        raise ConfigError(f"model.weights: cannot read {file} as a state dict ({type(e).__name__})") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
 def create_timm(timm_name: str, pretrained: bool, weights: str | None, **kwargs) -> nn.Module:
     """A timm model; ImageNet weights from a local file (`weights`), the cache or the hub.
 
@@ -79,11 +90,8 @@ def create_timm(timm_name: str, pretrained: bool, weights: str | None, **kwargs)
     """
     if pretrained and weights:
         path = Path(weights)
-        if not path.is_file():
-            raise ConfigError(f"model.weights: no such file {path}")
+        state = read_state(path)
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
         missing, _ = model.load_state_dict(state, strict=False)
         if len(missing) > len(model.state_dict()) // 2:
             raise ConfigError(f"model.weights: {path} does not fit backbone {timm_name} ({len(missing)} tensors missing)")

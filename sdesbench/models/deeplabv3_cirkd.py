@@ -37,7 +37,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from sdesbench.errors import ConfigError
 from sdesbench.models.base import MODELS, SegmentationModel
-from sdesbench.models.cirkd_weights import cirkd_weights_file, load_cirkd_backbone, load_in_order
+from sdesbench.models.cirkd_weights import cirkd_weights_file, load_cirkd_backbone, load_csail_mobilenetv2
 from sdesbench.models.deeplabv3 import create_backbone
 
 ASPP_RATES = (12, 24, 36)
@@ -85,7 +85,7 @@ class CIRKDDeepLabV3(SegmentationModel):
         else:  # MobileNetV2: the blocks ending at strides 4, 8, 16 (dilated), 32 (dilated; 320 channels)
             self.backbone = create_backbone(timm_name, (1, 2, 3, 4), False, None, output_stride=8)
             if pretrained:
-                load_in_order(self.backbone, cirkd_weights_file(weights, cirkd_file), "features.")
+                load_csail_mobilenetv2(self.backbone, cirkd_weights_file(weights, cirkd_file))
         info = self.backbone.feature_info
         self.stage_channels = list(info.channels())
         self.stage_strides = [min(r, 8) for r in info.reduction()]
