@@ -23,7 +23,7 @@ from sdesbench.methods.adversarial import ScoreMapDiscriminator
 from sdesbench.methods.base import StepInfo
 from sdesbench.methods.kl import KL, kd_term
 from sdesbench.methods.skd import pairwise_distillation_loss
-from test_conformance import close, fixture, inputs, method, project_options
+from test_conformance import REL, close, fixture, inputs, method, project_options
 
 CASES = {c["name"]: c for c in fixture("skd")["cases"]}
 
@@ -140,13 +140,23 @@ def run_adversary(m, x, steps, train, iterations):
     return seen
 
 
+# After an Adam update the scores are compared to 2e-4 (relative), not 1e-5. Adam's first step moves each
+# weight by lr * g / (|g| + 1e-8): a weight whose gradient is near 1e-8 moves by an amount set by the last
+# bits of g, which differ with the CPU's summation order. Measured on adv[1] (the mean score after one step):
+# 1.3e-5 off CIRKD's number on an AMD EPYC, 6.0e-5 on an AVX-512 Xeon (the CI machine); the forward pass
+# before any step stays within 2.6e-6. A wrong optimiser is still caught: betas (0.9, 0.999) instead of
+# CIRKD's (0.9, 0.99) puts adv[2] 4.8e-4 off, betas (0.5, 0.99) 5.3e-2.
+AFTER_ADAM_REL = 2e-4
+
+
 def test_hinge_adversary_and_its_adam_update_equal_cirkd_over_three_iterations():
     c, x = case("hinge_three_steps")
     m = seeded_method("skd", project_options(c), x)
     seen = run_adversary(m, x, 3, TrainConfig(), range(3))
     for key in ("adv", "adv_d"):
-        for got, expected in zip(seen[key], c["expected"][key], strict=True):
-            close(got, expected)
+        close(seen[key][0], c["expected"][key][0])  # before any update: the forward pass alone, to 1e-5
+        for got, expected in zip(seen[key][1:], c["expected"][key][1:], strict=True):
+            assert got == pytest.approx(expected, rel=AFTER_ADAM_REL)
     assert seen["adv_gp"] == [] and seen["lr"] == [4e-4] * 3  # hinge: no penalty; constant lr
 
 
@@ -155,9 +165,14 @@ def test_wgan_gp_adversary_with_sgd_and_poly_lr_equals_the_reference_over_three_
     train = TrainConfig(**c["project"]["train"])
     m = seeded_method("skd", project_options(c), x)
     seen = run_adversary(m, x, 10, train, range(1, 4))
-    for key in ("adv", "adv_d", "adv_gp", "lr"):
+    for key in ("adv", "adv_gp", "lr"):
         for got, expected in zip(seen[key], c["expected"][key], strict=True):
             close(got, expected)
+    # D's Wasserstein loss, 0.1 (mean D(S) - mean D(T)), is a difference of two terms about 12 times its size
+    # (0.1 mean D(S) = -adv = 0.037; adv_d = 0.0032 ... 0.0019): it is exact to 1e-5 of those terms, not of
+    # itself. Measured: 1.5e-8 ... 3.3e-8 off CIRKD (up to 1.8e-5 of adv_d) on an AMD EPYC.
+    for got, expected, term in zip(seen["adv_d"], c["expected"]["adv_d"], c["expected"]["adv"], strict=True):
+        assert got == pytest.approx(expected, rel=0, abs=REL * abs(term))
 
 
 # ----------------------------------------------------------------------------- CIRKD's three rows
