@@ -249,8 +249,9 @@ def test_pspnet_reproduces_cirkd_outputs():
     ref = {k: torch.tensor(fixture[k]) for k in ("logits", "aux", "feature_channel_mean")}
     # Random-init logits reach 137 (aux 94) and pass near 0, where an element-wise 1e-4 is tighter than
     # float32 through 20 layers allows: the summation order of the CPU's kernels moves elements by up to
-    # 2.7e-4 (logits) and 1.6e-4 (aux), measured on an AMD EPYC; 1.2e-4 on one element of 1824 on a
-    # Xeon. The bound is therefore 1e-5 of the outputs' largest magnitude, plus 1e-5 relative.
+    # 2.7e-4 (logits) and 1.6e-4 (aux), measured on an AMD EPYC in a process of its own (1.2e-4, one
+    # element of 1824 over 1e-4, in a `make test` worker on the same machine). The bound is therefore 1e-5
+    # of the outputs' largest magnitude, plus 1e-5 relative.
     for name, got in (("logits", logits), ("aux", aux)):
         torch.testing.assert_close(got, ref[name], rtol=1e-5, atol=1e-5 * ref[name].abs().max().item())
     torch.testing.assert_close(out["decoder_feature"].mean(dim=(2, 3)), ref["feature_channel_mean"], rtol=1e-4,
