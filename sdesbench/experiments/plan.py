@@ -22,8 +22,8 @@ from sdesbench.config import RunConfig, apply_overrides, identity_changes, merge
 from sdesbench.engine.configure import build_config
 from sdesbench.engine.record import RunRecord, read_record
 from sdesbench.errors import ConfigError, StorageError
+from sdesbench.experiments.resolve import resolve
 from sdesbench.experiments.spec import Group, Row, Spec, load_spec, spec_name
-from sdesbench.experiments.sweeps import sweep_groups
 
 # method option -> protocol column shown by `--dry-run` and in reports
 PROTOCOL_OPTIONS = {"n_experts": "N", "expert": "expert"}
@@ -233,7 +233,8 @@ class RecordIndex:
 
 
 def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
-    """All runs of a table for a preset: teachers first, then rows x seeds (skips explained)."""
+    """All runs of a table for a preset: teachers first, then rows x seeds (skips explained), each from the
+    spec's rows resolved once (`resolve`)."""
     overrides = list(sweep.overrides)
     teachers: dict[str, PlannedRun] = {}
     planned: list[PlannedRun] = []
@@ -263,34 +264,25 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
         ident = str(pr.out) if pr.cfg else f"{pr.key}:{seed}:{json.dumps(pr.protocol, sort_keys=True)}"
         return teachers.setdefault(ident, pr)
 
-    groups = sweep_groups(spec) if spec.is_sweep else spec.groups
-    for group in groups:
-        group_base = spec.group_settings(group, sweep.preset)
-        for row in group.rows:
-            for seed in sweep.seeds:
-                pr = PlannedRun(key=f"{group.name}/{row.label}", group=group.name, row=row.label, seed=seed, cfg=None,
-                                paper=row.paper(), metric_source=row.metric, model=group.model, method=row.method,
-                                show=dict(row.show), group_spec=group, row_spec=row)
-                options = merge(spec.method_options(row.method, group, sweep.preset), row.options)
-                data = merge(group_base, {"model": {"name": group.model},
-                                          "method": {"name": row.method, **options}, "train": {"seed": seed}})
-                if row.teacher:
-                    tname = row.teacher if isinstance(row.teacher, str) else group.model
-                    # `teacher: <model>` is the table's teacher network, whose own row (Table 2's Teacher)
-                    # reports this very run; `teacher: true` is "another" copy of the row's network
-                    same = isinstance(row.teacher, str) or (row.teacher_seed or spec.teacher_seed) == "same"
-                    t = teacher_run(tname, spec.teacher_settings(group, sweep.preset),
-                                    seed if same else seed + TEACHER_SEED_OFFSET)
-                    data = merge(data, {"teacher": {"model": tname}})
-                    if t.cfg is not None:
-                        data = merge(data, {"teacher": {"checkpoint": str(checkpoint_of(t.out))}})
-                        pr.depends_on.append(str(t.out))
-                    else:
-                        pr.skipped = f"teacher {tname}: {t.skipped}"
-                configure(pr, data, overrides)
-                if row.teacher:
-                    pr.protocol["teacher_seed"] = t.seed
-                planned.append(pr)
+    for req in resolve(spec, sweep.preset):
+        for seed in sweep.seeds:
+            pr = PlannedRun(key=req.key, group=req.group, row=req.row, seed=seed, cfg=None, paper=dict(req.paper),
+                            metric_source=req.metric, model=req.model, method=req.method, show=dict(req.show),
+                            group_spec=req.group_spec, row_spec=req.row_spec)
+            data = merge(req.settings, {"train": {"seed": seed}})
+            if req.teacher:
+                tname = req.teacher.model
+                t = teacher_run(tname, req.teacher.settings, seed if req.teacher.same_seed else seed + TEACHER_SEED_OFFSET)
+                data = merge(data, {"teacher": {"model": tname}})
+                if t.cfg is not None:
+                    data = merge(data, {"teacher": {"checkpoint": str(checkpoint_of(t.out))}})
+                    pr.depends_on.append(str(t.out))
+                else:
+                    pr.skipped = f"teacher {tname}: {t.skipped}"
+            configure(pr, data, overrides)
+            if req.teacher:
+                pr.protocol["teacher_seed"] = t.seed
+            planned.append(pr)
     return list(teachers.values()) + planned
 
 

@@ -148,17 +148,6 @@ class Spec:
         """`base` merged with the preset's sections: the protocol shared by every run of the preset."""
         return merge(dict(self.base), self.preset(name).settings())
 
-    def group_settings(self, group: Group, preset: str) -> dict[str, Any]:
-        """The protocol of one group's runs: the preset's, the group's `config`, its settings for the preset."""
-        return merge(merge(self.preset_settings(preset), group.config), group.presets.get(preset, {}))
-
-    def teacher_settings(self, group: Group, preset: str) -> dict[str, Any]:
-        """The protocol of the teacher of a group's rows: the group's, except its `model` settings, which
-        are the group's network's (CIRKD's MobileNetV2 group turns the aux head off; its teacher, shared
-        with the ResNet groups, keeps the table's)."""
-        own = {k: v for k, v in merge(group.config, group.presets.get(preset, {})).items() if k != "model"}
-        return merge(self.preset_settings(preset), own)
-
     def method_options(self, method: str, group: Group | None = None, preset: str | None = None) -> dict[str, Any]:
         """A method's options from the spec's `options`, then the group's, then the preset's."""
         opts = dict(self.options.get(method, {}))
