@@ -48,7 +48,9 @@ HASHED_WHEN_SET = {"hash": "when_set"}
 Device = str  # auto | cpu | cuda | cuda:N (checked in `parse_config`)
 AmpMode = Literal["off", "auto", "bf16", "fp16"]
 EvalMode = Literal["whole", "slide"]  # whole images, or mmsegmentation's sliding windows (engine/inference.py)
-TtaRule = Literal["mmseg", "cirkd"]  # how eval.scales / eval.flip views are merged (docs/evaluation.md)
+TtaRule = Literal["mmseg", "mmseg0", "cirkd"]  # how eval.scales / eval.flip views are made and merged (docs/evaluation.md)
+EvalResize = Literal["fixed", "keep_ratio"]  # eval.size as the exact [H, W], or as mmcv's keep-ratio scale
+Resizer = Literal["auto", "antialias", "cv2"]  # how an evaluation input is resampled (engine/inference.py)
 AbsentClasses = Literal["skip", "zero"]  # a class in neither labels nor predictions: left out of mIoU, or 0
 
 
@@ -138,6 +140,13 @@ class EvalConfig:
     # a class in neither the labels nor the predictions of the evaluated set: left out of the mIoU mean (skip,
     # mmsegmentation) or counted as 0 (zero, CIRKD's SegmentationMetric)
     absent_classes: AbsentClasses = field(default="skip", metadata=HASHED_WHEN_SET)
+    # fixed: eval.size is the input's [H, W]; keep_ratio: eval.size is mmcv's scale (e.g. [2048, 512]), each image
+    # resized to fit it keeping its aspect ratio (mmcv's rounding), scored at its own size, labels never resized
+    resize: EvalResize = field(default="fixed", metadata=HASHED_WHEN_SET)
+    # the image resampler: cv2 (mmcv's INTER_LINEAR on the uint8 image, no antialiasing), antialias (the suite's
+    # bilinear of the training rescale), auto: cv2 where mmsegmentation's pipeline resizes (keep_ratio, the
+    # mmseg / mmseg0 views of test-time augmentation), antialias for eval.scale / a fixed eval.size
+    resizer: Resizer = field(default="auto", metadata=HASHED_WHEN_SET)
 
     def loader_workers(self, data: DataConfig) -> int:
         return data.workers if self.workers is None else self.workers
@@ -451,6 +460,9 @@ def check_eval_views(ev: EvalConfig) -> None:
         raise ConfigError("eval.crop and eval.stride apply to eval.mode=slide")
     if ev.scales is not None and (not ev.scales or min(ev.scales) <= 0):
         raise ConfigError(f"eval.scales must be a non-empty list of positive factors, got {ev.scales}")
+    if ev.resize == "keep_ratio" and ev.size is None:
+        raise ConfigError("eval.resize=keep_ratio needs eval.size = mmcv's scale, e.g. [2048, 512] (the longer side "
+                          "fits the larger number, the shorter side the smaller)")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

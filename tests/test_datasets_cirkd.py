@@ -333,8 +333,10 @@ def test_spec_protocols_reference_numbers_and_shared_teacher(table, tmp_path):
         assert (c.data.name, c.train.iters, c.data.crop, c.data.batch_size, c.train.lr) == (dataset, iters, crop,
                                                                                              batch, lr)
         assert c.model.aux and c.model.pretrained and c.data.scale == [0.5, 2.0]
-        if table == "pascal_context59":  # mmsegmentation's test_cfg: 480x480 windows every 320 pixels
+        if table == "pascal_context59":  # mmsegmentation's test_cfg: 480x480 windows every 320 pixels, on the
+            # image resized to fit 520x520 keeping its aspect ratio (the test pipeline's Resize)
             assert (c.eval.mode, c.eval.crop, c.eval.stride) == ("slide", [480, 480], [320, 320])
+            assert (c.eval.resize, c.eval.size) == ("keep_ratio", [520, 520])
     by_key = {p.key: p for p in plans}
     (teacher,) = [p for p in plans if p.is_teacher]
     kd = by_key["DeepLabV3-ResNet-18/KD"]

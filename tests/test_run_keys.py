@@ -19,7 +19,8 @@ from sdesbench.methods import METHODS
 from sdesbench.report.tables import collect
 
 SDES_VARIANTS = ("sdes", "sdes-no-dfed", "sdes-no-dped", "sdes-random-split")
-EVAL_SETTINGS_ADDED_LATER = ("mode", "crop", "stride", "scales", "flip", "tta_rule", "absent_classes")
+EVAL_SETTINGS_ADDED_LATER = ("mode", "crop", "stride", "scales", "flip", "tta_rule", "absent_classes", "resize",
+                             "resizer")
 
 
 def test_the_key_is_the_hash_of_the_resolved_configuration():
@@ -185,10 +186,11 @@ def test_eval_settings_added_later_keep_recorded_keys_and_name_new_runs_when_set
     base = build_config({})
     assert not set(EVAL_SETTINGS_ADDED_LATER) & set(base.identity()["eval"])
     defaults = ["eval.mode=whole", "eval.flip=false", "eval.tta_rule=mmseg", "eval.absent_classes=skip",
-                "eval.scales=null", "eval.crop=null", "eval.stride=null"]
+                "eval.scales=null", "eval.crop=null", "eval.stride=null", "eval.resize=fixed", "eval.resizer=auto"]
     assert build_config({}, defaults).identity_hash() == base.identity_hash()
     others = {"eval.flip": ["eval.flip=true"], "eval.scales": ["eval.scales=[0.5, 1.0]"],
               "eval.tta_rule": ["eval.tta_rule=cirkd"], "eval.absent_classes": ["eval.absent_classes=zero"],
+              "eval.resize": ["eval.resize=keep_ratio", "eval.size=[512, 512]"], "eval.resizer": ["eval.resizer=cv2"],
               "eval.mode": ["eval.mode=slide", "eval.crop=[32, 32]", "eval.stride=[16, 16]"]}
     keys = {name: build_config({}, sets).identity_hash() for name, sets in others.items()}
     assert base.identity_hash() not in keys.values() and len(set(keys.values())) == len(keys)

@@ -1,4 +1,6 @@
-"""From a batch of images to label-sized predictions: the inference size (eval.scale / eval.size), whole images
+"""From a batch of images to label-sized predictions: the inference size (eval.scale / eval.size, fixed or mmcv's
+keep-ratio fit: eval.resize) and the image resampler (eval.resizer: mmcv's OpenCV INTER_LINEAR or the suite's
+antialiased bilinear), whole images
 or mmsegmentation's sliding windows (eval.mode), and test-time augmentation over scales and flips
 (eval.scales, eval.flip) merged by mmsegmentation's or CIRKD's rule (eval.tta_rule). docs/evaluation.md has
 every detail with its source; in short:
@@ -16,7 +18,9 @@ every detail with its source; in short:
   pipeline's `Resize(scale_factor=r, keep_ratio=True)`, mmcv mmcv/transforms/processing.py at 4c88a4739dd4):
   each view's size is mmcv's keep-ratio rescale of the inference size by r (`mmseg_view_size`), its logits are
   resized back to the label's size (align_corners=False), flipped back, turned into softmax probabilities and
-  averaged over the views. `cirkd` (winycg/CIRKD eval.py at dab64dbb5e41): each view is the image resized
+  averaged over the views. `mmseg0` (mmseg 0.x `MultiScaleFlipAug`, mmseg/datasets/pipelines/test_time_aug.py
+  at 6f43f4d5d3db): the ratios scale the configured test scale instead (`mmseg0_view_size`), merged the same
+  way. `cirkd` (winycg/CIRKD eval.py at dab64dbb5e41): each view is the image resized
   with align_corners=True to floor(H * s) x floor(W * s) (`F.interpolate(scale_factor=s)`), the decoder's
   logits (before the model's own upsampling) go straight to the label's size with align_corners=True, are
   flipped back and averaged as logits (CIRKD's 0.5 * (a + flip(b)) per scale, then the mean over scales: the
@@ -36,10 +40,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sdesbench.config import EvalConfig
+from sdesbench.data.transforms import MEAN, STD, normalize
 from sdesbench.methods.base import Method
 from sdesbench.models import SegmentationModel
 from sdesbench.models.base import to_size
@@ -64,12 +70,26 @@ class Inference:
     scales: tuple[float, ...] | None = None
     flip: bool = False
     tta_rule: str = "mmseg"
+    resize: str = "fixed"  # fixed: `size` is the input's (H, W); keep_ratio: `size` is mmcv's keep-ratio scale
+    resizer: str = "auto"
 
     @classmethod
     def of(cls, ev: EvalConfig) -> "Inference":
         pair = lambda v: (int(v[0]), int(v[1])) if v is not None else None  # noqa: E731
         return cls(ev.scale, pair(ev.size), ev.mode, pair(ev.crop), pair(ev.stride),
-                   tuple(ev.scales) if ev.scales is not None else None, ev.flip, ev.tta_rule)
+                   tuple(ev.scales) if ev.scales is not None else None, ev.flip, ev.tta_rule, ev.resize, ev.resizer)
+
+    @property
+    def keep_ratio(self) -> bool:
+        return self.resize == "keep_ratio"
+
+    @property
+    def image_resizer(self) -> str:
+        """The resampler in force: `resizer`, or for `auto` mmcv's (cv2) where mmsegmentation's pipeline resizes
+        (a keep-ratio scale, the views of the mmseg / mmseg0 rules) and the suite's antialiased bilinear else."""
+        if self.resizer != "auto":
+            return self.resizer
+        return "cv2" if self.keep_ratio or (self.tta and self.tta_rule in ("mmseg", "mmseg0")) else "antialias"
 
     @property
     def tta(self) -> bool:
@@ -81,8 +101,12 @@ class Inference:
 
     def describe(self) -> str:
         """One line naming what the numbers were computed with (reports, evaluation records)."""
-        at = (f"input resized to {self.size[0]}x{self.size[1]}" if self.size else
+        at = (f"input resized to fit {self.size[0]}x{self.size[1]} keeping its aspect ratio (mmcv's rounding)"
+              if self.size and self.keep_ratio else
+              f"input resized to {self.size[0]}x{self.size[1]}" if self.size else
               f"input scaled by {self.scale:g}" if self.scale != 1.0 else "at the image's own size")
+        if self.image_resizer == "cv2" and not (self.plain and self.size is None and self.scale == 1.0):
+            at += " (OpenCV INTER_LINEAR on the uint8 image, as mmcv)"
         mode, views = self.views_text()
         return f"{mode}, {at}, {views}"
 
@@ -98,7 +122,7 @@ class Inference:
         if not self.tta:
             return mode, "single scale"
         scales = ", ".join(f"{s:g}" for s in (self.scales or (1.0,)))
-        merge = "mean of softmax probabilities" if self.tta_rule == "mmseg" else "mean of logits"
+        merge = "mean of logits" if self.tta_rule == "cirkd" else "mean of softmax probabilities"
         return mode, f"scales {scales}{' + flip' if self.flip else ''} ({self.tta_rule} rule: {merge})"
 
     def short_label(self) -> str:
@@ -114,7 +138,9 @@ class Inference:
             parts.append("flip")
         if self.tta and self.tta_rule != "mmseg":
             parts[-1] += f", {self.tta_rule}"
-        if self.size is not None:
+        if self.size is not None and self.keep_ratio:
+            parts.append(f"fit {self.size[0]}x{self.size[1]}")
+        elif self.size is not None:
             parts.append(f"{self.size[0]}x{self.size[1]}")
         elif self.scale != 1.0:
             parts.append(f"scale {self.scale:g}")
@@ -124,19 +150,56 @@ class Inference:
 WHOLE = Inference()
 
 
-def inference_size(h: int, w: int, scale: float = 1.0, size: Sequence[int] | None = None) -> tuple[int, int]:
-    """The input size of single-scale inference: `size` (H, W), or `scale` times the image's, rounded."""
-    return (int(size[0]), int(size[1])) if size is not None else (max(1, round(h * scale)), max(1, round(w * scale)))
+def mmcv_rescale_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:
+    """(H, W) of mmcv's keep-ratio rescale of an h x w image to `scale` (`mmcv.rescale_size`, open-mmlab/mmcv
+    40906d30563a mmcv/image/geometric.py): one factor f = min(max(scale) / max(h, w), min(scale) / min(h, w)),
+    then each side int(x f + 0.5). The order of `scale`'s two numbers does not matter."""
+    f = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return max(1, int(h * float(f) + 0.5)), max(1, int(w * float(f) + 0.5))
 
 
-def inference_input(images: torch.Tensor, scale: float = 1.0, size: Sequence[int] | None = None) -> torch.Tensor:
-    """The evaluation input: `images` resized to `size` (H, W) or to `scale` times their size, bilinear
-    and antialiased like the training crops' rescaling (`data.transforms`); unchanged at scale 1."""
+def inference_size(h: int, w: int, scale: float = 1.0, size: Sequence[int] | None = None,
+                   keep_ratio: bool = False) -> tuple[int, int]:
+    """The input size of single-scale inference: `size` (H, W), or mmcv's keep-ratio rescale to the scale `size`
+    (`keep_ratio`), or `scale` times the image's, rounded."""
+    if size is not None:
+        return mmcv_rescale_size(h, w, size) if keep_ratio else (int(size[0]), int(size[1]))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def resample(images: torch.Tensor, size: Sequence[int], resizer: str = "antialias") -> torch.Tensor:
+    """Normalised images (B x 3 x H x W) resampled to `size` (H, W); unchanged at their own size.
+
+    antialias: bilinear, align_corners=False and antialiased, like the training crops' rescaling
+    (`data.transforms`). cv2: what mmcv's `imresize` does to the image mmsegmentation loads: OpenCV's
+    `INTER_LINEAR` on the uint8 pixels (fixed-point weights, the result rounded to uint8, no antialiasing),
+    before normalising. The images are taken back to their uint8 values (they were normalised from uint8,
+    so rounding recovers them exactly), resized on the CPU and normalised again."""
     h, w = images.shape[-2:]
-    target = inference_size(h, w, scale, size)
-    if target == (h, w):
+    size = (int(size[0]), int(size[1]))
+    if size == (h, w):
         return images
-    return F.interpolate(images, size=target, mode="bilinear", align_corners=False, antialias=True)
+    if resizer != "cv2":
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    import cv2  # only here: importing OpenCV costs time the other paths need not pay
+
+    mean = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
+    pixels = ((images.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    out = []
+    for img in pixels:
+        hwc = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+        resized = cv2.resize(hwc, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        out.append(normalize(torch.from_numpy(resized).permute(2, 0, 1)))
+    return torch.stack(out).to(device=images.device, dtype=images.dtype)
+
+
+def inference_input(images: torch.Tensor, scale: float = 1.0, size: Sequence[int] | None = None,
+                    keep_ratio: bool = False, resizer: str = "antialias") -> torch.Tensor:
+    """The evaluation input: `images` resized (`resample`) to `size` (H, W), to fit the scale `size` keeping
+    their aspect ratio (`keep_ratio`), or to `scale` times their size; unchanged at scale 1."""
+    h, w = images.shape[-2:]
+    return resample(images, inference_size(h, w, scale, size, keep_ratio), resizer)
 
 
 def mmseg_view_size(h: int, w: int, ratio: float) -> tuple[int, int]:
@@ -144,8 +207,23 @@ def mmseg_view_size(h: int, w: int, ratio: float) -> tuple[int, int]:
     (`_scale_size`), then `rescale_size` keeps the aspect ratio with one factor f = min(long target / long side,
     short target / short side) and rounds each side the same way, int(x f + 0.5)."""
     tw, th = int(w * float(ratio) + 0.5), int(h * float(ratio) + 0.5)
-    f = min(max(tw, th) / max(h, w), min(tw, th) / min(h, w))
-    return max(1, int(h * f + 0.5)), max(1, int(w * f + 0.5))
+    return mmcv_rescale_size(h, w, (tw, th))
+
+
+def mmseg0_view_size(h: int, w: int, how: "Inference", ratio: float) -> tuple[int, int]:
+    """(H, W) of an h x w image's view at `ratio` under mmsegmentation 0.x's `MultiScaleFlipAug(img_ratios)`
+    (mmseg/datasets/pipelines/test_time_aug.py at 6f43f4d5d3db): the ratio scales the configured test scale, not
+    the image, truncating: scale (int(S1 r), int(S2 r)), then `Resize(keep_ratio=True)` fits the image into it
+    (eval.resize=keep_ratio, e.g. int(2048 r) x int(512 r)); a fixed eval.size [H, W] gives (int(H r), int(W r))
+    (`keep_ratio=False`); without a size the scale is the inference size's own (int(W r), int(H r)), kept
+    to its aspect ratio."""
+    r = float(ratio)
+    if how.size is not None and how.keep_ratio:
+        return mmcv_rescale_size(h, w, (int(how.size[0] * r), int(how.size[1] * r)))
+    if how.size is not None:
+        return max(1, int(how.size[0] * r)), max(1, int(how.size[1] * r))
+    bh, bw = inference_size(h, w, how.scale)
+    return mmcv_rescale_size(bh, bw, (int(bw * r), int(bh * r)))
 
 
 def cirkd_view_size(h: int, w: int, scale: float) -> tuple[int, int]:
@@ -174,16 +252,19 @@ def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def view_input(images: torch.Tensor, how: Inference, ratio: float) -> torch.Tensor:
-    """The input of the view at scale `ratio`: the inference size scaled by the rule's rounding, resampled
-    the rule's way (mmseg: the suite's antialiased bilinear; cirkd: bilinear with align_corners=True)."""
+    """The input of the view at scale `ratio`, resized once from the image: mmseg: mmcv's keep-ratio rescale of
+    the inference size by r; mmseg0: the configured scale times r (`mmseg0_view_size`); both resampled by
+    `how.image_resizer`. cirkd: floor(side * r) of the inference size, bilinear with align_corners=True."""
     h, w = images.shape[-2:]
-    base = inference_size(h, w, how.scale, how.size)
+    base = inference_size(h, w, how.scale, how.size, how.keep_ratio)
     if how.tta_rule == "cirkd" and how.tta:
         target = cirkd_view_size(*base, ratio)
         if target == (h, w):
             return images
         return F.interpolate(images, size=target, mode="bilinear", align_corners=True)
-    return inference_input(images, size=mmseg_view_size(*base, ratio))
+    target = mmseg0_view_size(h, w, how, ratio) if how.tta and how.tta_rule == "mmseg0" else \
+        mmseg_view_size(*base, ratio)
+    return resample(images, target, how.image_resizer)
 
 
 def head_logits(model: SegmentationModel, x: torch.Tensor) -> dict[str, Any]:
@@ -244,7 +325,7 @@ def predictions(model: SegmentationModel, images: torch.Tensor, labels: torch.Te
     """Label-sized scores (B x C x H x W, argmax = the prediction) of the student ("student") and of every extra
     prediction the method offers (SDES's "ens_t"), for images already on the device; the model must be in eval
     mode. Without test-time augmentation they are the (stitched) logits; with it, the merged views: mean softmax
-    probabilities (mmseg rule) or mean logits (cirkd rule)."""
+    probabilities (mmseg and mmseg0 rules) or mean logits (cirkd rule)."""
     with torch.autocast(images.device.type, dtype=amp) if amp else nullcontext():
         if not how.tta:
             return view_predictions(model, images, labels, method, how, 1.0, False)
@@ -252,6 +333,6 @@ def predictions(model: SegmentationModel, images: torch.Tensor, labels: torch.Te
         views = how.views()
         for ratio, flipped in views:
             for name, logits in view_predictions(model, images, labels, method, how, ratio, flipped).items():
-                score = accumulable(logits).softmax(1) if how.tta_rule == "mmseg" else accumulable(logits)
+                score = accumulable(logits) if how.tta_rule == "cirkd" else accumulable(logits).softmax(1)
                 merged[name] = merged[name] + score if name in merged else score
     return {name: total / len(views) for name, total in merged.items()}
