@@ -134,6 +134,7 @@ class Spec:
     method: str | None = None  # sweep specs: the swept method and network
     model: str | None = None
     sweeps: dict[str, ParameterSweep] = field(default_factory=dict)
+    extends: str | None = None  # the table this one extends (set when the spec is composed with it)
 
     @property
     def is_sweep(self) -> bool:
@@ -218,14 +219,9 @@ def find_spec(table: str) -> Path | Traversable:
 
 
 def load_spec(table: str) -> Spec:
-    source = find_spec(table)
-    where = source.name
-    if isinstance(source, Path):
-        data = load_yaml(source)
-    else:  # a spec inside the package (a wheel may keep it in a zip)
-        data = parse_yaml(source.read_text(encoding="utf-8"), where)
-    if "presets" not in data:
-        raise ConfigError(f"{where}: a table spec needs a mapping with 'presets'")
+    """A table name or spec path as a checked `Spec`; a spec that `extends:` another is composed with its
+    base first (`extend_spec`), so it is one spec from here on."""
+    data, where = _spec_data(table, ())
     name = spec_name(table)
     data.setdefault("name", name)
     data.setdefault("title", name)
@@ -235,6 +231,142 @@ def load_spec(table: str) -> Spec:
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return spec
+
+
+def _spec_data(table: str, chain: tuple[str, ...]) -> tuple[dict[str, Any], str]:
+    """The YAML mapping of a spec (its base's composed in when it has `extends:`) and the name its errors give."""
+    source = find_spec(table)
+    where = source.name
+    if isinstance(source, Path):
+        data = load_yaml(source)
+    else:  # a spec inside the package (a wheel may keep it in a zip)
+        data = parse_yaml(source.read_text(encoding="utf-8"), where)
+    if "presets" not in data and "extends" not in data:
+        raise ConfigError(f"{where}: a table spec needs a mapping with 'presets' (or 'extends: <table>')")
+    if "only_groups" in data and "extends" not in data:
+        raise ConfigError(f"{where}: only_groups keeps some of a base's groups; it needs 'extends: <table>'")
+    if "extends" not in data:
+        return data, where
+    base = data.pop("extends")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{where}: extends: expected a table name or the path of a spec file, got {base!r}")
+    if is_spec_path(base) and isinstance(source, Path) and not Path(base).expanduser().is_absolute():
+        base = str(source.parent / base)  # a base's path is read from the extending spec's folder
+    ident = str(Path(base).resolve()) if is_spec_path(base) else base
+    here = str(source.resolve()) if isinstance(source, Path) else spec_name(table)
+    if ident in chain or ident == here:
+        raise ConfigError(f"{where}: extends {base!r}, which extends it back (a cycle)")
+    try:
+        base_data, base_where = _spec_data(base, (*chain, here))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: extends {base!r}: {e}") from None
+    try:
+        return extend_spec(base_data, data, spec_name(base), spec_name(table)), where
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+# the keys of a group entry that names one of the base's groups: its rows are added, its settings are the base's
+EXTENDED_GROUP_KEYS = ("name", "rows", "model")
+
+
+def extend_spec(base: dict[str, Any], ext: dict[str, Any], base_name: str, name: str) -> dict[str, Any]:
+    """A base spec's mapping with an extension's composed in (docs/tables.md, "Tables that extend ours").
+
+    The extension inherits the base's presets, protocol (`base`), method options, reference numbers and
+    display settings; what it names itself is merged over them (a preset's or the protocol's sections
+    key by key, method options per method). `only_groups` keeps those of the base's groups. A group named
+    as one of the base's adds its rows to it (no settings of its own: those are the base's, so the base's
+    rows keep their configuration hashes); any other group is a new one, after the base's."""
+    if base.get("sweeps") and not base.get("groups"):
+        raise ConfigError(f"extends {base_name!r}: a sweep spec has no groups to extend")
+    out = {k: v for k, v in base.items() if k not in ("name", "title")}
+    out["extends"] = base_name
+    out["title"] = ext.get("title", f"{base.get('title', base_name)}, extended by {name}")
+    for key, value in ext.items():
+        if key in ("groups", "only_groups", "title"):
+            continue
+        if key == "presets":
+            out["presets"] = _merge_presets(base.get("presets") or {}, _mapping(value, "presets"))
+        elif key == "options":
+            out["options"] = _merge_options(base.get("options") or {}, _mapping(value, "options"))
+        elif key == "base":
+            out["base"] = merge(base.get("base") or {}, _mapping(value, "base"))
+        elif key == "plugins":
+            out["plugins"] = [*(base.get("plugins") or []), *(value or [])]
+        else:
+            out[key] = value
+    groups = [g for g in base.get("groups") or [] if isinstance(g, dict)]
+    names = [g.get("name") for g in groups]
+    keep = ext.get("only_groups")
+    if keep is not None:
+        if not isinstance(keep, list) or not keep or not all(isinstance(n, str) for n in keep):
+            raise ConfigError(f"only_groups: expected a list of group names of {base_name!r}, got {keep!r}")
+        for n in keep:
+            if n not in names:
+                raise ConfigError(f"only_groups: {base_name!r} has no group {n!r}{did_you_mean(n, names)}; "
+                                  f"it has: {', '.join(map(str, names))}")
+        groups = [g for g in groups if g.get("name") in keep]
+    groups = [dict(g, rows=list(g.get("rows") or [])) for g in groups]
+    by_name = {g["name"]: g for g in groups}
+    for i, entry in enumerate(ext.get("groups") or []):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"groups[{i}]: expected a mapping with a 'name'")
+        name = entry["name"]
+        if name not in by_name:
+            if name in names:
+                raise ConfigError(f"group {name!r} is one of {base_name!r}'s but not in only_groups")
+            groups.append(entry)
+            by_name[name] = entry
+            continue
+        group = by_name[name]
+        extra = [k for k in entry if k not in EXTENDED_GROUP_KEYS]
+        if extra:
+            raise ConfigError(f"group {name!r} is {base_name!r}'s: it adds rows, its settings ({', '.join(extra)}) "
+                              f"are the base's (give options per row, or name a new group)")
+        if entry.get("model", group.get("model")) != group.get("model"):
+            raise ConfigError(f"group {name!r} is {base_name!r}'s, with model {group.get('model')!r}, not "
+                              f"{entry['model']!r} (name a new group for another network)")
+        rows = entry.get("rows") or []
+        if not isinstance(rows, list):
+            raise ConfigError(f"group {name!r} rows: expected a list")
+        labels = {r.get("label") for r in group["rows"] if isinstance(r, dict)}
+        for r in rows:
+            if isinstance(r, dict) and r.get("label") in labels:
+                raise ConfigError(f"group {name!r} already has a row {r['label']!r}; give the new row another label")
+        group["rows"] += rows
+    out["groups"] = groups
+    return out
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _merge_options(base: dict[str, Any], ext: dict[str, Any]) -> dict[str, Any]:
+    """Method options per method name: the extension's options of a method over the base's."""
+    out = dict(base)
+    for method, opts in ext.items():
+        out[method] = {**(out.get(method) or {}), **_mapping(opts, f"options.{method}")}
+    return out
+
+
+def _merge_presets(base: dict[str, Any], ext: dict[str, Any]) -> dict[str, Any]:
+    """Presets by name, each section merged key by key (a preset's `options` per method)."""
+    out = dict(base)
+    for name, preset in ext.items():
+        merged = dict(out.get(name) or {})
+        for section, value in _mapping(preset, f"presets.{name}").items():
+            if section == "options":
+                merged[section] = _merge_options(merged.get(section) or {}, _mapping(value, f"presets.{name}.options"))
+            else:
+                merged[section] = merge(merged.get(section) or {}, _mapping(value, f"presets.{name}.{section}"))
+        out[name] = merged
+    return out
 
 
 def check_spec(spec: Spec) -> None:

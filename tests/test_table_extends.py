@@ -1,0 +1,103 @@
+"""Tables that extend ours (issue 26, section 2): a spec with `extends:` adds rows to a base table's groups or
+adds groups, inherits its presets, protocol, options and reference numbers, and keeps only `only_groups` of the
+base's groups. The base's rows keep their configuration hashes under the extension, so a results folder that
+holds the base's runs trains only the extension's own rows."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdesbench.errors import ConfigError
+from sdesbench.experiments.plan import Sweep
+from sdesbench.experiments.spec import load_spec
+
+STUDENTS = {"DeepLabV3-ResNet-18", "DeepLabV3-MobileNetV2", "PSPNet-ResNet-18"}
+ROW = "{label: Mine, method: kl, teacher: deeplabv3_resnet101_cirkd, options: {kd_temperature: 4}}"
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def mine(folder: Path, extra: str = "", groups=STUDENTS) -> Path:
+    rows = "".join(f"  - {{name: {g}, rows: [{ROW}]}}\n" for g in sorted(groups))
+    return write(folder, "mine.yaml", f"extends: cirkd\n{extra}groups:\n{rows}")
+
+
+def planned(table: str, preset: str, results: Path) -> dict[tuple[str, int], object]:
+    return {(p.key, p.seed): p for p in Sweep(table, preset, (0, 1), results).plans()}
+
+
+@pytest.mark.parametrize("preset", ["smoke", "paper"])
+def test_the_base_rows_keep_their_keys_under_an_extension(tmp_path, preset):
+    results = tmp_path / "results"
+    base = planned("cirkd", preset, results)
+    ext = planned(str(mine(tmp_path)), preset, results)
+    new = set(ext) - set(base)
+    assert new == {(f"{g}/Mine", s) for g in STUDENTS for s in (0, 1)}
+    for key, plan in base.items():  # every base run, its teacher included, is the same run in the same folder
+        other = ext[key]
+        assert (other.out, other.cfg.request, other.depends_on, other.paper) == \
+               (plan.out, plan.cfg.request, plan.depends_on, plan.paper), key
+    for g in STUDENTS:  # the new rows distil from the base's teacher run, under the group's inherited protocol
+        row, kd = ext[(f"{g}/Mine", 0)], base[(f"{g}/KD", 0)]
+        assert row.depends_on == kd.depends_on and row.cfg.method.options["kd_temperature"] == 4
+        assert row.cfg.model == kd.cfg.model and row.cfg.data == kd.cfg.data and row.cfg.train == kd.cfg.train
+        assert row.cfg.method.options == {**kd.cfg.method.options, "kd_temperature": 4}  # the spec's kl options too
+
+
+def test_only_groups_keeps_a_subset_and_a_new_group_has_its_own_network(tmp_path):
+    results = tmp_path / "results"
+    path = mine(tmp_path, "only_groups: [DeepLabV3-ResNet-18]\n", {"DeepLabV3-ResNet-18"})
+    text = path.read_text() + ("  - {name: ResNet-50, model: deeplabv3_resnet50, "
+                               "rows: [{label: Baseline, method: student}, " + ROW + "]}\n")
+    path.write_text(text)
+    spec = load_spec(str(path))
+    assert [g.name for g in spec.groups] == ["DeepLabV3-ResNet-18", "ResNet-50"]
+    assert spec.extends == "cirkd" and spec.title.endswith("extended by mine")
+    assert [r.label for r in spec.groups[0].rows][-2:] == ["FitNet", "Mine"]
+    assert spec.groups[0].rows[0].miou == 74.21  # the base's reference numbers
+    base = planned("cirkd", "smoke", results)
+    ext = planned(str(path), "smoke", results)
+    teacher = ("teacher:deeplabv3_resnet101_cirkd", 0)
+    assert ext[teacher].out == base[teacher].out  # one teacher for the base's rows and the new group's
+    kept = {k for k in base if k[0].startswith("DeepLabV3-ResNet-18/")}
+    assert {k for k in ext if k in base} == kept | {teacher, (teacher[0], 1)}
+    assert all(ext[k].out == base[k].out for k in kept)
+    assert ext[("ResNet-50/Baseline", 0)].cfg.model.name == "deeplabv3_resnet50"
+
+
+def test_an_extension_of_an_extension_and_a_base_given_by_its_path(tmp_path):
+    sub = tmp_path / "specs"
+    sub.mkdir()
+    mine(sub, "only_groups: [DeepLabV3-ResNet-18]\n", {"DeepLabV3-ResNet-18"})
+    more = write(tmp_path, "more.yaml", "extends: specs/mine.yaml\ngroups:\n"
+                 "  - {name: DeepLabV3-ResNet-18, rows: [{label: Mine T2, method: kl, "
+                 "teacher: deeplabv3_resnet101_cirkd, options: {kd_temperature: 2}}]}\n")
+    spec = load_spec(str(more))
+    assert spec.extends == "mine" and [r.label for r in spec.groups[0].rows][-2:] == ["Mine", "Mine T2"]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("extends: cirkd\nonly_groups: [DeepLabV3-ResNet18]\n", "has no group 'DeepLabV3-ResNet18' (did you mean "
+                                                            "'DeepLabV3-ResNet-18'?)"),
+    ("extends: cirkd\ngroups:\n  - {name: DeepLabV3-ResNet-18, config: {model: {aux: false}}, rows: []}\n",
+     "its settings (config) are the base's"),
+    ("extends: cirkd\ngroups:\n  - {name: DeepLabV3-ResNet-18, rows: [{label: KD, method: kl}]}\n",
+     "already has a row 'KD'"),
+    ("extends: cirkd\ngroups:\n  - {name: New, rows: [{label: A}]}\n", "missing 'model'"),
+    ("extends: cirkdd\n", "unknown table 'cirkdd'"),
+    ("extends: loop.yaml\n", "a cycle"),
+    ("only_groups: [A]\npresets: {smoke: {}}\n", "needs 'extends: <table>'"),
+    ("extends: fig3\n", "a sweep spec has no groups"),
+])
+def test_a_bad_extension_is_one_line(tmp_path, text, needle):
+    write(tmp_path, "loop.yaml", "extends: bad.yaml\n")
+    bad = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        load_spec(str(bad))
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
