@@ -6,6 +6,11 @@ A new dataset, model or method is one file in its package that decorates its cla
 with `@MODELS.register("name")`; the package's `__init__` imports every module of the package
 (`import_submodules`), so no central list needs editing and importing the package is enough to
 see every entry.
+
+A registry may also hold *families*: parametric names `family:argument` (the models'
+`deeplabv3:timm/<name>`) resolved by a function registered with `register_family`, which checks the
+argument and returns the entry. Every lookup (`get`, `in`) goes through the same resolution, so a
+family name is accepted wherever a registered one is.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ class Registry:
         self.kind = kind
         self.names_entries = names_entries  # register sets the class's `name` (written once, in the decorator)
         self._entries: dict[str, Any] = {}
+        self._families: dict[str, tuple[str, Callable[[str], Any]]] = {}  # family -> (pattern, resolver)
 
     def register(self, name: str) -> Callable[[Any], Any]:
         def deco(obj: Any) -> Any:
@@ -34,17 +40,41 @@ class Registry:
 
         return deco
 
+    def register_family(self, family: str, pattern: str) -> Callable[[Callable[[str], Any]], Callable[[str], Any]]:
+        """Decorate `resolve(argument) -> entry` to serve the names `family:argument`; `pattern` shows the
+        form in listings and errors (e.g. 'deeplabv3:timm/<name>'). `resolve` raises a one-line
+        `ConfigError` for an argument it cannot serve; it should be cheap or cached, as every lookup calls it."""
+        def deco(resolve: Callable[[str], Any]) -> Callable[[str], Any]:
+            if family in self._families and self._families[family][1] is not resolve:
+                raise RuntimeError(f"{self.kind} family {family!r} registered twice")
+            self._families[family] = (pattern, resolve)
+            return resolve
+
+        return deco
+
     def get(self, name: str) -> Any:
-        if name not in self._entries:
-            raise ConfigError(f"unknown {self.kind} {name!r}{did_you_mean(name, self._entries)}; "
-                              f"known: {', '.join(sorted(self._entries))}")
-        return self._entries[name]
+        if name in self._entries:
+            return self._entries[name]
+        family, sep, argument = str(name).partition(":")
+        if sep and family in self._families:
+            return self._families[family][1](argument)
+        raise ConfigError(f"unknown {self.kind} {name!r}{did_you_mean(name, self._entries)}; "
+                          f"known: {', '.join([*sorted(self._entries), *self.patterns()])}")
 
     def names(self) -> list[str]:
+        """The registered names (a family's names are open-ended: see `patterns`)."""
         return sorted(self._entries)
 
+    def patterns(self) -> list[str]:
+        """The forms of the family names, e.g. ['deeplabv3:timm/<name>']."""
+        return [pattern for pattern, _ in self._families.values()]
+
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        try:
+            self.get(name)
+        except ConfigError:
+            return False
+        return True
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

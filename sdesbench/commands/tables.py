@@ -154,7 +154,8 @@ def register(app: typer.Typer) -> None:
         from sdesbench.methods import METHODS
         from sdesbench.models import MODELS
 
-        kinds = {"tables": list_tables, "models": MODELS.names, "datasets": DATASETS.names, "methods": METHODS.names}
+        kinds = {"tables": list_tables, "models": lambda: [*MODELS.names(), *MODELS.patterns()],
+                 "datasets": DATASETS.names, "methods": METHODS.names}
         if what != "all" and what not in kinds:
             raise SdesbenchError(f"unknown list {what!r}; choose tables, models, datasets, methods or all")
         for kind, names in kinds.items():

@@ -177,7 +177,10 @@ def dependency_finished(folder: str | Path) -> bool:
 
 
 def run_dir(results: Path, cfg: RunConfig) -> Path:
-    return Path(results) / "runs" / cfg.data.name / cfg.model.name / cfg.method.name / cfg.identity_hash()
+    # a family model name (`deeplabv3:timm/resnet18`) stays one folder: its '/' becomes '-', which no
+    # registered or timm name contains
+    model = cfg.model.name.replace("/", "-")
+    return Path(results) / "runs" / cfg.data.name / model / cfg.method.name / cfg.identity_hash()
 
 
 def protocol_of(data: dict[str, Any], overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:

@@ -16,9 +16,17 @@ Configurations that reproduce the paper's Params (see docs/models.md for the mea
   with it counted (6.90 M without it, 14.43 M if it fed the head): the widely used EfficientNet encoder
   of segmentation-models-pytorch deletes only the classifier and keeps that conv without calling it.
   It adds parameters, never FLOPs or gradients.
+
+Any other timm backbone: `deeplabv3:timm/<name>` (e.g. `deeplabv3:timm/mobilenetv3_large_100`), the
+same head on timm's `features_only` levels at strides 4 and deeper (the stride-2 stem level dropped),
+dilated to output stride 8. Whether timm can dilate a network is found by building it on the meta
+device (no memory, no weights) and reading the stride of its deepest map; a network it cannot dilate
+(transformers, DenseNet, VGG, ...) or an unknown name is a one-line error.
 """
 from __future__ import annotations
 
+import difflib
+import functools
 from pathlib import Path
 
 import timm
@@ -82,19 +90,30 @@ def read_state(file: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def _loose(key: str) -> str:
+    """A state-dict key with '_' read as '.': timm's `features_only` wrapper flattens `stages.0` into a
+    module `stages_0`, so the full network's keys meet the wrapper's under this reading."""
+    return key.replace("_", ".")
+
+
 def create_timm(timm_name: str, pretrained: bool, weights: str | None, **kwargs) -> nn.Module:
-    """A timm model; ImageNet weights from a local file (`weights`), the cache or the hub.
+    """A timm model; ImageNet weights from a local file (`weights`: a timm state dict of the full
+    classification network; every tensor of the model must be in it, `features_only` renaming
+    included, the classifier may be extra), the cache or the hub.
 
     Without network or cache this fails with one line saying how to provide the weights; it never
     falls back to a random init presented as pretrained.
     """
     if pretrained and weights:
         path = Path(weights)
-        state = read_state(path)
+        state = {_loose(k): v for k, v in read_state(path).items()}
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
-        missing, _ = model.load_state_dict(state, strict=False)
-        if len(missing) > len(model.state_dict()) // 2:
-            raise ConfigError(f"model.weights: {path} does not fit backbone {timm_name} ({len(missing)} tensors missing)")
+        own = {k: t for k, t in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+        unfit = [k for k, t in own.items() if _loose(k) not in state or state[_loose(k)].shape != t.shape]
+        if unfit:
+            raise ConfigError(f"model.weights: {path} does not fit backbone {timm_name} ({len(unfit)} of {len(own)} "
+                              f"tensors missing or of another shape, e.g. {unfit[0]})")
+        model.load_state_dict({k: state[_loose(k)] for k in own}, strict=False)
         return model
     try:
         return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
@@ -190,3 +209,65 @@ def deeplabv3_efficientnet_b0(num_classes: int, pretrained: bool = False, weight
                               aux: bool = False):
     return DeepLabV3(BACKBONES["deeplabv3_efficientnet_b0"], num_classes, pretrained=pretrained, weights=weights,
                      aux=aux, conv_head="unused")
+
+
+OUTPUT_STRIDE = 8  # the dilated DeepLabV3 of the paper's tables
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+PROBE_SIZE = 224  # the input size of fixed-size networks, a multiple of 32
+
+
+def _probe(timm_name: str, run: bool = True, **kwargs) -> tuple[list[int], int]:
+    """`timm_name` with `features_only` built (and run) on the meta device, shapes without memory or
+    weights: its levels' reductions as timm reports them, and the measured stride of the deepest map."""
+    with torch.device("meta"):
+        net = timm.create_model(timm_name, pretrained=False, features_only=True, **kwargs).eval()
+        stride = PROBE_SIZE // net(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE))[-1].shape[-1] if run else 0
+    return list(net.feature_info.reduction()), stride
+
+
+@functools.lru_cache(maxsize=None)
+def dilated_levels(timm_name: str) -> tuple[int, ...]:
+    """The `out_indices` of `timm_name`'s feature levels at stride 4 and deeper, checked to reach the
+    deepest level at output stride 8; else one line why not (unknown name, no `features_only`, no
+    dilation)."""
+    where = f"model 'deeplabv3:timm/{timm_name}'"
+    if not timm.is_model(timm_name):
+        close = difflib.get_close_matches(timm_name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" (close matches: {', '.join(close)})" if close else " (see timm.list_models())"
+        raise ConfigError(f"{where}: timm has no model {timm_name!r}{hint}")
+    try:
+        reductions, stride = _probe(timm_name, output_stride=OUTPUT_STRIDE)
+    except Exception as dilated:  # noqa: BLE001 - timm's own error, told in one line below
+        try:
+            _probe(timm_name, run=False)
+        except Exception as plain:  # noqa: BLE001
+            raise ConfigError(f"{where}: timm cannot give its feature maps (features_only: {_first_line(plain)})") from None
+        raise ConfigError(f"{where}: timm cannot dilate this backbone to output stride {OUTPUT_STRIDE} "
+                          f"({_first_line(dilated)}); choose one that it can, e.g. a ResNet, RegNet, ConvNeXt, "
+                          f"EfficientNet or MobileNetV3") from None
+    if stride != OUTPUT_STRIDE:  # a network that accepts output_stride and ignores it
+        raise ConfigError(f"{where}: timm builds it at output stride {stride}, not {OUTPUT_STRIDE} "
+                          f"(no dilation); choose a backbone timm can dilate, e.g. a ResNet or EfficientNet")
+    return tuple(i for i, r in enumerate(reductions) if r >= 4)
+
+
+@MODELS.register_family("deeplabv3", "deeplabv3:timm/<name>")
+def deeplabv3_timm(argument: str):
+    """The factory of `deeplabv3:timm/<name>`: DeepLabV3 on timm's `<name>` at output stride 8."""
+    source, _, timm_name = argument.partition("/")
+    if source != "timm" or not timm_name:
+        raise ConfigError(f"model 'deeplabv3:{argument}': expected deeplabv3:timm/<timm model name>, "
+                          f"e.g. deeplabv3:timm/resnet18")
+    out_indices = dilated_levels(timm_name)
+
+    def factory(num_classes: int, pretrained: bool = False, weights: str | None = None, aux: bool = False):
+        return DeepLabV3(timm_name, num_classes, out_indices=out_indices, pretrained=pretrained, weights=weights,
+                         aux=aux, output_stride=OUTPUT_STRIDE)
+
+    return factory
