@@ -195,9 +195,10 @@ def v4_fields(old: dict) -> dict:
 
 
 def v5_fields(old: dict) -> dict:
-    """Schema 5 added mAcc to every score: None in an older record."""
-    return {"metrics": {**old["metrics"], "macc": None},
-            "extra_metrics": {k: {**v, "macc": None} for k, v in old["extra_metrics"].items()}}
+    """Schema 5 added mAcc to every score, schema 6 mDice and mFscore: None in an older record."""
+    added = {"macc": None, "mdice": None, "mfscore": None}
+    return {"metrics": {**old["metrics"], **added},
+            "extra_metrics": {k: {**v, **added} for k, v in old["extra_metrics"].items()}}
 
 
 def test_a_version_2_record_still_loads(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,7 @@ from test_datasets import write_image, write_label
 from sdesbench.data.base import EvalView
 from sdesbench.data.cityscapes import EVAL_IDS, ID_LUT, Cityscapes
 from sdesbench.data.tiny import TinyScenes
+from sdesbench.data.transforms import normalize
 from sdesbench.engine.evaluate import evaluate
 from sdesbench.engine.restore import restore
 from sdesbench.io import load_checkpoint, write_torch
@@ -122,6 +124,39 @@ def test_multi_scale_flip_eval_equals_the_views_merged_by_hand(tiny_run):
     miou, macc = hand_scores(preds, labels, 11)
     assert "scales 0.5, 1, 1.5 + flip (mmseg rule" in got["inference"]
     assert got["miou"] == pytest.approx(miou, abs=1e-12) and got["macc"] == pytest.approx(macc, abs=1e-12)
+
+
+@torch.no_grad()
+def test_keep_ratio_eval_scores_at_the_original_size_and_writes_the_confusion_matrix(tiny_run, tmp_path):
+    from sdesbench.report.confusion import read_confusion_csv
+
+    ckpt = tiny_run / "checkpoints" / "last.pt"
+    # 64 x 64 images into the scale (40, 24): f = min(40 / 64, 24 / 64) = 0.375 -> 24 x 24 (mmcv's rounding)
+    got = eval_json(ckpt, "--set", "eval.resize=keep_ratio", "--set", "eval.size=[40,24]",
+                    "--set", "eval.max_images=3", "--confusion", str(tmp_path))
+    assert "resized to fit 40x24 keeping its aspect ratio" in got["inference"]
+    names, mat = read_confusion_csv(tmp_path / "confusion.csv")
+    view = EvalView(TinyScenes(None, "val"), 3)
+    model = restore(ckpt).model
+    labels = torch.stack([view[i][1] for i in range(3)])
+    # rows sum to the per-class label counts at the labels' own 64 x 64 (the labels are never resized)
+    counts = torch.bincount(labels[labels != 255].flatten(), minlength=11)
+    assert names == list(TinyScenes.class_names) and mat.sum(1).tolist() == counts.tolist()
+    # the prediction: OpenCV INTER_LINEAR on the uint8 image to 24 x 24, logits back to 64 x 64
+    preds = []
+    for i in range(3):
+        pixels = TinyScenes(None, "val").load(i)[0].permute(1, 2, 0).numpy()
+        small = cv2.resize(pixels, (24, 24), interpolation=cv2.INTER_LINEAR)
+        x = normalize(torch.from_numpy(small).permute(2, 0, 1))[None]
+        logits = F.interpolate(model(x)["logits"], size=(64, 64), mode="bilinear", align_corners=False)
+        preds.append(logits.argmax(1)[0])
+    preds = torch.stack(preds)
+    valid = labels != 255
+    hand = torch.bincount(labels[valid] * 11 + preds[valid], minlength=121).view(11, 11)
+    assert mat.tolist() == hand.tolist()
+    miou, macc = hand_scores(list(preds), list(labels), 11)
+    assert got["miou"] == pytest.approx(miou, abs=1e-12) and got["macc"] == pytest.approx(macc, abs=1e-12)
+    assert (tmp_path / "confusion.png").stat().st_size > 0 and "confusion" not in got["extra"].get("ens_t", {})
 
 
 def test_batched_and_per_image_counts_under_slide_and_tta(tiny_run):

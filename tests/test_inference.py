@@ -196,8 +196,32 @@ def test_absent_class_skipped_or_counted_zero_by_hand():
     assert skip["per_class_iou"] == zero["per_class_iou"] == [0.5, pytest.approx(2 / 3), 1.0, None]
     assert skip["miou"] == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)  # mmsegmentation: over the 3 present classes
     assert zero["miou"] == pytest.approx((0.5 + 2 / 3 + 1.0 + 0.0) / 4)  # CIRKD's SegmentationMetric: over all 4
-    assert skip["macc"] == zero["macc"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+    assert skip["macc"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+    # mmsegmentation's nan_to_num=0 zeroes the undefined accuracy of class 3 (never labelled) in mAcc too
+    assert zero["macc"] == pytest.approx((1 / 2 + 1 + 1 + 0) / 4)
     # every class present: both conventions agree (full CamVid / Cityscapes val)
     full = ConfusionMatrix(3)
     full.update(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 0, 1, 2]))
     assert full.compute("skip")["miou"] == full.compute("zero")["miou"]
+    assert full.compute("skip")["macc"] == full.compute("zero")["macc"]
+
+
+def test_dice_and_fscore_follow_mmsegmentation_by_hand():
+    # 4 classes, rows = labels: class 0: TP 2, FN 1 (-> 1), FP 1 (from 2); class 1: TP 1, FP 1 (from 0);
+    # class 2: labelled twice, predicted 0 and 1, never right (TP 0); class 3: in neither
+    cm = ConfusionMatrix(4)
+    cm.update(torch.tensor([0, 0, 1, 1, 0, 1]), torch.tensor([0, 0, 0, 1, 2, 2]))
+    r = cm.compute("skip")
+    # Dice = 2 TP / (predicted + labelled): class 0: 4 / (3 + 3); class 1: 2 / (3 + 1); class 2: 0 / (0 + 2)
+    assert r["per_class_dice"] == [pytest.approx(4 / 6), pytest.approx(2 / 4), 0.0, None]
+    assert r["mdice"] == pytest.approx((4 / 6 + 2 / 4 + 0) / 3)
+    # F1 = 2 p r / (p + r): class 0: p = 2/3, r = 2/3 -> 2/3; class 1: p = 1/3, r = 1 -> 1/2; class 2: p = 0/0
+    # (never predicted) -> undefined; class 3 undefined. mmsegmentation's nanmean: over classes 0 and 1
+    assert r["per_class_fscore"] == [pytest.approx(2 / 3), pytest.approx(1 / 2), None, None]
+    assert r["mfscore"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    zero = cm.compute("zero")  # nan_to_num=0: the undefined ones count 0 over all 4 classes
+    assert zero["mdice"] == pytest.approx((4 / 6 + 2 / 4) / 4) and zero["mfscore"] == pytest.approx((2 / 3 + 1 / 2) / 4)
+    # labelled and predicted, never right: precision = recall = 0, and mmsegmentation's f_score gives 0/0 = NaN
+    q = ConfusionMatrix(2)
+    q.update(torch.tensor([1, 0, 0]), torch.tensor([0, 1, 0]))
+    assert q.compute()["per_class_fscore"] == [pytest.approx(2 * 0.5 * 0.5 / 1.0), None]

@@ -100,9 +100,13 @@ def register(app: typer.Typer) -> None:
                                     "for `sdesbench report --eval-set` (the checkpoint must be the run's last.pt)."),
         workers: Optional[int] = typer.Option(None, min=0, help="Loader workers decoding the images (default: the "
                                               "run's eval.workers, else its data.workers)."),
+        confusion: Optional[Path] = typer.Option(None, "--confusion", help="Also write the student's confusion "
+                                                 "matrix to this folder: confusion.csv (pixel counts, rows = label "
+                                                 "classes) and confusion.png (a heat map of the rows in %)."),
         as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     ):
-        """Evaluate a checkpoint (mIoU, PA, mAcc, per-class IoU): whole images by default, or as --set asks."""
+        """Evaluate a checkpoint (mIoU, PA, mAcc, mDice, mFscore, per-class IoU and accuracy): whole images by
+        default, or as --set asks."""
         from sdesbench.engine.rescore import evaluate_checkpoint
         from sdesbench.errors import ConfigError
         from sdesbench.measure.profile import parse_size
@@ -113,8 +117,17 @@ def register(app: typer.Typer) -> None:
         if size is not None:
             h, w = parse_size(size, "--size", multiple=1)
             cli_sets += [f"eval.size=[{h}, {w}]", "eval.scale=1.0"]
-        res = evaluate_checkpoint(checkpoint, device, cli_sets + list(sets), split, data_root, workers, export, record)
+        res = evaluate_checkpoint(checkpoint, device, cli_sets + list(sets), split, data_root, workers, export, record,
+                                  confusion=confusion is not None)
         ds, ev, metrics = res.dataset, res.cfg.eval, res.metrics["student"]
+        written = None
+        if confusion is not None:
+            from sdesbench.report.confusion import write_confusion
+
+            title = f"{ds.name}/{ds.split}, {res.images} images, {checkpoint.name} (iteration {res.iteration})"
+            written = write_confusion(confusion, metrics["confusion"].numpy(), ds.class_names, title)
+            for m in res.metrics.values():
+                m.pop("confusion", None)
         root = str(ds.root) if ds.root is not None else None
         if as_json:
             out.print_json(data={"checkpoint": str(checkpoint), "iteration": res.iteration, "dataset": ds.name,
@@ -124,6 +137,7 @@ def register(app: typer.Typer) -> None:
                                  "extra": {k: v for k, v in res.metrics.items() if k != "student"},
                                  "class_names": list(ds.class_names),
                                  "exported": str(res.exported) if res.exported else None,
+                                 "confusion": [str(p) for p in written] if written else None,
                                  "recorded": str(res.recorded) if res.recorded else None})
             return
         where = f"at {root}" if root is not None else "generated"
@@ -131,15 +145,21 @@ def register(app: typer.Typer) -> None:
         views = "" if res.inference.plain else "; " + ", ".join(res.inference.views_text())
         out.print(f"{checkpoint} (iteration {res.iteration}) on {ds.name}/{ds.split} ({where}, {res.images} images, "
                   f"input {at}{views}): mIoU {100 * metrics['miou']:.2f}  PA {100 * metrics['pixel_acc']:.2f}"
-                  f"  mAcc {100 * metrics['macc']:.2f}", soft_wrap=True, highlight=False)
+                  f"  mAcc {100 * metrics['macc']:.2f}  mDice {100 * metrics['mdice']:.2f}"
+                  f"  mFscore {100 * metrics['mfscore']:.2f}", soft_wrap=True, highlight=False)
         for name, extra in res.metrics.items():
             if name != "student":
                 out.print(f"  {name}: mIoU {100 * extra['miou']:.2f}  PA {100 * extra['pixel_acc']:.2f}  "
-                          f"mAcc {100 * extra['macc']:.2f}", highlight=False)
-        for name, iou in zip(ds.class_names, metrics["per_class_iou"]):
-            out.print(f"  {name:<14} {'—' if iou is None else f'{100 * iou:6.2f}'}")
+                          f"mAcc {100 * extra['macc']:.2f}  mDice {100 * extra['mdice']:.2f}  "
+                          f"mFscore {100 * extra['mfscore']:.2f}", highlight=False)
+        pct = lambda v: "     —" if v is None else f"{100 * v:6.2f}"  # noqa: E731
+        out.print(f"  {'class':<14} {'IoU':>6} {'Acc':>6}", highlight=False)
+        for name, iou, acc in zip(ds.class_names, metrics["per_class_iou"], metrics["per_class_acc"]):
+            out.print(f"  {name:<14} {pct(iou)} {pct(acc)}", highlight=False)
         out.print(res.convention + ".", soft_wrap=True, highlight=False)
         if res.exported:
             out.print(f"predictions of {res.images} images -> {res.exported}", soft_wrap=True, highlight=False)
         if res.recorded:
             out.print(f"recorded -> {res.recorded}", soft_wrap=True, highlight=False)
+        if written:
+            out.print(f"confusion matrix -> {written[0]}, {written[1]}", soft_wrap=True, highlight=False)

@@ -42,7 +42,8 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
              show_progress: bool = False, should_stop: Callable[[], bool] = lambda: False, scale: float = 1.0,
              size: Sequence[int] | None = None, per_image: bool = False,
              workers: int = 0, inference: Inference | None = None, absent: str = "skip",
-             export: Callable[[int, torch.Tensor], Any] | None = None) -> dict[str, dict[str, Any]] | None:
+             export: Callable[[int, torch.Tensor], Any] | None = None,
+             confusion: bool = False) -> dict[str, dict[str, Any]] | None:
     """Evaluation of every image of `dataset`; returns {"student": metrics, <extra prediction name>: metrics, ...},
     or None when `should_stop()` became true between two batches (a signal during the evaluation).
 
@@ -62,7 +63,8 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
     class in neither labels nor predictions out of the mIoU mean, "zero" counts it 0 (`metrics`).
 
     `export(index, class_map)` is called with every image's student prediction (H x W train ids, on the CPU),
-    e.g. to write it to a file (`data.files.PredictionFiles`).
+    e.g. to write it to a file (`data.files.PredictionFiles`). `confusion`: each metrics dict also holds
+    "confusion", the classes x classes confusion matrix (int64 on the CPU, rows = labels, columns = predictions).
 
     `workers` DataLoader processes decode the images while the device computes; with `batch_size`
     > 1 only images of equal size are batched together (`SizeGroupedBatches`). Neither changes a
@@ -104,6 +106,8 @@ def evaluate(model: SegmentationModel, dataset: EvalView, num_classes: int, devi
     for name, mat in mats.items():
         mat.all_reduce()
         results[name] = mat.compute(absent)
+        if confusion:
+            results[name]["confusion"] = mat.mat.cpu()
         if per_image:
             mine = torch.cat(rows[name]) if rows.get(name) else torch.zeros(0, 3, num_classes, dtype=torch.int64)
             indices = [i for batch in loader.batch_sampler for i in batch]  # the order images were scored in

@@ -11,7 +11,12 @@ mmseg/evaluation/metrics/iou_metric.py at 3d50cc3c5be3: per class IoU = TP / (TP
   all classes instead, so such a class counts as 0 (`absent="zero"`, eval.absent_classes);
 - a class predicted but absent from the labels has IoU 0 (its union is its false positives), which the mIoU
   mean includes, and no accuracy (TP + FN = 0), which the mAcc mean leaves out;
-- PA (mmsegmentation's aAcc) is TP over all labelled pixels.
+- PA (mmsegmentation's aAcc) is TP over all labelled pixels;
+- Dice = 2 TP / (2 TP + FP + FN) and F-score = 2 precision recall / (precision + recall) (beta 1), precision =
+  TP / (TP + FP), recall = accuracy: mmsegmentation's `mDice` and `mFscore`, NaN where a denominator is 0 (and
+  the F-score also where precision = recall = 0), averaged like the others;
+- `absent="zero"` (mmsegmentation's `nan_to_num=0`) turns every undefined per-class value to 0 before the mean,
+  in mIoU, mAcc, mDice and mFscore alike.
 """
 from __future__ import annotations
 
@@ -50,27 +55,37 @@ class ConfusionMatrix:
             dist.all_reduce(self.mat)
 
     def compute(self, absent: str = "skip") -> dict[str, float | list[float | None]]:
-        """mIoU, PA, mAcc and the per-class IoU / accuracy (None where undefined), by the conventions of the
-        module docstring; `absent`: "skip" leaves a class of union 0 out of the mIoU mean, "zero" counts it 0."""
+        """mIoU, PA, mAcc, mDice, mFscore and the per-class IoU / accuracy / Dice / F-score (None where undefined),
+        by the conventions of the module docstring; `absent`: "skip" leaves an undefined class out of each mean
+        (mmsegmentation's `nanmean`), "zero" counts it 0 (mmsegmentation's `nan_to_num=0`, CIRKD's all-class mean)."""
         m = self.mat.double().cpu()
         tp = m.diag()
         labelled = m.sum(1)  # TP + FN
-        union = m.sum(0) + labelled - tp
-        iou = tp / union.clamp(min=1)
-        present = union > 0
-        if absent == "zero":
-            miou = float(iou.mean())
-        else:
-            miou = float(iou[present].mean()) if present.any() else 0.0
-        acc = tp / labelled.clamp(min=1)
-        in_labels = labelled > 0
-        macc = float(acc[in_labels].mean()) if in_labels.any() else 0.0
+        predicted = m.sum(0)  # TP + FP
+        union = predicted + labelled - tp
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        iou = torch.where(union > 0, tp / union, nan)
+        acc = torch.where(labelled > 0, tp / labelled, nan)
+        dice = torch.where(predicted + labelled > 0, 2 * tp / (predicted + labelled), nan)
+        precision = torch.where(predicted > 0, tp / predicted, nan)
+        # F1 = 2 p r / (p + r), NaN where p or r is, and where p = r = 0 (a class labelled and predicted but never
+        # right: mmsegmentation's f_score divides 0 by 0 there, so nanmean leaves it out of mFscore)
+        fscore = 2 * precision * acc / (precision + acc)
         total = m.sum()
         pa = float(tp.sum() / total) if total > 0 else 0.0
-        per_class = [float(v) if p else None for v, p in zip(iou, present)]
-        per_class_acc = [float(v) if p else None for v, p in zip(acc, in_labels)]
-        return {"miou": miou, "pixel_acc": pa, "macc": macc, "per_class_iou": per_class,
-                "per_class_acc": per_class_acc}
+
+        def mean(v: torch.Tensor) -> float:
+            if absent == "zero":
+                return float(v.nan_to_num(0.0).mean())
+            defined = v[~v.isnan()]
+            return float(defined.mean()) if len(defined) else 0.0
+
+        def per_class(v: torch.Tensor) -> list[float | None]:
+            return [None if x != x else x for x in v.tolist()]
+
+        return {"miou": mean(iou), "pixel_acc": pa, "macc": mean(acc), "mdice": mean(dice), "mfscore": mean(fscore),
+                "per_class_iou": per_class(iou), "per_class_acc": per_class(acc),
+                "per_class_dice": per_class(dice), "per_class_fscore": per_class(fscore)}
 
 
 @torch.no_grad()
@@ -98,7 +113,8 @@ def miou_convention(absent: str, num_classes: int | None = None) -> str:
     if absent == "zero":
         over = f"all {num_classes} classes" if num_classes else "all classes"
         return (f"mIoU averages the IoU over {over}, a class in neither labels nor predictions counting 0 "
-                f"(eval.absent_classes=zero, CIRKD's SegmentationMetric); {MACC_CONVENTION}")
+                f"(eval.absent_classes=zero, CIRKD's SegmentationMetric, mmsegmentation's nan_to_num=0); mAcc "
+                f"(mean per-class accuracy) averages over {over} too, a class absent from the labels counting 0")
     return ("mIoU averages the IoU over the classes present in the labels or predictions of the evaluated images "
             f"(eval.absent_classes=skip, mmsegmentation's convention); {MACC_CONVENTION}")
 

@@ -12,7 +12,8 @@ than version 4 has its `wall_time_s` read as `step_time_s`, and its wall time as
 newer version than this code knows is refused with one line rather than misread.
 
 Version 5 added mAcc, the mean per-class accuracy, to every `Scores` (the final metrics, each extra
-prediction's) and to each periodic `Evaluation`; in an older record it loads as None.
+prediction's) and to each periodic `Evaluation`; in an older record it loads as None. Version 6 added mDice and
+mFscore (mmsegmentation's `IoUMetric`) to every `Scores`; in an older record they load as None.
 
 `evaluations/<key>.json` beside `results.json` holds `EvaluationRecord`s: the run's checkpoint evaluated
 again under other evaluation settings (`sdesbench eval --record`, e.g. multi-scale + flip), keyed by
@@ -38,7 +39,7 @@ from sdesbench.config import from_dict
 from sdesbench.errors import ConfigError, StorageError
 from sdesbench.io import read_json, write_bytes, write_json
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 RECORD_FILE = "results.json"
 COUNTS_FILE = "image_counts.npz"
 Status = Literal["completed", "failed", "interrupted"]
@@ -49,11 +50,14 @@ class Scores:
     miou: float
     pixel_acc: float
     macc: float | None = None  # mean per-class accuracy (engine/metrics.py); None in a record made before it existed
+    mdice: float | None = None  # mean Dice and mean F-score (engine/metrics.py); None in a record before version 6
+    mfscore: float | None = None
 
     @classmethod
     def of(cls, metrics: dict[str, Any]) -> "Scores":
         """The scores of one prediction's `ConfusionMatrix.compute` result."""
-        return cls(metrics["miou"], metrics["pixel_acc"], metrics.get("macc"))
+        return cls(metrics["miou"], metrics["pixel_acc"], metrics.get("macc"), metrics.get("mdice"),
+                   metrics.get("mfscore"))
 
 
 @dataclass
@@ -170,7 +174,7 @@ class RunRecord:
             raise ConfigError(f"{where}: schema {version!r} is newer than this sdesbench reads ({SCHEMA_VERSION})")
         if version < 4:  # its wall_time_s summed the step times only; its real wall time is unknown
             data["step_time_s"], data["wall_time_s"] = data.get("wall_time_s"), None
-        data["schema"] = SCHEMA_VERSION  # versions 1 to 4 have a subset of the fields (the others default)
+        data["schema"] = SCHEMA_VERSION  # versions 1 to 5 have a subset of the fields (the others default)
         return from_dict(cls, data, where)
 
 
@@ -203,7 +207,7 @@ def read_record_file(path: str | Path) -> RunRecord:
 
 
 EVALUATIONS_DIR = "evaluations"
-EVALUATION_SCHEMA = 1
+EVALUATION_SCHEMA = 2  # 2: `Scores` with mdice / mfscore (a version 1 record loads them as None)
 
 
 @dataclass

@@ -65,8 +65,10 @@ def run_folder_of(checkpoint: Path) -> Path:
 
 def evaluate_checkpoint(checkpoint: Path, device: str = "auto", sets: Sequence[str] = (),
                         split: str | None = None, data_root: Path | None = None, workers: int | None = None,
-                        export: Path | None = None, record: bool = False) -> CheckpointScores:
-    """Evaluate `checkpoint` (module docstring); `sets` are `eval.*` overrides."""
+                        export: Path | None = None, record: bool = False,
+                        confusion: bool = False) -> CheckpointScores:
+    """Evaluate `checkpoint` (module docstring); `sets` are `eval.*` overrides; `confusion`: each prediction's
+    metrics also hold its confusion matrix ("confusion", `evaluate`)."""
     check_eval_overrides(sets)
     folder, run = None, None
     if record:
@@ -89,7 +91,7 @@ def evaluate_checkpoint(checkpoint: Path, device: str = "auto", sets: Sequence[s
     metrics = evaluate(net.model, view, net.num_classes, dev, cfg.eval.batch_size, method=net.method,
                        inference=how, absent=cfg.eval.absent_classes,
                        workers=workers if workers is not None else cfg.eval.loader_workers(cfg.data),
-                       export=files.write if files is not None else None)
+                       export=files.write if files is not None else None, confusion=confusion)
     scores = CheckpointScores(checkpoint, net.iteration, cfg, ds, len(view), how, metrics, exported=export)
     if run is not None:
         scores.recorded = write_evaluation(folder, evaluation_record(scores, run.config_hash))
