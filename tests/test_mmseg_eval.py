@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from sdesbench.data.transforms import normalize
@@ -124,3 +125,52 @@ def test_tta_with_mmcv_resizer_equals_an_independent_mmseg_pipeline(rule):
     # the suite's antialiased resizer is another computation: it must not pass the same check
     anti = predictions(model, image, labels[None], how=Inference(**{**how.__dict__, "resizer": "antialias"}))
     assert (anti["student"] - ref).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- test-server export
+
+def export_and_read_back(tmp_path, name):
+    """Every val image's prediction (a map cycling through all the classes) exported, the PNGs put back as the
+    dataset's own label files (COCO-Stuff: category id - 1, the stuffthingmaps' convention), and read again
+    through the dataset's label mapping: (exported values, predictions, labels read back)."""
+    from test_datasets_cirkd import H, W, make_ade20k, make_coco_stuff, make_pascal_context
+
+    from sdesbench.data.base import build_dataset
+    from sdesbench.data.files import PredictionFiles
+
+    root = {"ade20k": make_ade20k, "pascal_context59": make_pascal_context,
+            "coco_stuff164k": make_coco_stuff}[name](tmp_path / "data")
+    ds = build_dataset(name, root, "val")
+    export = tmp_path / "export"
+    files = PredictionFiles(ds, export, len(ds))
+    preds = [((torch.arange(H * W) + 7 * i) % ds.num_classes).view(H, W) for i in range(len(ds))]
+    for i, pred in enumerate(preds):
+        files.write(i, pred)
+    values = set()
+    for i in range(len(ds)):
+        png = np.array(Image.open(export / ds.prediction_name(i)))
+        values |= set(np.unique(png).tolist())
+        label = ds.pairs[i][1]
+        if name == "coco_stuff164k":  # the category ids as a stuffthingmap (id - 1) in place of the train-id file
+            label.unlink()
+            Image.fromarray((png - 1).astype(np.uint8), mode="L").save(label.parent / f"{label.name.split('_')[0]}.png")
+        else:
+            Image.fromarray(png, mode="L").save(label)
+    again = build_dataset(name, root, "val")
+    return values, preds, [again.load(i)[1] for i in range(len(again))]
+
+
+@pytest.mark.parametrize("name, ids", [
+    ("ade20k", set(range(1, 151))),  # the release's class ids: train id + 1 (mmseg's reduce_zero_label + 1)
+    ("pascal_context59", set(range(1, 60))),  # the converted labels' ids (0 = background)
+    ("coco_stuff164k", None),  # COCO category ids: the 171 annotated of 1..182
+])
+def test_export_writes_the_server_ids_and_reads_back_as_the_predictions(tmp_path, name, ids):
+    from sdesbench.data.coco_stuff import UNUSED_IDS
+
+    values, preds, back = export_and_read_back(tmp_path, name)
+    if ids is None:  # category id = stuffthingmap id + 1; the 11 never-annotated categories never appear
+        ids = {k + 1 for k in range(182)} - {u + 1 for u in UNUSED_IDS}
+        assert min(values) == 1 and max(values) == 182 and 12 not in values  # stuffthingmap 11 = category 12
+    assert values == ids
+    assert all(torch.equal(p, b) for p, b in zip(preds, back))

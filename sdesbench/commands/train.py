@@ -93,8 +93,9 @@ def register(app: typer.Typer) -> None:
                                        "or 'eval.scales=[0.5,0.75,1.0,1.25,1.5,1.75]' eval.flip=true "
                                        "(docs/evaluation.md)."),
         export: Optional[Path] = typer.Option(None, "--export", help="Also write each image's prediction to this "
-                                              "folder as a PNG named after the image (train ids; Cityscapes: label "
-                                              "ids, what its test server reads)."),
+                                              "folder as a PNG named after the image, in the ids its benchmark reads "
+                                              "(Cityscapes: label ids; ADE20K, Pascal Context: 1-based class ids; "
+                                              "COCO-Stuff: COCO category ids; else train ids)."),
         record: bool = typer.Option(False, "--record", help="Record the numbers beside the run "
                                     "(<run>/evaluations/<key>.json), on the images its own final evaluation scored, "
                                     "for `sdesbench report --eval-set` (the checkpoint must be the run's last.pt)."),

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from sdesbench.data.base import DATASETS
 from sdesbench.data.files import FileSegDataset, class_table, pair_by_key, reduce_zero_label, release_folder, stems
 
@@ -53,3 +55,9 @@ class ADE20K(FileSegDataset):
 
     def label_spec(self, label_path):
         return LUT, KNOWN
+
+    def prediction_values(self, train_ids: torch.Tensor) -> torch.Tensor:
+        """Class ids 1..150, the values of the release's own labels and what the Scene Parsing server reads:
+        train id + 1, as mmsegmentation's `IoUMetric(format_only=True)` writes for `reduce_zero_label` datasets
+        (mmseg/evaluation/metrics/iou_metric.py at 3d50cc3c5be3: `output_mask + 1`)."""
+        return (train_ids.long() + 1).to(torch.uint8)

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from sdesbench import IGNORE_INDEX
 from sdesbench.data.base import DATASETS
 from sdesbench.data.files import FileSegDataset, build_lut, class_table, pair_by_key, stems
@@ -39,6 +41,8 @@ UNUSED_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)  # ids of COCO categor
 RAW_IDS = [i for i in range(182) if i not in UNUSED_IDS]  # train id t is stuffthingmap id RAW_IDS[t]
 RAW_LUT = build_lut({raw: train_id for train_id, raw in enumerate(RAW_IDS)})
 RAW_KNOWN = frozenset(RAW_IDS) | {IGNORE_INDEX}
+# train id t -> COCO category id RAW_IDS[t] + 1 (1..182), what cocostuffapi's label maps hold (exported predictions)
+CATEGORY_ID_OF_TRAIN_ID = torch.tensor([raw + 1 for raw in RAW_IDS], dtype=torch.uint8)
 TRAIN_ID_LUT = build_lut({i: i for i in range(len(CLASS_NAMES))})
 TRAIN_ID_KNOWN = frozenset(range(len(CLASS_NAMES))) | {IGNORE_INDEX}
 TRAIN_IDS_TAG = "_labelTrainIds"  # <id>_labelTrainIds.png: the converter's output
@@ -74,6 +78,14 @@ class COCOStuff164K(FileSegDataset):
 
     def source(self) -> str:
         return str(self.root / "images" / SPLIT_FOLDERS[self.split])
+
+    def prediction_values(self, train_ids: torch.Tensor) -> torch.Tensor:
+        """COCO category ids (1..182; stuff 92..182): the values of the label maps COCO-Stuff's own tools read
+        and write, `pngToCocoResult` turning such a PNG into the COCO result JSON its challenge server scores
+        (nightrome/cocostuffapi PythonAPI/cocostuff/cocoStuffHelper.py: `labelMap[mask] = category_id`). Each
+        train id goes back through the converter's numbering (`RAW_IDS`: stuffthingmap id = category id - 1).
+        mmsegmentation's `format_only` would write the train ids 0..170 instead, which no COCO tool reads."""
+        return CATEGORY_ID_OF_TRAIN_ID[train_ids.long()]
 
     def label_spec(self, label_path):
         if label_path.name.endswith(TRAIN_IDS_SUFFIX):

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path, PurePath
 
+import torch
+
 from sdesbench.data.base import DATASETS
 from sdesbench.data.files import (FileSegDataset, class_table, file_name, pair_by_key, reduce_zero_label,
                                   release_folder, stems)
@@ -64,3 +66,10 @@ class PascalContext59(FileSegDataset):
 
     def label_spec(self, label_path):
         return LUT, KNOWN
+
+    def prediction_values(self, train_ids: torch.Tensor) -> torch.Tensor:
+        """Class ids 1..59, the values of the converted labels (SegmentationClassContext, 0 = background): train
+        id + 1, as mmsegmentation's `IoUMetric(format_only=True)` writes for its `reduce_zero_label`
+        PascalContextDataset59 (mmseg/evaluation/metrics/iou_metric.py at 3d50cc3c5be3). PASCAL-Context has no
+        test server; this is the form mmsegmentation's own export and the dataset's labels share."""
+        return (train_ids.long() + 1).to(torch.uint8)
