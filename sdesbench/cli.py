@@ -39,8 +39,15 @@ try:  # typer, rich and the command modules: the start of every command, in whic
 
     @app.callback()
     def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
-                                              help="Print the version (and the git commit in a checkout), then exit.")):
+                                              help="Print the version (and the git commit in a checkout), then exit."),
+                 plugin: list[str] = typer.Option([], "--plugin", metavar="PATH_OR_MODULE",
+                                                  help="Load a plugin first: a .py file or a module that registers "
+                                                  "methods, models or datasets (repeatable; also "
+                                                  "$SDESBENCH_PLUGINS and the entry-point group sdesbench.plugins).")):
         """Reproduce the tables of SDES (AAAI 2023) and the distillation methods it compares."""
+        from sdesbench.plugins import load_startup_plugins
+
+        load_startup_plugins(plugin)
 
     for _mod in pkgutil.iter_modules(commands.__path__):
         if not _mod.name.startswith("_"):  # `_shared` holds what the command modules share

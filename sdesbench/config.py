@@ -29,6 +29,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from sdesbench.errors import ConfigError
+from sdesbench.plugins import load_plugins
 from sdesbench.registry import did_you_mean
 
 
@@ -176,6 +177,14 @@ class RunConfig:
     # `method.options.tau`) -> resolved values; the rest are defaults. Two records of the same request with
     # different keys: a default changed in between (experiments/plan.py marks the older one stale)
     request: dict[str, Any] = field(default_factory=dict, metadata=NOT_HASHED)
+    # plugins to load before the names are looked up (sdesbench/plugins.py): .py paths (stored resolved, so the
+    # run's config.yaml trains it again from anywhere) or module names. Not part of the key by itself: a
+    # built-in row run beside a plugin keeps its hash
+    plugins: list[str] = field(default_factory=list, metadata=NOT_HASHED)
+    # file or module name -> sha256 of its source, for each plugin the run's model, dataset, method or teacher
+    # comes from (filled by `engine.configure.validate`): other plugin source is another run, and the older
+    # record is stale, as under a changed default
+    plugin_sha256: dict[str, str] = field(default_factory=dict, metadata=HASHED_WHEN_SET)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -413,8 +422,12 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Dict (from YAML / a spec) + `--set` overrides -> a RunConfig whose shape is checked.
+def parse_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None,
+                 relative_to: str | Path | None = None, with_plugins: bool = True) -> RunConfig:
+    """Dict (from YAML / a spec) + `--set` overrides -> a RunConfig whose shape is checked, its `plugins`
+    loaded (a relative path is relative to `relative_to`, the config file's folder, else the current one)
+    and stored resolved. `with_plugins=False` reads a stored record's configuration without importing its
+    plugins (comparing keys needs none of their code).
 
     Registry names and method options are not checked here (see `engine.configure.build_config`).
     """
@@ -426,6 +439,8 @@ def parse_config(data: dict[str, Any] | None = None, overrides: list[str] | None
     if "method" in data:
         data["method"] = method_section(data["method"])
     cfg = from_dict(RunConfig, apply_overrides(data, overrides))
+    if with_plugins:
+        cfg.plugins = [p.target for p in load_plugins(cfg.plugins, relative_to)]
     if len(cfg.data.crop) != 2 or min(cfg.data.crop) < 8:
         raise ConfigError(f"data.crop must be [H, W] with both >= 8, got {cfg.data.crop}")
     if len(cfg.data.scale) != 2 or not 0 < cfg.data.scale[0] <= cfg.data.scale[1]:

@@ -15,7 +15,7 @@ PACKAGE = ROOT / "sdesbench"
 # data -> models -> methods -> engine -> experiments -> measure -> report -> cli: a module may import
 # its own layer and those before it. The base modules (errors, io, config, registry, version, console) come first.
 LAYERS = ["base", "data", "models", "methods", "engine", "experiments", "measure", "report", "cli"]
-BASE = {"sdesbench", "sdesbench.errors", "sdesbench.io", "sdesbench.config", "sdesbench.registry",
+BASE = {"sdesbench", "sdesbench.errors", "sdesbench.io", "sdesbench.config", "sdesbench.registry", "sdesbench.plugins",
         "sdesbench.version", "sdesbench.console"}
 
 

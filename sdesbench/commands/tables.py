@@ -148,20 +148,43 @@ def register(app: typer.Typer) -> None:
 
     @app.command("list")
     def list_cmd(what: str = typer.Argument("all", help="tables | models | datasets | methods | all")):
-        """List the tables, models, datasets and methods the suite knows."""
+        """List the tables, models, datasets and methods the suite knows, and where each comes from (built-in or
+        a plugin's file or module); tables with their title and number of rows."""
         from sdesbench.data import DATASETS
-        from sdesbench.experiments.spec import list_tables
+        from sdesbench.experiments.spec import list_tables, load_spec, table_origin
         from sdesbench.methods import METHODS
         from sdesbench.models import MODELS
+        from sdesbench.registry import BUILT_IN
 
-        kinds = {"tables": list_tables, "models": lambda: [*MODELS.names(), *MODELS.patterns()],
-                 "datasets": DATASETS.names, "methods": METHODS.names}
+        registries = {"models": MODELS, "datasets": DATASETS, "methods": METHODS}
+        kinds = ("tables", "models", "datasets", "methods")
         if what != "all" and what not in kinds:
             raise SdesbenchError(f"unknown list {what!r}; choose tables, models, datasets, methods or all")
-        for kind, names in kinds.items():
-            if what in ("all", kind):
-                if what == "all":
-                    out.print(f"[bold]{kind}[/bold]: {', '.join(names())}")
-                else:
-                    for n in names():
-                        out.print(n)
+        def entries(kind: str) -> list[tuple[str, str]]:
+            """(name, origin) of each entry; a family's names (`deeplabv3:timm/<name>`) by their pattern."""
+            registry = registries[kind]
+            return ([(n, registry.origin(n)) for n in registry.names()]
+                    + [(pattern, BUILT_IN) for pattern in registry.patterns()])
+
+        if what == "all":
+            for kind in kinds:
+                shown = list_tables() if kind == "tables" else [
+                    n if origin == BUILT_IN else f"{n} (plugin {origin})" for n, origin in entries(kind)]
+                out.print(f"[bold]{kind}[/bold]: {', '.join(shown)}", soft_wrap=True)
+            return
+        if what == "tables":
+            rows = []
+            for name in list_tables():
+                try:
+                    spec = load_spec(name)
+                    count = (sum(len(s.values) for s in spec.sweeps.values()) if spec.is_sweep
+                             else sum(len(g.rows) for g in spec.groups))
+                    rows.append((name, table_origin(name), f"{count} rows", spec.title))
+                except SdesbenchError as e:  # one table of $SDESBENCH_EXPERIMENTS that does not load: say so, go on
+                    rows.append((name, table_origin(name), "-", f"unreadable: {e}"))
+        else:
+            rows = [(n, origin if origin == BUILT_IN else f"plugin {origin}") for n, origin in entries(what)]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)] if rows else []
+        for r in rows:
+            out.print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1], soft_wrap=True,
+                      highlight=False, markup=False)

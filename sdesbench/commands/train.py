@@ -17,7 +17,7 @@ def _train_config(config: Optional[Path], cli_values: dict[str, object], sets: l
     data = load_yaml(config) if config else {}
     cli_sets = [f"{key}={json.dumps(str(value)) if isinstance(value, (str, Path)) else value}"
                 for key, value in cli_values.items() if value is not None]
-    return build_config(data, cli_sets + list(sets or []))
+    return build_config(data, cli_sets + list(sets or []), relative_to=config.parent if config else None)
 
 
 def time_line(rec) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 from sdesbench.config import RunConfig, apply_overrides, flatten, method_section, parse_config
@@ -19,6 +20,7 @@ from sdesbench.data.base import check_root_wanted
 from sdesbench.errors import ConfigError
 from sdesbench.methods import METHODS
 from sdesbench.models import MODELS
+from sdesbench.plugins import plugin_of
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -35,10 +37,30 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.model (and teacher.checkpoint)")
     if cfg.teacher.model:
         MODELS.get(cfg.teacher.model)
+    record_plugins(cfg)
     return cfg
 
 
-# identity keys the planner sets itself (a teacher's checkpoint path), never part of what a run asks for
+def record_plugins(cfg: RunConfig) -> None:
+    """The plugins the run's model, dataset, method and teacher come from: their sources join `cfg.plugins`
+    (so the run's config.yaml, a worker, a Slurm job load them however this process did: `--plugin`,
+    `SDESBENCH_PLUGINS`, an entry point), and their source's sha256, by file or module name, becomes part of
+    the run's key (`cfg.plugin_sha256`, empty for built-ins alone, which keeps their keys)."""
+    used = [(MODELS, cfg.model.name), (DATASETS, cfg.data.name), (METHODS, cfg.method.name)]
+    if cfg.teacher.model:
+        used.append((MODELS, cfg.teacher.model))
+    shas: dict[str, str] = {}
+    for registry, name in used:
+        plugin = plugin_of(registry.origin(name))
+        if plugin is not None:
+            shas[plugin.label] = plugin.sha256
+            if plugin.target not in cfg.plugins:
+                cfg.plugins.append(plugin.target)
+    cfg.plugin_sha256 = shas
+
+
+# identity keys the planner sets itself (a teacher's checkpoint path), never part of what a run asks for (nor
+# is a plugin's sha256, which `record_plugins` sets)
 PLANNED_KEYS = ("teacher.checkpoint",)
 
 
@@ -47,13 +69,16 @@ def requested_keys(data: dict[str, Any] | None, overrides: list[str] | None) -> 
     d = {k: v for k, v in (data or {}).items() if k != "request"}
     if "method" in d:
         d["method"] = method_section(d["method"])
-    return [k for k in flatten(apply_overrides(d, overrides)) if k not in PLANNED_KEYS]
+    return [k for k in flatten(apply_overrides(d, overrides)) if k not in PLANNED_KEYS
+            and not k.startswith("plugin_sha256.")]
 
 
-def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Dict (from YAML / a spec) + `--set` overrides -> a validated RunConfig (method options resolved).
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None,
+                 relative_to: str | Path | None = None) -> RunConfig:
+    """Dict (from YAML / a spec) + `--set` overrides -> a validated RunConfig (method options resolved, its
+    plugins loaded: relative paths from `relative_to`, the config file's folder).
     Its `request` records what was named (kept as it is when `data` is a stored run's configuration)."""
-    cfg = validate(parse_config(data, overrides))
+    cfg = validate(parse_config(data, overrides, relative_to))
     if not cfg.request:
         named = set(requested_keys(data, overrides))
         cfg.request = {k: v for k, v in flatten(cfg.identity()).items() if k in named}

@@ -59,7 +59,12 @@ class StaleRecord:
             text = "absent" if v is None else str(v)
             return text if len(text) <= 40 else "..." + text[-37:]
 
-        parts = [f"{k.replace('method.options.', 'method.')}: {short(a)} -> {short(b)}" for k, a, b in self.changes]
+        def part(k: str, a: Any, b: Any) -> str:
+            if k.startswith("plugin_sha256."):  # other plugin source: the plugin and its sha256 (12 hex digits)
+                return f"plugin {k[len('plugin_sha256.'):]}: {short(a and a[:12])} -> {short(b and b[:12])}"
+            return f"{k.replace('method.options.', 'method.')}: {short(a)} -> {short(b)}"
+
+        parts = [part(k, a, b) for k, a, b in self.changes]
         more = f", and {len(parts) - most} more" if len(parts) > most else ""
         return "stale (" + ", ".join(parts[:most]) + more + ")"
 
@@ -221,7 +226,7 @@ class RecordIndex:
                 try:
                     rec = read_record(other)
                     if rec is not None and rec.completed:
-                        found.append((other, parse_config(rec.config)))
+                        found.append((other, parse_config(rec.config, with_plugins=False)))
                 except (StorageError, ConfigError):  # unreadable, or a config this version cannot read
                     continue
             self.parents[parent] = found

@@ -32,7 +32,7 @@ from sdesbench.data import DATASETS
 from sdesbench.errors import ConfigError
 from sdesbench.methods import METHODS
 from sdesbench.models import MODELS
-from sdesbench.registry import did_you_mean
+from sdesbench.registry import BUILT_IN, did_you_mean
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -202,6 +202,13 @@ def _named_specs() -> dict[str, Path | Traversable]:
 
 def list_tables() -> list[str]:
     return sorted(_named_specs())
+
+
+def table_origin(table: str) -> str:
+    """Where a table name comes from: `built-in` (shipped with the package) or its spec file."""
+    source = find_spec(table)
+    packaged = resources.files("sdesbench") / PACKAGED_SPECS
+    return BUILT_IN if str(source).startswith(str(packaged)) else str(source)
 
 
 def find_spec(table: str) -> Path | Traversable:

@@ -17,6 +17,7 @@ the dict form of `sdesbench.models.base` (`logits`, `aux`, `decoder_feature`, `s
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -24,10 +25,42 @@ import torch
 from torch import nn
 
 from sdesbench.config import from_dict
+from sdesbench.errors import ConfigError
 from sdesbench.models.base import SegmentationModel
 from sdesbench.registry import Registry
 
-METHODS = Registry("method", names_entries=True)  # a method's `name` is its registered name
+# keys of the `method` section that are not options (`config.method_section`): an option of that name could
+# never be set
+RESERVED_OPTION_NAMES = ("name", "options")
+
+
+def check_method(name: str, cls: Any) -> None:
+    """What registering a method checks (built-ins and plugins alike), each failure one ConfigError line:
+    it is a `Method` subclass whose `Options` is a dataclass; no option is named like a key of the
+    `method` section; no option is declared by two unrelated `Options` bases (a composite method's parts,
+    e.g. `class Options(KLOptions, CWDOptions)`: one value would silently set both parts' option, which is
+    why every part prefixes its options with its own name, `kd_temperature`, `cwd_tau`)."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(f"method {name!r}: {getattr(cls, '__qualname__', cls)!r} is not a subclass of "
+                          "sdesbench.methods.base.Method")
+    options = getattr(cls, "Options", None)
+    if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        raise ConfigError(f"method {name!r}: its Options must be a dataclass (decorate it with @dataclass), "
+                          f"got {getattr(options, '__qualname__', type(options).__name__)}")
+    for f in dataclasses.fields(options):
+        if f.name in RESERVED_OPTION_NAMES:
+            raise ConfigError(f"method {name!r}: option {f.name!r} collides with the method section's own key "
+                              f"method.{f.name}; rename it")
+        declared = [k for k in options.__mro__ if f.name in inspect.get_annotations(k)]
+        for i, a in enumerate(declared):
+            for b in declared[i + 1:]:
+                if not (issubclass(a, b) or issubclass(b, a)):
+                    raise ConfigError(f"method {name!r}: option {f.name!r} is declared by both {a.__qualname__} "
+                                      f"and {b.__qualname__}, so one value would set both; prefix each with its "
+                                      "own term's name")
+
+
+METHODS = Registry("method", names_entries=True, check=check_method)  # a method's `name` is its registered name
 
 
 @dataclass

@@ -1,0 +1,182 @@
+"""Plugins (issue 26.1): a method from a file outside the package is loaded by `--plugin`, `SDESBENCH_PLUGINS`,
+a run configuration's `plugins:` or an entry point; it reaches every process that trains (`--workers`, a Slurm
+job through submitit's local executor, `train --config` of the run's own config.yaml); its sha256 is part of
+the key of the runs that use it, so one edited line makes its rows, and only its rows, stale; and every bad
+plugin is one line with a non-zero exit, nothing recorded touched."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, read_json, run_cli
+from sdesbench import plugins
+from sdesbench.cli import main
+
+MY_KD = ROOT / "tests" / "fixtures" / "plugins" / "my_kd.py"
+SPEC = """title: "my table"
+teacher_seed: same
+presets:
+  smoke:
+    data: {name: tiny, crop: [32, 32], batch_size: 2}
+    train: {iters: 2, checkpoint_every: 100}
+    eval: {max_images: 2}
+groups:
+  - name: ENet
+    model: enet
+    rows:
+      - {label: Student, method: student}
+      - {label: MyKD, method: my_kd, teacher: true}
+      - {label: KL, method: kl, teacher: true}
+"""
+
+
+class Result:
+    def __init__(self, code, out, err):
+        self.returncode, self.stdout, self.stderr = code, out, err
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`sdesbench ARGS` through the real entry point (`cli.main`: its error handling included), in this process
+    (no interpreter start per case); every plugin it loaded is forgotten afterwards, so the registries the rest
+    of the suite sees are the package's own."""
+    before, handler = {p.target for p in plugins.loaded_plugins()}, signal.getsignal(signal.SIGINT)
+
+    def call(*args: str) -> Result:
+        monkeypatch.setattr(sys, "argv", ["sdesbench", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            main()
+        captured = capsys.readouterr()
+        return Result(e.value.code, captured.out, captured.err)
+
+    yield call
+    signal.signal(signal.SIGINT, handler)
+    for p in plugins.loaded_plugins():
+        if p.target not in before:
+            plugins.unload(p)
+
+
+def one_line_error(res: Result, *needles: str) -> None:
+    assert res.returncode not in (0, None), res.stdout + res.stderr
+    err = res.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for n in needles:
+        assert n in err, err
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- bad plugins
+
+BAD = {
+    "syntax.py": ("x = (\n", "syntax error at {path}:1"),
+    "raises.py": ("import math\n\n\ndef f():\n    raise ValueError('no weights here')\n\n\nf()\n",
+                  "ValueError: no weights here (at {path}:5)"),
+    "empty.py": ("import math\n", "plugin {path} registers nothing"),
+    "clash.py": ("from sdesbench.methods import METHODS\nfrom sdesbench.methods.kl import KL\n\n\n"
+                 "@METHODS.register('kl')\nclass Mine(KL):\n    pass\n",
+                 "method 'kl' of plugin {path} clashes with the built-in method 'kl'"),
+    "not_dataclass.py": ("from sdesbench.methods import METHODS\nfrom sdesbench.methods.kl import KL\n\n\n"
+                         "@METHODS.register('mine')\nclass Mine(KL):\n    class Options:\n        tau: float = 1.0\n",
+                         "method 'mine': its Options must be a dataclass"),
+    "collide.py": ("from dataclasses import dataclass\nfrom sdesbench.methods import METHODS\n"
+                   "from sdesbench.methods.kl import KL, KLOptions\n\n\n@dataclass\nclass Other:\n"
+                   "    kd_temperature: float = 2.0\n\n\n@METHODS.register('mine')\nclass Mine(KL):\n"
+                   "    @dataclass\n    class Options(KLOptions, Other):\n        pass\n",
+                   "option 'kd_temperature' is declared by both KLOptions and Other"),
+    "reserved.py": ("from dataclasses import dataclass\nfrom sdesbench.methods import METHODS\n"
+                    "from sdesbench.methods.kl import KL\n\n\n@METHODS.register('mine')\nclass Mine(KL):\n"
+                    "    @dataclass\n    class Options(KL.Options):\n        name: str = 'x'\n",
+                    "option 'name' collides with the method section's own key method.name"),
+}
+
+
+@pytest.mark.parametrize("name", [*BAD, "missing.py"])
+def test_a_bad_plugin_is_one_line_and_touches_nothing_recorded(cli, tmp_path, name):
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    (results / "table3-smoke.md").write_text("kept\n")
+    path = tmp_path / name
+    if name in BAD:
+        path.write_text(BAD[name][0])
+        needle = BAD[name][1].format(path=path)
+    else:
+        needle = f"plugin {path}: file not found"
+    res = cli("--plugin", path, "run", "table3", "--results", results, "--no-progress")
+    one_line_error(res, needle)
+    assert sorted(p.relative_to(results).as_posix() for p in results.rglob("*")) == ["runs", "table3-smoke.md"]
+    assert (results / "table3-smoke.md").read_text() == "kept\n"
+    assert not plugins.loaded_plugins() or all(p.target != str(path) for p in plugins.loaded_plugins())
+    ok = cli("list", "methods")  # what a failed plugin had registered is gone
+    assert ok.returncode == 0 and "mine" not in ok.stdout.split() and "plugin" not in ok.stdout, ok.stdout
+
+
+def test_two_plugins_registering_one_name_are_refused_naming_both(cli, tmp_path):
+    a, b = tmp_path / "a" / "mine.py", tmp_path / "b" / "mine.py"
+    for p in (a, b):
+        p.parent.mkdir()
+        shutil.copy(MY_KD, p)
+    one_line_error(cli("--plugin", a, "--plugin", b, "list", "methods"),
+                   f"method 'my_kd' of plugin {b} clashes with plugin {a} method 'my_kd'")
+
+
+# --------------------------------------------------------------------------- loading and listing
+
+
+def test_list_methods_names_the_plugin_and_its_file(tmp_path):
+    """The acceptance command, as a user types it (a real process), with the plugin beside them."""
+    shutil.copy(MY_KD, tmp_path / "my_kd.py")
+    res = run_cli("--plugin", "my_kd.py", "list", "methods", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in res.stdout.splitlines()}
+    assert lines["my_kd"] == f"plugin {tmp_path / 'my_kd.py'}"
+    assert lines["kl"] == "built-in"
+
+
+def test_loading_twice_is_once_and_modules_and_entry_points_load_too(cli, tmp_path, monkeypatch):
+    shutil.copy(MY_KD, tmp_path / "my_kd.py")
+    res = cli("--plugin", tmp_path / "my_kd.py", "--plugin", tmp_path / "." / "my_kd.py", "list", "methods")
+    assert res.returncode == 0, res.stderr
+    assert [p.label for p in plugins.loaded_plugins()] == ["my_kd.py"]
+    assert plugins.loaded_plugins()[0].sha256 == sha256(MY_KD)
+    # a module by name (`SDESBENCH_PLUGINS`, ':'-separated), and an installed package's entry point
+    pkg = tmp_path / "site" / "kdpkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(MY_KD.read_text().replace('"my_kd"', '"pkg_kd"'))
+    (pkg / "extra.py").write_text("X = 1\n")
+    dist = tmp_path / "site" / "kdpkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kdpkg\nVersion: 0.1\n")
+    ep_mod = tmp_path / "site" / "epkd.py"
+    ep_mod.write_text(MY_KD.read_text().replace('"my_kd"', '"ep_kd"'))
+    (dist / "entry_points.txt").write_text("[sdesbench.plugins]\nmine = epkd\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("SDESBENCH_PLUGINS", f"kdpkg:{tmp_path / 'my_kd.py'}")
+    res = cli("list", "methods")
+    assert res.returncode == 0, res.stderr
+    origins = {line.split()[0]: line.split(None, 1)[1] for line in res.stdout.splitlines()}
+    assert origins["pkg_kd"] == "plugin kdpkg" and origins["ep_kd"] == "plugin epkd", res.stdout
+    by_label = {p.label: p for p in plugins.loaded_plugins()}
+    files = sorted(pkg.rglob("*.py"), key=lambda p: str(p.relative_to(pkg)))
+    package_sha = hashlib.sha256(b"".join(str(p.relative_to(pkg)).encode() + b"\0" + p.read_bytes() + b"\0"
+                                          for p in files)).hexdigest()
+    assert by_label["kdpkg"].sha256 == package_sha
+    assert by_label["epkd"].sha256 == sha256(ep_mod)
+
+
+def test_list_tables_gives_each_title_and_number_of_rows(cli, tmp_path, monkeypatch):
+    (tmp_path / "mine.yaml").write_text(SPEC)
+    monkeypatch.setenv("SDESBENCH_EXPERIMENTS", str(tmp_path))
+    shutil.copy(MY_KD, tmp_path / "my_kd.py")
+    res = cli("--plugin", tmp_path / "my_kd.py", "list", "tables")
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines()}
+    assert rows["mine"][1:5] == [str(tmp_path / "mine.yaml"), "3", "rows", "my"]
+    assert rows["table3"][1:4] == ["built-in", "12", "rows"] and "Table 3: CamVid" in " ".join(rows["table3"])
