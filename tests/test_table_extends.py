@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.stats
 
 from sdesbench.errors import ConfigError
 from sdesbench.experiments.plan import Sweep
 from sdesbench.experiments.spec import load_spec
+from sdesbench.report import ReportOptions, build_report
+from test_significance import fake_run, rows_of
 
 STUDENTS = {"DeepLabV3-ResNet-18", "DeepLabV3-MobileNetV2", "PSPNet-ResNet-18"}
 ROW = "{label: Mine, method: kl, teacher: deeplabv3_resnet101_cirkd, options: {kd_temperature: 4}}"
@@ -101,3 +105,46 @@ def test_a_bad_extension_is_one_line(tmp_path, text, needle):
         load_spec(str(bad))
     assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
 
+
+
+# ----------------------------------------------------------------------------- the report
+
+OURS = "L_SS + L_DPED + L_DFED"  # table4's SDES row, the row `--against` names
+MIOU = {"L_SS": [60.0, 61.0, 62.5], OURS: [63.0, 63.5, 65.0], "Mine": [64.0, 66.0, 66.5]}
+
+
+def welch_by_hand(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
+    """mean(a) - mean(b), its Welch 95% interval and p, from the formula (scipy's ttest_ind for p)."""
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    delta, half = np.mean(a) - np.mean(b), scipy.stats.t.ppf(0.975, df) * np.sqrt(va + vb)
+    return delta, delta - half, delta + half, scipy.stats.ttest_ind(a, b, equal_var=False).pvalue
+
+
+def test_the_report_puts_the_new_rows_beside_the_bases_and_compares_them_against_a_named_row(tmp_path):
+    results = tmp_path / "results"
+    spec = write(tmp_path, "mine.yaml", "extends: table4\ngroups:\n  - {name: EfficientNet-B0, rows: "
+                                        "[{label: Mine, method: sdes, options: {tau: 3}}]}\n")
+    seeds = (0, 1, 2)
+    base = {(p.row, p.seed): p for p in Sweep("table4", "smoke", seeds, results).plans()}
+    ext = {(p.row, p.seed): p for p in Sweep(str(spec), "smoke", seeds, results).plans()}
+    for (row, seed), plan in ext.items():  # the base's runs recorded under the base's own table, the new row's here
+        if row in MIOU:
+            fake_run(base.get((row, seed), plan), MIOU[row][seed])
+    with pytest.raises(ConfigError, match="has no row 'SDES'"):
+        build_report(Sweep(str(spec), "smoke", seeds, results), ReportOptions(against="SDES"))
+    md = build_report(Sweep(str(spec), "smoke", seeds, results), ReportOptions(against=OURS)).md
+    rows = rows_of(md)
+    assert list(rows)[-1] == "Mine" and len(rows) == 6  # table4's five rows, then the new one, same columns
+    assert rows["L_SS"]["paper mIoU"] == "67.56" and rows["Mine"]["paper mIoU"] == "—"
+    assert rows["L_SS"]["mIoU"] == "61.17 ± 1.26" and rows["Mine"]["mIoU"] == "65.50 ± 1.32"
+    assert rows["Mine"]["Δ Student mIoU"] == f"{np.mean(MIOU['Mine']) - np.mean(MIOU['L_SS']):+.2f}" == "+4.33"
+    assert rows["Mine"][f"Δ {OURS} mIoU"] == "+1.67" and rows[OURS][f"Δ {OURS} mIoU"] == "ref"
+    for versus, p_column in (("Student", "Welch p mIoU"), (OURS, f"Welch p vs {OURS} mIoU")):
+        delta, low, high, p = welch_by_hand(MIOU["Mine"], MIOU["L_SS" if versus == "Student" else OURS])
+        star = " *" if low > 0 or high < 0 else ""
+        assert rows["Mine"][f"vs {versus} mIoU (seeds: Welch 95% CI)"] == f"{delta:+.2f} [{low:+.2f}, {high:+.2f}]{star}"
+        assert rows["Mine"][p_column] == f"{p:.3f}"
+    assert rows["L_SS + L_DFED"][f"vs {OURS} mIoU (seeds: Welch 95% CI)"] == "—"  # never run
+    assert rows["Mine"]["L_DPED"] == "" and rows["Rand split + L_DFED"]["L_DPED"] == "random split"
+    assert "Extends the table `table4`" in md and f"`--against {OURS}`" in md

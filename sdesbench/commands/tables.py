@@ -24,6 +24,11 @@ def print_written(written) -> None:
         err.print("wrote " + ", ".join(map(str, written.files)), soft_wrap=True)
 
 
+AGAINST_OPTION = typer.Option(None, "--against", help="Also compare every row with this row of its group (a label "
+                              "such as CIRKD, or group/label): the difference in points, and with two or more seeds "
+                              "its Welch 95% interval and p-value (its bootstraps too with --stats).")
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def run(
@@ -49,11 +54,13 @@ def register(app: typer.Typer) -> None:
                                              "whose checkpoint is not here (a fresh clone keeps records, not "
                                              "weights), for `show` and `report --qualitative`; each says whether "
                                              "it reproduces its record."),
+        against: Optional[str] = AGAINST_OPTION,
     ):
         """Run every row of a paper table (teachers first; finished runs are skipped), then print the table."""
         from sdesbench.experiments.launch import check_launcher, submit_to_slurm
         from sdesbench.experiments.parallel import parse_gpus, plan_slots, train_here
         from sdesbench.report import ReportOptions, build_report
+        from sdesbench.report.tables import check_against
 
         gpu_ids = parse_gpus(gpus) if gpus is not None else None
         if not dry_run:
@@ -62,7 +69,9 @@ def register(app: typer.Typer) -> None:
                 raise SdesbenchError("--gpus, --gpus-per-run and --workers apply to --launcher local")
             plan_slots(gpu_ids, gpus_per_run, workers)  # a bad combination fails before planning too
         sweep = make_sweep(table, preset, seeds, results, sets)
-        plans = sweep.plans()
+        spec = sweep.spec()
+        check_against(spec, against)  # before anything trains
+        plans = sweep.plans(spec)
         if restore_weights:
             for p in plans:
                 p.needs_weights = True
@@ -76,7 +85,7 @@ def register(app: typer.Typer) -> None:
                       f"--results {results}")
             return
         failed = train_here(plans, sweep, progress, gpu_ids, gpus_per_run, workers)
-        print_written(build_report(sweep, ReportOptions()))
+        print_written(build_report(sweep, ReportOptions(against=against)))
         err.print(f"{sweep.title}: {time.perf_counter() - t0:.0f} s")
         if failed:
             raise SdesbenchError(f"{failed} run(s) failed; the table shows them as failed")
@@ -118,12 +127,14 @@ def register(app: typer.Typer) -> None:
                                             "every run under these eval settings (repeatable eval.key=value), e.g. "
                                             "'eval.scales=[0.5,0.75,1.0,1.25,1.5,1.75]' eval.flip=true: a column "
                                             "`mIoU (MS+flip)`, read from what `sdesbench eval --record` wrote."),
+        against: Optional[str] = AGAINST_OPTION,
     ):
         """Write results/<table>-<preset>.md/.csv (fig3: PNG plots too): measured mean ± std beside the paper."""
         from sdesbench.experiments.spec import list_tables, load_spec
         from sdesbench.io import check_writable
         from sdesbench.report import ReportOptions, build_report
         from sdesbench.report.columns import ExtraEvaluation, metric_columns
+        from sdesbench.report.tables import check_against
 
         unknown = [f for f in formats if f not in ("md", "latex")]
         if unknown:
@@ -137,12 +148,13 @@ def register(app: typer.Typer) -> None:
             missing = [r for r in wanted if r not in known]
             if missing and not spec.is_sweep:
                 raise SdesbenchError(f"--rows: {table} has no row {missing[0]!r}{did_you_mean(missing[0], known)}")
+            check_against(spec, against)
         check_writable(results)
         options = ReportOptions(stats=stats, latex="latex" in formats, curves=curves, plot=plot,
                                 qualitative=qualitative, force=force,
                                 rows=wanted,
                                 columns=metric_columns(columns) if columns is not None else (),
-                                extra=ExtraEvaluation.parse(eval_sets))
+                                extra=ExtraEvaluation.parse(eval_sets), against=against)
         for table in names:
             print_written(build_report(make_sweep(table, preset, seeds, results, sets), options))
 

@@ -15,6 +15,11 @@ or with the row's seed, `teacher_seed: same`, which makes it the table's Student
 configuration hash) or `teacher: <model name>` (the table's teacher network, at the row's seed).
 A sweep spec (fig3) has `sweeps` (one per hyper-parameter) instead of groups.
 
+A spec may extend another (`extends: cirkd`, a name or a path relative to the spec): it is composed with
+its base when it loads (`extend_spec`): the base's presets, protocol, options and rows are inherited, a
+group named as one of the base's adds rows to it, any other group is new, and `only_groups` keeps some of
+the base's groups (docs/tables.md, "Tables that extend ours").
+
 Loading checks every key and type (the same `from_dict` as the run config, the same one-line
 errors naming the file and key), every preset's protocol as a run configuration, and every name
 (model, method, dataset) against the registries.

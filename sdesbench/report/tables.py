@@ -29,10 +29,11 @@ import pandas as pd
 from sdesbench.engine.inference import Inference
 from sdesbench.engine.metrics import miou_convention
 from sdesbench.engine.record import RunRecord, read_image_counts
-from sdesbench.errors import StorageError
+from sdesbench.errors import ConfigError, StorageError
 from sdesbench.experiments.plan import PlannedRun, Sweep
 from sdesbench.experiments.spec import Spec
 from sdesbench.io import write_text
+from sdesbench.registry import did_you_mean
 from sdesbench.report.columns import (COST_COLUMNS, METRIC_LABEL, RECORD_KEY, ExtraEvaluation, SizeColumns,
                                       cost_cells)
 from sdesbench.report.numbers import fmt, mean_or_none
@@ -70,6 +71,9 @@ class ReportOptions:
     force: bool = False
     columns: tuple[str, ...] = ()  # the metrics shown (`--columns miou,pa,macc`); () = the spec's `metrics`
     extra: ExtraEvaluation | None = None  # a second evaluation of each run (`--eval-set`), a column per metric
+    # a row label (`CIRKD`) or group/label key: every row of a group holding it is compared with it too, as
+    # with its Student row (`--against`: "is my method better than CIRKD?")
+    against: str | None = None
 
     def metrics(self, spec: Spec) -> tuple[str, ...]:
         return tuple(self.columns) or tuple(spec.metrics)
@@ -88,6 +92,9 @@ class RowResults:
     # where a side lacks runs; empty on the Student row itself and in a group without one
     differences: dict[str, dict[str, Difference | None]] = field(default_factory=dict)
     is_reference: bool = False
+    # the same against the row `ReportOptions.against` names in the row's group (empty without one)
+    against_differences: dict[str, dict[str, Difference | None]] = field(default_factory=dict)
+    is_against: bool = False
 
     def status_text(self) -> str:
         parts = sorted(set(self.status))
@@ -155,6 +162,17 @@ def reference_rows(entries: list[RowResults]) -> dict[str, RowResults]:
     return refs
 
 
+def named_rows(entries: list[RowResults], name: str) -> dict[str, RowResults]:
+    """Each group's row that `name` names: its label (`CIRKD`, in every group that has one) or its key
+    (`DeepLabV3-ResNet-18/CIRKD`, that group only)."""
+    return {e.plan.group: e for e in entries if name in (e.plan.row, e.plan.key)}
+
+
+def against_label(name: str) -> str:
+    """What the columns comparing with the `--against` row call it: its label."""
+    return name.rsplit("/", 1)[-1]
+
+
 def seed_counts(entry: RowResults, source: str) -> dict[int, tuple[list[str], np.ndarray]]:
     """seed -> (image ids, images x 3 x C counts of prediction `source`) of the row's completed runs."""
     out = {}
@@ -171,7 +189,7 @@ def seed_counts(entry: RowResults, source: str) -> dict[int, tuple[list[str], np
 def shared_counts(entry: RowResults, ref: RowResults) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """seed -> counts of the row's and of the Student row's runs, those scored on the Student row's images
     (the ids of its first seed with counts); a run scored on other images is left out."""
-    mine, theirs = seed_counts(entry, entry.plan.metric_source), seed_counts(ref, "student")
+    mine, theirs = seed_counts(entry, entry.plan.metric_source), seed_counts(ref, ref.plan.metric_source)
     if not theirs:
         return {}, {}
     ids = theirs[min(theirs)][0]
@@ -198,10 +216,21 @@ def differences(entry: RowResults, ref: RowResults, metric: str, seeds: bool,
     return out
 
 
-# test -> (the interval's column, the p-value's column); `{m}` is the metric's label
-COLUMNS = {"welch": ("vs Student {m} (seeds: Welch 95% CI)", "Welch p {m}"),
-           "two_level": ("vs Student {m} (seeds + images: bootstrap 95% CI)", "seeds + images p {m}"),
-           "images": ("vs Student {m} (test images only: bootstrap 95% CI)", "images only p {m}")}
+# test -> (the interval's column, the p-value's column); `{m}` is the metric's label, `{v}` the row compared
+# with: `Student` (each group's Student row) or the `--against` row's label (its p-value columns say it too)
+VERSUS_COLUMNS = {"welch": ("vs {v} {m} (seeds: Welch 95% CI)", "Welch p{p} {m}"),
+                  "two_level": ("vs {v} {m} (seeds + images: bootstrap 95% CI)", "seeds + images p{p} {m}"),
+                  "images": ("vs {v} {m} (test images only: bootstrap 95% CI)", "images only p{p} {m}")}
+STUDENT = "Student"
+
+
+def versus_columns(versus: str = STUDENT) -> dict[str, tuple[str, str]]:
+    """`VERSUS_COLUMNS` for the row compared with; the Student row's p-value columns keep their short names."""
+    p = "" if versus == STUDENT else f" vs {versus}"
+    return {t: (ci.replace("{v}", versus), pv.replace("{p}", p)) for t, (ci, pv) in VERSUS_COLUMNS.items()}
+
+
+COLUMNS = versus_columns()
 
 
 def comparison_tests(seeds: bool, stats: bool) -> list[str]:
@@ -210,38 +239,58 @@ def comparison_tests(seeds: bool, stats: bool) -> list[str]:
     return (["welch"] if seeds else []) + ((["two_level"] if seeds else []) + ["images"] if stats else [])
 
 
-def comparison_cells(entry: RowResults, metrics: tuple[str, ...], tests: list[str]) -> dict[str, str]:
-    """The row's difference to its group's Student row (`entry.differences`) per metric and test: the
-    interval cell and the p-value cell; "ref" on the Student row itself, "—" where a side lacks runs."""
+def comparison_cells(entry: RowResults, metrics: tuple[str, ...], tests: list[str],
+                     versus: str = STUDENT) -> dict[str, str]:
+    """The row's difference to its group's Student row (`entry.differences`), or to the `--against` row
+    (`versus` its label: `entry.against_differences`), per metric and test: the interval cell and the p-value
+    cell; "ref" on that row itself, "—" where a side lacks runs."""
+    against = versus != STUDENT
+    diffs, is_ref = (entry.against_differences, entry.is_against) if against else (entry.differences, entry.is_reference)
     out: dict[str, str] = {}
     for m in metrics:
         label = METRIC_LABEL.get(m, m)
         for test in tests:
-            diff = entry.differences.get(m, {}).get(test)
-            if entry.is_reference:
+            diff = diffs.get(m, {}).get(test)
+            if is_ref:
                 cell, p = "ref", ""
             else:
                 cell, p = (diff.cell(), diff.p_cell()) if diff else ("—", "—")
-            ci_column, p_column = COLUMNS[test]
+            ci_column, p_column = versus_columns(versus)[test]
             out[ci_column.format(m=label)] = cell
             out[p_column.format(m=label)] = p
     return out
 
 
+def point_difference(entry: RowResults, ref: RowResults | None, metric: str) -> str:
+    """The row's mean minus the reference row's, in points (any number of seeds): "ref" on the reference row,
+    "—" without one or without runs on a side."""
+    if ref is entry:
+        return "ref"
+    mine, theirs = (mean_or_none(entry.values[metric]), mean_or_none(ref.values[metric]) if ref else None)
+    return f"{mine - theirs:+.2f}" if mine is not None and theirs is not None else "—"
+
+
 def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = False,
-               stats: bool = False, extra: ExtraEvaluation | None = None) -> tuple[pd.DataFrame, list[str], list[RowResults]]:
-    """`table_frame` plus the rows' results (for the LaTeX table)."""
+               stats: bool = False, extra: ExtraEvaluation | None = None,
+               against: str | None = None) -> tuple[pd.DataFrame, list[str], list[RowResults]]:
+    """`table_frame` plus the rows' results (for the LaTeX table). A table that extends another, or one
+    compared `against` a named row, also gets each row's point difference to its group's Student row (and to
+    the named row: `Δ Student mIoU`, `Δ CIRKD mIoU`); `against` adds its intervals and p-values too."""
     metrics = tuple(spec.metrics)
     sizes = SizeColumns(spec, results)
     entries = collect(plans, metrics, extra)
     extra_label = extra_column_label(plans, extra)
     with_paper = {m for m in metrics if m in PAPER_METRICS}
     refs = reference_rows(entries)
+    named = named_rows(entries, against) if against else {}
+    versus = against_label(against) if against else None
+    deltas = bool(spec.extends or against)
     several_seeds = max((len(e.runs) for e in entries), default=0) >= 2
-    lines = []
+    shown = dict.fromkeys(k for e in entries for k in e.plan.show)  # a row without a display column (a row of
+    lines = []                                                         # an extension) shows it blank
     for entry in entries:
         plan = entry.plan
-        line: dict[str, Any] = {"Network": plan.group, "Method": plan.row, **plan.show}
+        line: dict[str, Any] = {"Network": plan.group, "Method": plan.row, **dict.fromkeys(shown, ""), **plan.show}
         for m in metrics:
             label = METRIC_LABEL.get(m, m)
             vals = entry.values[m]
@@ -258,7 +307,19 @@ def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = 
         entry.is_reference = ref is entry
         if ref is not None and not entry.is_reference:
             entry.differences = {m: differences(entry, ref, m, several_seeds, stats) for m in metrics}
+        if deltas:
+            for m in metrics:
+                label = METRIC_LABEL.get(m, m)
+                line[f"Δ {STUDENT} {label}"] = point_difference(entry, ref, m)
+                if versus:
+                    line[f"Δ {versus} {label}"] = point_difference(entry, named.get(plan.group), m)
         line.update(comparison_cells(entry, metrics, comparison_tests(several_seeds, stats)))
+        if versus:
+            mark = named.get(plan.group)
+            entry.is_against = mark is entry
+            if mark is not None and not entry.is_against:
+                entry.against_differences = {m: differences(entry, mark, m, several_seeds, stats) for m in metrics}
+            line.update(comparison_cells(entry, metrics, comparison_tests(several_seeds, stats), versus))
         line.update(sizes.cells(plan))
         if cost:
             line.update(cost_cells(entry.records, sizes.cache))
@@ -277,14 +338,15 @@ def table_frame(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool =
     return df, notes
 
 
-def wide_markdown(df: pd.DataFrame, metric: str) -> str:
+def wide_markdown(df: pd.DataFrame, metric: str, against: str | None = None) -> str:
     """Networks as rows and methods as columns (Table 1): measured, paper and Δ lines per network (and
-    the difference to the Student column with its p-values when the table has them)."""
+    the difference to the Student column, and to the `against` row, with its p-values when the table has them)."""
     label = METRIC_LABEL.get(metric, metric)
     methods = list(dict.fromkeys(df["Method"]))
-    kinds = [(what, col) for what, col in (("measured", label), ("paper", f"paper {label}"), ("Δ", f"Δ {label}"))
-             if col in df.columns]
-    comparison = {c.format(m=label) for pair in COLUMNS.values() for c in pair}
+    versus = [STUDENT] + ([against_label(against)] if against else [])
+    kinds = [(what, col) for what, col in (("measured", label), ("paper", f"paper {label}"), ("Δ", f"Δ {label}"),
+                                           *((f"Δ {v}", f"Δ {v} {label}") for v in versus)) if col in df.columns]
+    comparison = {c.format(m=label) for v in versus for pair in versus_columns(v).values() for c in pair}
     kinds += [(c.replace(f" {label} (", " (").replace(f" {label}", ""), c) for c in df.columns if c in comparison]
     lines = []
     for net, part in df.groupby("Network", sort=False):
@@ -362,34 +424,56 @@ TEST_NOTES = {
 }
 
 
-def comparison_note(df: pd.DataFrame, metrics: tuple[str, ...]) -> str:
-    """The note under a table with `vs Student` columns: what each of its tests answers; "" without any."""
+AGAINST_NOTE = ("\n`Δ {v}` and `vs {v} ...`: the row minus the `{v}` row of its group (`--against {name}`), with "
+                "the same tests as against the Student row; `ref` is that row itself, `—` a group without one.\n")
+DELTA_NOTE = "\n`Δ Student`: the row's mean minus its group's Student row's, in points.\n"
+
+
+def comparison_note(df: pd.DataFrame, metrics: tuple[str, ...], against: str | None = None) -> str:
+    """The note under a table with `vs Student` (or `Δ Student`) columns: what each of its tests answers, and
+    what the `--against` columns compare; "" without any."""
     label = METRIC_LABEL.get(metrics[0], metrics[0])
     tests = [t for t, (ci, _) in COLUMNS.items() if ci.format(m=label) in df.columns]
-    if not tests:
-        return ""
-    return COMPARISON_NOTE.format(tests=" ".join(TEST_NOTES[t].format(draws=BOOTSTRAP_DRAWS) for t in tests))
+    note = DELTA_NOTE if f"Δ {STUDENT} {label}" in df.columns else ""
+    if tests:
+        note += COMPARISON_NOTE.format(tests=" ".join(TEST_NOTES[t].format(draws=BOOTSTRAP_DRAWS) for t in tests))
+    if against:
+        note += AGAINST_NOTE.format(v=against_label(against), name=against)
+    return note
+
+
+def check_against(spec: Spec, name: str | None) -> None:
+    """`--against` names a row of the table, by label or group/label key (one line with a did-you-mean)."""
+    if name is None:
+        return
+    known = {r.label for g in spec.groups for r in g.rows} | {f"{g.name}/{r.label}" for g in spec.groups for r in g.rows}
+    if spec.is_sweep or name not in known:
+        raise ConfigError(f"--against: {spec.name} has no row {name!r}{did_you_mean(name, known)}")
 
 
 def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) -> Written:
     """Write results/<table>-<preset>.md and .csv (unless the existing table holds more measured cells)."""
     options = options or ReportOptions()
     plans = sweep.plans(spec)
+    check_against(spec, options.against)
     df, notes, entries = table_rows(plans, spec, sweep.results, cost=spec.cost, stats=options.stats,
-                                    extra=options.extra)
+                                    extra=options.extra, against=options.against)
     units = "/".join(METRIC_LABEL.get(m, m) for m in spec.metrics) + " in %"
     md = (f"# {spec.title}\n\nPreset `{sweep.preset}`, seeds {','.join(map(str, sweep.seeds))}. "
           f"{protocol_line(plans)} {units}, mean ± std over seeds; Δ = measured mean − paper. Cells without a "
           f"number give the run's status (reason in `status`).\n\n{evaluation_lines(plans, options.extra)}\n\n")
+    if spec.extends:
+        md += (f"Extends the table `{spec.extends}`: its rows, the same runs as its own table's, beside this spec's "
+               "rows, under the same protocol.\n\n")
     if spec.layout == "wide":
         for m in spec.metrics:
-            md += wide_markdown(df, m) + "\n\n"
+            md += wide_markdown(df, m, options.against) + "\n\n"
         md += "## Status and training cost per row\n\n"
         keep = ["Network", "Method"] + [c for c in (*COST_COLUMNS, "seeds", "status") if c in df.columns]
         md += df[keep].to_markdown(index=False, disable_numparse=True) + "\n"
     else:
         md += df.to_markdown(index=False, disable_numparse=True) + "\n"
-    md += comparison_note(df, tuple(spec.metrics))
+    md += comparison_note(df, tuple(spec.metrics), options.against)
     if spec.cost:
         md += ("\nTraining cost: `step s/iter` = the training steps' time / iterations (step_time_s: no loader "
                "waits, evaluations, checkpoints or setup); `wall s` = the run's real wall time, all of those "
