@@ -12,6 +12,7 @@ model meets several methods and each method meets a DeepLabV3 and, for most, a r
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sdesbench.config import TrainConfig
 from sdesbench.data.base import class_pixel_counts
@@ -21,7 +22,7 @@ from sdesbench.methods import METHODS
 from sdesbench.methods.base import StepInfo
 from sdesbench.models import MODELS, count_params
 
-TEACHERS_ONLY = ("deeplabv3_resnet101", "deeplabv3_resnet101_cirkd")
+TEACHERS_ONLY = ("deeplabv3_resnet101", "deeplabv3_resnet101_cirkd", "segformer_mit_b4")
 MODELS_UNDER_TEST = [m for m in MODELS.names() if m not in TEACHERS_ONLY]
 ON_EVERY_MODEL = [("student", {}), ("sdes", {}), ("sdes", {"expert": "student", "n_experts": 2})]
 MODEL_OFFSETS = (0, 3)  # a method's two models: consecutive methods start one model further along
@@ -80,3 +81,31 @@ def test_every_method_trains_and_evaluates_with_model(model_name, counts):
                 assert logits.shape == out["logits"].shape == (2, 11, 40, 56), (method_name, name)
         # the method's own modules never enter the deployed student
         assert count_params(model) == n_student
+
+
+
+def test_feature_methods_from_cnn_teacher_to_transformer_student():
+    """A CNN teacher (CIRKD's DeepLabV3-R18: fused feature 128 channels at stride 8) and a SegFormer student
+    (256 channels at stride 4). CWD on the decoder feature passes the student map through its 1x1 adapter and
+    resizes it to the teacher's grid: the term equals Shu et al. Eq. 3 written out here on those maps. CWD and
+    CIRKD (which resizes the student feature to the teacher's, then projects it) train."""
+    student, teacher = "segformer_mit_b0", "deeplabv3_resnet18_cirkd"
+    x, y = torch.randn(2, 3, 48, 64), torch.randint(0, 11, (2, 48, 64))
+    learner = step.random_learner(student, "cwd", 11, {"cwd_on": "decoder_feature"}, train=TrainConfig(iters=10),
+                                  teacher_model=teacher)
+    with torch.no_grad():
+        s_out, t_out = learner.model(x), learner.teacher(x)
+        term = learner.method.loss_terms(s_out, y, StepInfo(0, 10), t_out)["cwd"]
+        s, t = s_out["decoder_feature"], t_out["decoder_feature"]
+        assert (s.shape[1:], t.shape[1:]) == ((256, 12, 16), (128, 6, 8))
+        tau = 4.0
+        s = F.interpolate(learner.method.cwd.adapter(s), size=t.shape[-2:], mode="bilinear", align_corners=False)
+        p_t = torch.softmax(t.flatten(2) / tau, dim=2)
+        kl = (p_t * (torch.log(p_t) - torch.log_softmax(s.flatten(2) / tau, dim=2))).sum()
+    assert term.item() == pytest.approx(3.0 * tau ** 2 * kl.item() / (2 * 128), rel=1e-4)
+    for method, built in (("cwd", learner), ("cirkd", None)):
+        built = built or step.random_learner(student, method, 11, {}, train=TrainConfig(iters=10), teacher_model=teacher)
+        before = [p.detach().clone() for p in built.model.parameters()]
+        terms = step.train_step(built, x, y, StepInfo(0, 10))
+        assert all(torch.isfinite(v) for v in terms.values()) and len(terms) > 1, (method, terms)
+        assert any(not torch.equal(b, p) for b, p in zip(before, built.model.parameters())), method

@@ -3,6 +3,7 @@ counting against hand formulas, and the pretrained-weights errors."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,8 @@ LAYOUT = {
     "deeplabv3_resnet18_cirkd": ([64, 128, 256, 512], [4, 8, 8, 8], 128, 8),
     "deeplabv3_resnet101_cirkd": ([256, 512, 1024, 2048], [4, 8, 8, 8], 256, 8),
     "deeplabv3_mobilenetv2_cirkd": ([24, 32, 96, 320], [4, 8, 8, 8], 128, 8),
+    "segformer_mit_b0": ([32, 64, 160, 256], [4, 8, 16, 32], 256, 4),
+    "segformer_mit_b4": ([64, 128, 320, 512], [4, 8, 16, 32], 768, 4),
 }
 
 # The paper's Params (M): Table 2 (19 classes) and "Results on CamVid" (11 classes).
@@ -50,7 +53,10 @@ def test_every_registered_model_has_a_documented_layout():
     assert set(LAYOUT) == set(MODELS.names())
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUT))
+# MiT-B4 is built from the same modules as B0 with other widths and depths; its layout and a forward are
+# checked in test_segformer_params_equal_cirkds_code, which builds it anyway (a backward through 64 M
+# parameters would cost more than the rest of this test)
+@pytest.mark.parametrize("name", sorted(set(LAYOUT) - {"segformer_mit_b4"}))
 def test_forward_backward_contract_and_rebuilt_decoder(name):
     torch.manual_seed(0)
     channels, strides, dec_channels, logit_stride = LAYOUT[name]
@@ -159,7 +165,7 @@ def test_profile_cli_json_and_errors():
     (row,) = json.loads(proc.stdout)
     assert set(row) >= {"model", "num_classes", "input_size", "params_m", "gflops", "paper_params_m", "paper_gflops"}
     assert (row["model"], row["num_classes"], row["input_size"]) == ("enet", 19, [32, 64])
-    assert row["params_m"] == round(count_params(build_model("enet", 19)) / 1e6, 4)
+    assert row["params_m"] == round(count_params(build_model("enet", 19)) / 1e6, 6)
     assert row["paper_params_m"] == 0.36 and row["paper_gflops"] is None  # FLOPs compared at 512x1024 only
     assert_one_line_error(run_cli("profile", "--model", "enet", "--input", "30x64"), "--input")
     assert_one_line_error(run_cli("profile", "--model", "enett"), "unknown model")
@@ -303,7 +309,7 @@ def test_profile_cirkd_reference_for_cirkds_students(name, params_m, gflops):
     (row,) = json.loads(proc.stdout)
     assert (row["reference"], row["input_size"], row["aux"], row["counter"]) == ("cirkd", [1024, 2048], True, "cirkd")
     assert (row["paper_params_m"], row["paper_gflops"]) == (params_m, gflops)
-    assert row["params_m"] == round(count_params(build_model(ModelConfig(name=name, aux=True), 19)) / 1e6, 4)
+    assert row["params_m"] == round(count_params(build_model(ModelConfig(name=name, aux=True), 19)) / 1e6, 6)
     assert abs(row["params_rel_diff"]) < 0.01 and abs(row["gflops_rel_diff"]) < 0.01, row
     assert row["gflops_rel_diff"] == pytest.approx((row["cirkd_counter_gflops"] - gflops) / gflops, abs=1e-6)
     assert 0 < row["gflops"] < row["cirkd_counter_gflops"]  # fvcore: dilated convs at their true output size
@@ -381,3 +387,159 @@ def test_cirkd_mobilenetv2_loads_csail_layout_in_order(tmp_path):
         build_model(ModelConfig(name="deeplabv3_mobilenetv2_cirkd", pretrained=True, weights=str(tmp_path / "short.pth")), 19)
     with pytest.raises(ConfigError, match="model.weights"):  # pretrained without a file: timm has no such weights
         build_model(ModelConfig(name="deeplabv3_resnet101_cirkd", pretrained=True), 19)
+
+
+# --- SegFormer as CIRKD builds it (sdesbench/models/segformer.py) -----------------------------------------
+
+CIRKD_SEGFORMER_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "cirkd_segformer.json"
+
+
+def mit_params_by_hand(widths, depths, decoder_dim, classes, sr_ratios=(8, 4, 2, 1), mlp_ratio=4):
+    """SegFormer's parameter count from its description (Xie et al. 2021, Sec. 3; CIRKD's fuse conv with bias)."""
+    total, cin = 0, 3
+    for i, (c, depth, r) in enumerate(zip(widths, depths, sr_ratios)):
+        k = 7 if i == 0 else 3
+        total += k * k * cin * c + c + 2 * c  # patch-embedding conv with bias + LayerNorm
+        h = mlp_ratio * c
+        attn = (c * c + c) + (2 * c * c + 2 * c) + (c * c + c)  # q, kv, proj with biases
+        if r > 1:
+            attn += r * r * c * c + c + 2 * c  # reduction conv + its LayerNorm
+        ffn = (c * h + h) + (9 * h + h) + (h * c + c)  # fc1, depth-wise 3x3 with bias, fc2
+        total += depth * (2 * c + attn + 2 * c + ffn) + 2 * c  # blocks (two norms each), then the stage norm
+        cin = c
+    d = decoder_dim
+    total += sum(c * d + d for c in widths) + 4 * d * d + d + 2 * d + d * classes + classes
+    return total
+
+
+def test_segformer_params_equal_cirkds_code():
+    """CIRKD's own MiT_B0 / MiT_B4 (fixture: counted on its code), the count from the architecture by hand,
+    and ours agree: 3,719,283 and 64,008,403 at 19 classes."""
+    counts = json.loads(CIRKD_SEGFORMER_FIXTURE.read_text())["params"]
+    model = build_model("segformer_mit_b4", 19).eval()
+    b0, b4 = count_params(build_model("segformer_mit_b0", 19)), count_params(model)
+    assert (b0, b4) == (counts["MiT_B0"], counts["MiT_B4"]) == (3_719_283, 64_008_403)
+    assert b0 == mit_params_by_hand((32, 64, 160, 256), (2, 2, 2, 2), 256, 19)
+    assert b4 == mit_params_by_hand((64, 128, 320, 512), (3, 8, 27, 3), 768, 19)
+    channels, strides, dec_channels, logit_stride = LAYOUT["segformer_mit_b4"]
+    assert (model.stage_channels, model.stage_strides, model.decoder_channels) == (channels, strides, dec_channels)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, SIZE, SIZE))
+    assert [tuple(s.shape) for s in out["stages"]] == [(1, c, SIZE // s, SIZE // s) for c, s in zip(channels, strides)]
+    assert out["decoder_feature"].shape == (1, dec_channels, SIZE // logit_stride, SIZE // logit_stride)
+    assert out["logits"].shape == (1, 19, SIZE, SIZE) and out["aux"] is None
+    with pytest.raises(ConfigError, match="no auxiliary head"):
+        build_model(ModelConfig(name="segformer_mit_b0", aux=True), 19)
+
+
+def test_segformer_reproduces_cirkd_outputs():
+    """CIRKD's own SegFormer MiT-B0 (2d8ad0f), given the tensors of `seeded_weights`, produced the recorded
+    logits (stride 4), fused-feature and stage channel means (the fixture's recipe)."""
+    fixture = json.loads(CIRKD_SEGFORMER_FIXTURE.read_text())
+    model = build_model("segformer_mit_b0", fixture["num_classes"]).eval()
+    seeded_weights(model, fixture["weights_seed"])
+    x = torch.randn(*fixture["input_shape"], generator=torch.Generator().manual_seed(fixture["input_seed"]))
+    assert x.double().sum().item() == pytest.approx(fixture["input_sum"], rel=1e-9)
+    with torch.no_grad():
+        out = model(x)
+        logits = model.decoder(out["stages"])["logits"][0]
+    ref = torch.tensor(fixture["logits"])
+    # bitwise equal in the recording process; the bound allows other CPUs' summation orders (float32 through
+    # 8 blocks and softmaxes: 1e-5 of the largest magnitude, plus 1e-5 relative), and the 8-digit recording
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert out["logits"].shape[-2:] == x.shape[-2:] and logits.shape[-2:] == (16, 24)
+    torch.testing.assert_close(out["decoder_feature"].mean(dim=(2, 3))[0], torch.tensor(fixture["feature_channel_mean"]),
+                               rtol=1e-4, atol=1e-5)
+    for got, want in zip(out["stages"], fixture["stage_channel_means"]):
+        torch.testing.assert_close(got.mean(dim=(2, 3))[0], torch.tensor(want), rtol=1e-4, atol=1e-5)
+
+
+def mmseg_layout(nvlabs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An NVlabs MiT state dict as mmsegmentation's `tools/model_converters/mit2mmseg.py` writes it (its rules
+    restated: q and kv concatenated into `attn.attn.in_proj_*`, fc1/fc2 as 1x1 convs, stage s -> `layers.{s-1}`)."""
+    out = {}
+    for k, v in nvlabs.items():
+        head, rest = k.split(".", 1)
+        if head.startswith("patch_embed"):
+            out[f"layers.{int(head[-1]) - 1}.0.{rest.replace('proj.', 'projection.')}"] = v
+        elif head.startswith("norm"):
+            out[f"layers.{int(head[-1]) - 1}.2.{rest}"] = v
+        elif head.startswith("block"):
+            prefix = f"layers.{int(head[-1]) - 1}.1."
+            if ".attn.q." in k:
+                out[prefix + rest.replace("attn.q.", "attn.attn.in_proj_")] = torch.cat([v, nvlabs[k.replace(".q.", ".kv.")]])
+            elif ".attn.proj." in k:
+                out[prefix + rest.replace("attn.proj.", "attn.attn.out_proj.")] = v
+            elif ".mlp." in k:
+                rest = rest.replace("mlp.fc1.", "ffn.layers.0.").replace("mlp.dwconv.dwconv.", "ffn.layers.1.")
+                rest = rest.replace("mlp.fc2.", "ffn.layers.4.")
+                out[prefix + rest] = v[..., None, None] if rest.endswith(("0.weight", "4.weight")) else v
+            elif ".attn.kv." not in k:
+                out[prefix + rest] = v
+    return out
+
+
+def test_segformer_loads_nvlabs_mmseg_and_cirkd_layouts(tmp_path):
+    """Files laid out as NVlabs' mit_b0.pth (CIRKD's encoder names, recorded, plus the ImageNet head), as
+    mmsegmentation's converted MiT, and as CIRKD's trained SegFormer checkpoint load tensor for tensor;
+    wrong files fail in one line."""
+    layout = json.loads(CIRKD_SEGFORMER_FIXTURE.read_text())["mit_b0_state"]
+    gen = torch.Generator().manual_seed(4)
+    cirkd = {name: torch.randn(shape, generator=gen) if shape else torch.tensor(9) for name, shape in layout}
+    encoder = {k: v for k, v in cirkd.items() if not k.startswith("linear_")}
+    nvlabs = {**encoder, "head.weight": torch.randn(1000, 256), "head.bias": torch.randn(1000)}
+    torch.save(nvlabs, tmp_path / "mit_b0.pth")
+    torch.save({"state_dict": mmseg_layout(encoder)}, tmp_path / "mmseg_mit_b0.pth")
+    torch.save(cirkd, tmp_path / "segformer_MiT_B0_citys_best_model.pth")
+
+    def load(file, classes=19):
+        return build_model(ModelConfig(name="segformer_mit_b0", pretrained=True, weights=str(tmp_path / file)), classes)
+
+    fresh = build_model("segformer_mit_b0", 19).decoder.state_dict()
+    for file in ("mit_b0.pth", "mmseg_mit_b0.pth"):  # the encoder; the decoder stays initialised
+        model = load(file)
+        own = model.backbone.state_dict()
+        assert len(own) == len(encoder) and all(torch.equal(own[k], v) for k, v in encoder.items()), file
+        assert torch.equal(model.decoder.state_dict()["linear_fuse.1.weight"], fresh["linear_fuse.1.weight"])
+        assert not torch.equal(model.decoder.state_dict()["linear_c1.proj.weight"], cirkd["linear_c1.proj.weight"])
+    model = load("segformer_MiT_B0_citys_best_model.pth")  # the whole network
+    own = {k.split(".", 1)[1]: v for k, v in model.state_dict().items()}
+    assert own.keys() == cirkd.keys() and all(torch.equal(own[k], v) for k, v in cirkd.items())
+    seven = load("segformer_MiT_B0_citys_best_model.pth", classes=7)  # another dataset: all but the classifier
+    assert torch.equal(seven.decoder.linear_fuse[0].weight, cirkd["linear_fuse.0.weight"])
+    assert seven.decoder.linear_pred.weight.shape[0] == 7
+    del encoder["block2.1.attn.kv.weight"]
+    torch.save(encoder, tmp_path / "short.pth")
+    with pytest.raises(ConfigError, match="does not fit the MiT-B0 backbone") as e:
+        load("short.pth")
+    assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(ConfigError, match="mit_b0.pth") as e:  # pretrained without a file: timm has no MiT
+        build_model(ModelConfig(name="segformer_mit_b0", pretrained=True), 19)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_segformer_flops_count_attention_matmuls():
+    """fvcore counts the two attention matmuls of every block (q k^T and attention x v: 2 N M C multiply-adds
+    for N queries, M = N / sr^2 keys, C channels), and leaves softmax, GELU and the scaling uncounted
+    (docs/models.md); `profile` prints the exact parameter count, 3.719283 M."""
+    from fvcore.nn import FlopCountAnalysis
+    from typer.testing import CliRunner
+
+    from sdesbench.cli import app
+
+    h, w = 64, 128
+    analysis = FlopCountAnalysis(build_profiled("segformer_mit_b0", 19), torch.zeros(1, 3, h, w))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice from fvcore's tracing
+        by_op = analysis.by_operator()
+    expected = 0
+    for c, depth, sr, stride in zip((32, 64, 160, 256), (2, 2, 2, 2), (8, 4, 2, 1), (4, 8, 16, 32)):
+        n = (h // stride) * (w // stride)
+        expected += depth * 2 * n * (n // sr ** 2) * c
+    assert by_op["matmul"] == expected
+    assert set(by_op) == {"conv", "linear", "matmul", "layer_norm", "batch_norm", "upsample_bilinear2d"}
+    assert {"aten::softmax", "aten::gelu"} <= set(analysis.unsupported_ops())
+    result = CliRunner().invoke(app, ["profile", "--model", "segformer_mit_b0", "--input", f"{h}x{w}"])
+    assert result.exit_code == 0, result.output
+    assert "3.719283" in result.output

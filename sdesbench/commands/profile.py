@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
             table.add_column(col, justify="left" if col == "model" else "right")
         for r in records:
             cells = [r["model"], "yes" if r["aux"] else "no", str(r["num_classes"]), "x".join(map(str, r["input_size"])),
-                     num(r["params_m"]), num(r["paper_params_m"]), num(r["params_rel_diff"], "{:+.2%}"),
+                     num(r["params_m"], "{:.6f}"), num(r["paper_params_m"]), num(r["params_rel_diff"], "{:+.2%}"),
                      num(r["gflops"])]
             if cirkd:
                 cells.append(num(r["cirkd_counter_gflops"]))

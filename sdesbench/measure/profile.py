@@ -220,7 +220,7 @@ def profile_rows(model: str | None = None, input_size: tuple[int, int] | None = 
         record = {
             "reference": reference, "model": row.model, "num_classes": classes, "input_size": list(size),
             "aux": row.aux, "counter": ref.counter,
-            "params_m": round(params_m, 4), "gflops": None if gflops is None else round(gflops, 4),
+            "params_m": round(params_m, 6), "gflops": None if gflops is None else round(gflops, 4),
             "paper_params_m": paper_params, "paper_gflops": paper_gflops,
             "params_rel_diff": rel_diff(params_m, paper_params), "gflops_rel_diff": rel_diff(counted, paper_gflops),
         }
