@@ -522,16 +522,17 @@ def test_segformer_flops_count_attention_matmuls():
     """fvcore counts the two attention matmuls of every block (q k^T and attention x v: 2 N M C multiply-adds
     for N queries, M = N / sr^2 keys, C channels), and leaves softmax, GELU and the scaling uncounted
     (docs/models.md); `profile` prints the exact parameter count, 3.719283 M."""
-    from fvcore.nn import FlopCountAnalysis
     from typer.testing import CliRunner
 
     from sdesbench.cli import app
 
     h, w = 64, 128
-    analysis = FlopCountAnalysis(build_profiled("segformer_mit_b0", 19), torch.zeros(1, 3, h, w))
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice from fvcore's tracing
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice from fvcore's import and tracing
+        from fvcore.nn import FlopCountAnalysis
+
+        analysis = FlopCountAnalysis(build_profiled("segformer_mit_b0", 19), torch.zeros(1, 3, h, w))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         by_op = analysis.by_operator()
     expected = 0
     for c, depth, sr, stride in zip((32, 64, 160, 256), (2, 2, 2, 2), (8, 4, 2, 1), (4, 8, 16, 32)):
