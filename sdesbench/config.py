@@ -52,6 +52,7 @@ EvalMode = Literal["whole", "slide"]  # whole images, or mmsegmentation's slidin
 TtaRule = Literal["mmseg", "mmseg0", "cirkd"]  # how eval.scales / eval.flip views are made and merged (docs/evaluation.md)
 EvalResize = Literal["fixed", "keep_ratio"]  # eval.size as the exact [H, W], or as mmcv's keep-ratio scale
 Resizer = Literal["auto", "antialias", "cv2"]  # how an evaluation input is resampled (engine/inference.py)
+Optimizer = Literal["sgd", "adamw"]  # the student's: SGD with momentum, or AdamW (CIRKD's SegFormer scripts)
 AbsentClasses = Literal["skip", "zero"]  # a class in neither labels nor predictions: left out of mIoU, or 0
 
 
@@ -96,6 +97,9 @@ class TrainConfig:
     momentum: float = field(default=0.9, metadata=rng(0.0, 1.0))
     weight_decay: float = field(default=1e-4, metadata=rng(0.0))
     poly_power: float = field(default=0.9, metadata=rng(0.0))
+    # added after runs were recorded: part of a run's key only when set (adamw: torch's AdamW with lr and
+    # weight_decay, default betas, momentum unused; CIRKD's `--optimizer-type adamw`)
+    optimizer: Optimizer = field(default="sgd", metadata=HASHED_WHEN_SET)
     seed: int = field(default=0, metadata=rng(0))
     checkpoint_every: int = field(default=100, metadata=rng(1, hash="never"))
     # also keep checkpoints/iter_<k>.pt at every multiple k of this (a multiple of checkpoint_every),

@@ -32,7 +32,8 @@ def test_the_key_is_the_hash_of_the_resolved_configuration():
     expected = {k: v for k, v in cfg.to_dict().items() if k not in ("output", "request", "plugins", "plugin_sha256")}
     expected["data"] = {k: v for k, v in expected["data"].items() if k not in ("root", "workers", "check")}
     expected["train"] = {k: v for k, v in expected["train"].items()
-                         if k not in ("checkpoint_every", "keep_checkpoints_every", "log_every", "device")}
+                         if k not in ("checkpoint_every", "keep_checkpoints_every", "log_every", "device",
+                                      "optimizer")}  # optimizer: added later, keyed when set
     # eval settings added after runs were recorded count only away from their default (config.HASHED_WHEN_SET)
     expected["eval"] = {k: v for k, v in expected["eval"].items()
                         if k not in ("every", "every_max_images", "workers") + EVAL_SETTINGS_ADDED_LATER}
@@ -204,3 +205,21 @@ def test_committed_table4_records_stay_done_in_a_dry_run():
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if "EfficientNet-B0/" in line]
     assert len(rows) == 5 and all(line.rstrip().rstrip("│").rstrip().endswith("done") for line in rows), proc.stdout
+
+
+def test_train_optimizer_is_keyed_only_when_set_and_builds_adamw():
+    """`train.optimizer` came after runs were recorded: at its default (sgd) no key changes; adamw (CIRKD's
+    SegFormer scripts) is torch's AdamW with the run's lr and weight decay, default betas."""
+    from torch import nn
+
+    from sdesbench.engine.step import make_optimizer
+
+    base = build_config({})
+    assert "optimizer" not in base.identity()["train"]
+    assert build_config({}, ["train.optimizer=sgd"]).identity_hash() == base.identity_hash()
+    adamw = build_config({}, ["train.optimizer=adamw", "train.lr=0.0002"])
+    assert adamw.identity()["train"]["optimizer"] == "adamw" and adamw.identity_hash() != base.identity_hash()
+    opt = make_optimizer(nn.Linear(3, 2), adamw.train)
+    assert type(opt).__name__ == "AdamW"
+    assert (opt.defaults["lr"], opt.defaults["weight_decay"], opt.defaults["betas"]) == (0.0002, 1e-4, (0.9, 0.999))
+    assert type(make_optimizer(nn.Linear(3, 2), base.train)).__name__ == "SGD"

@@ -139,10 +139,13 @@ def load_teacher(model_name: str | None, checkpoint: str | None, method_name: st
     return freeze(restore(checkpoint, device, state=state).model)
 
 
-def make_optimizer(unit: nn.Module, train: TrainConfig, exclude: set[int] = frozenset()) -> torch.optim.SGD:
-    """SGD over every trainable parameter of the student and the method's modules, except those whose
-    id is in `exclude` (the parameters a method updates itself)."""
+def make_optimizer(unit: nn.Module, train: TrainConfig, exclude: set[int] = frozenset()) -> torch.optim.Optimizer:
+    """`train.optimizer` (SGD with momentum, or AdamW with torch's default betas) over every trainable parameter
+    of the student and the method's modules, except those whose id is in `exclude` (the parameters a method
+    updates itself)."""
     params = [p for p in unit.parameters() if p.requires_grad and id(p) not in exclude]
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 

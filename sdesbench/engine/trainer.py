@@ -1,6 +1,6 @@
 """The one Trainer used by every method.
 
-Iteration-based SGD with poly decay (torch's PolynomialLR, stepped every iteration), a seeded and
+Iteration-based SGD (or AdamW, `train.optimizer`) with poly decay (torch's PolynomialLR, stepped every iteration), a seeded and
 resumable data stream, and `step.train_step` for every iteration; checkpoints, the log, the
 progress bar, signal handling and the final evaluation are hooks (`engine/hooks.py`). Each run
 ends with one atomic results record (`engine/record.py`), whose times the Trainer measures: the
@@ -131,8 +131,9 @@ class Trainer:
         unit = self.learner.plain_unit
         n = count_params(unit)
         buffers = sum(b.numel() * b.element_size() for b in unit.buffers())  # e.g. CIRKD's memory queues
-        # fp32 weights + momentum + the buffers, twice during the atomic write, + margin
-        need = 2 * (2 * 4 * n + buffers) + 64 * 2**20
+        # fp32 weights + momentum (AdamW: two moments) + the buffers, twice during the atomic write, + margin
+        states = 2 if self.cfg.train.optimizer == "adamw" else 1
+        need = 2 * ((1 + states) * 4 * n + buffers) + 64 * 2**20
         free = shutil.disk_usage(self.out).free
         if free < need:
             raise SdesbenchError(f"output folder {self.out} has {free / 2**20:.0f} MiB free; a checkpoint needs about "
