@@ -4,6 +4,7 @@ a machine without network, and the version."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -224,3 +225,45 @@ def test_qualitative_draws_the_rows_asked_for(tmp_path):
     assert asked == ["MobileNetV2/SAD", "EfficientNet-B0/KL*"]  # in the table's order
     bad = run_cli("report", "table3", "--results", str(tmp_path), "--qualitative", "1", "--rows", "KL")
     assert_one_line_error(bad, "--rows: table3 has no row 'KL'", "did you mean")
+
+
+# issue 26's acceptance spec: 6 lines, one row of the plugin's method per CIRKD student, beside CIRKD's rows
+MINE = """extends: cirkd
+plugins: [my_kd.py]
+groups:
+  - {name: DeepLabV3-ResNet-18, rows: [{label: MyKD, method: my_kd, teacher: deeplabv3_resnet101_cirkd}]}
+  - {name: DeepLabV3-MobileNetV2, rows: [{label: MyKD, method: my_kd, teacher: deeplabv3_resnet101_cirkd}]}
+  - {name: PSPNet-ResNet-18, rows: [{label: MyKD, method: my_kd, teacher: deeplabv3_resnet101_cirkd}]}
+"""
+CAMVID_PSP = "CamVid, PSPNet-ResNet-18"  # cirkd's smallest student group: Baseline and CIRKD, 2 runs + the teacher
+
+
+def test_a_plugin_method_in_a_table_that_extends_cirkd_from_the_installed_wheel(installed):
+    """Issue 26's acceptance, in an empty folder outside the checkout with the wheel installed: a 30-line plugin
+    (`tests/fixtures/plugins/my_kd.py`: pixel KD at a temperature) and a spec that extends `cirkd`, loads the
+    plugin and adds a row of it. The full command, `sdesbench run mine.yaml --preset smoke` with `MINE` (all
+    33 runs of cirkd's smoke table and the 3 new rows: about 5 minutes on 2 cores, docs/tables.md), is too long
+    for the suite; here the spec keeps cirkd's smallest group (`only_groups`) and the runs take 2 iterations.
+    A second spec extending the same base then trains only its own row."""
+    run, _, elsewhere = installed
+    folder = elsewhere / "acceptance"
+    folder.mkdir()
+    shutil.copy(ROOT / "tests" / "fixtures" / "plugins" / "my_kd.py", folder / "my_kd.py")
+    row = "{label: MyKD, method: my_kd, teacher: deeplabv3_resnet101_cirkd}"
+    (folder / "mine.yaml").write_text(MINE.split("groups:")[0] + f"only_groups: ['{CAMVID_PSP}']\n"
+                                      f"groups:\n  - {{name: '{CAMVID_PSP}', rows: [{row}]}}\n")
+    fast = ["--preset", "smoke", "--no-progress", "--set", "train.iters=2", "--set", "eval.max_images=2"]
+    first = run("-m", "sdesbench", "run", str(folder / "mine.yaml"), "--results", str(folder / "results"), *fast)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = (folder / "results" / "mine-smoke.md").read_text()
+    cells = {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): ln for ln in table.splitlines()
+             if ln.startswith(f"| {CAMVID_PSP}")}
+    assert set(cells) == {(CAMVID_PSP, "Baseline"), (CAMVID_PSP, "CIRKD"), (CAMVID_PSP, "MyKD")}, table
+    assert all(re.search(r"\| \d+\.\d\d +\|", ln) and "| ok " in ln for ln in cells.values()), table
+    assert "68.65" in cells[(CAMVID_PSP, "CIRKD")]  # CIRKD's reference number, inherited
+    (folder / "other.yaml").write_text("extends: mine.yaml\ngroups:\n  - {name: '" + CAMVID_PSP + "', rows: "
+                                       "[{label: MyKD T2, method: my_kd, teacher: deeplabv3_resnet101_cirkd, "
+                                       "options: {my_temperature: 2}}]}\n")
+    second = run("-m", "sdesbench", "run", str(folder / "other.yaml"), "--results", str(folder / "results"), *fast)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "1 run(s) to train" in second.stdout + second.stderr, second.stdout + second.stderr

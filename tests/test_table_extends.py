@@ -4,12 +4,15 @@ base's groups. The base's rows keep their configuration hashes under the extensi
 holds the base's runs trains only the extension's own rows."""
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.stats
 
+from sdesbench import plugins
 from sdesbench.errors import ConfigError
 from sdesbench.experiments.plan import Sweep
 from sdesbench.experiments.spec import load_spec
@@ -148,3 +151,49 @@ def test_the_report_puts_the_new_rows_beside_the_bases_and_compares_them_against
     assert rows["L_SS + L_DFED"][f"vs {OURS} mIoU (seeds: Welch 95% CI)"] == "—"  # never run
     assert rows["Mine"]["L_DPED"] == "" and rows["Rand split + L_DFED"]["L_DPED"] == "random split"
     assert "Extends the table `table4`" in md and f"`--against {OURS}`" in md
+
+
+# ----------------------------------------------------------------------------- plugins: in a spec
+
+MY_KD = Path(__file__).parent / "fixtures" / "plugins" / "my_kd.py"  # the plugin tests/test_plugins.py loads
+
+
+@pytest.fixture
+def forget_plugins():
+    """Every plugin a test loads is forgotten afterwards: the rest of the suite sees the package's registries."""
+    before = {p.target for p in plugins.loaded_plugins()}
+    yield
+    for p in plugins.loaded_plugins():
+        if p.target not in before:
+            plugins.unload(p)
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_specs_plugins_load_with_it_reach_every_run_and_are_inherited(tmp_path, forget_plugins):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "specs").mkdir()
+    plugin = tmp_path / "plugins" / "my_kd.py"
+    shutil.copy(MY_KD, plugin)
+    row = "{label: MyKD, method: my_kd, teacher: deeplabv3_resnet101_cirkd}"
+    write(tmp_path / "specs", "mine.yaml", "extends: cirkd\nplugins: [../plugins/my_kd.py]\n"
+          f"only_groups: [DeepLabV3-ResNet-18]\ngroups:\n  - {{name: DeepLabV3-ResNet-18, rows: [{row}]}}\n")
+    more = write(tmp_path, "more.yaml", "extends: specs/mine.yaml\n")  # inherits the plugin, from another folder
+    results = tmp_path / "results"
+    base = planned("cirkd", "smoke", results)
+    for spec in (tmp_path / "specs" / "mine.yaml", more):
+        assert load_spec(str(spec)).plugins == [str(plugin.resolve())]  # absolute: a worker finds it anywhere
+        ext = planned(str(spec), "smoke", results)
+        assert all(p.cfg.plugins == [str(plugin.resolve())] for p in ext.values())
+        assert all(ext[k].out == base[k].out for k in ext if k in base)  # built-in rows keep their keys
+        mine = ext[("DeepLabV3-ResNet-18/MyKD", 0)].cfg
+        assert mine.method.options["my_temperature"] == 4.0 and mine.plugin_sha256 == {"my_kd.py": sha256_of(plugin)}
+
+
+def test_a_missing_plugin_of_a_spec_is_one_line_naming_the_spec(tmp_path, forget_plugins):
+    bad = write(tmp_path, "bad.yaml", "extends: table4\nplugins: [nowhere.py]\n")
+    with pytest.raises(ConfigError) as err:
+        load_spec(str(bad))
+    assert str(err.value).startswith("bad.yaml: plugin ") and "not found" in str(err.value), str(err.value)

@@ -2,7 +2,8 @@
 
 Every layer of a spec that shapes a run is applied here, in one place and one order, and nowhere else:
 the spec's `base`, the preset's sections, the group's `config` and its settings for the preset, the
-method's options (the spec's, the group's, the preset's, then the row's), the network and the teacher.
+method's options (the spec's, the group's, the preset's, then the row's), the network, the teacher and
+the spec's plugins (every process training the run loads them).
 `experiments/plan.py` turns each `RunRequest` into one planned run per seed without reading the spec
 again; a spec that extends another (`extends:`) is composed into one spec when it loads
 (`experiments/spec.py`), so its rows resolve exactly as the base's do and shared runs keep their keys.
@@ -58,7 +59,10 @@ def protocol_settings(spec: Spec, group: Group, preset: str, with_model: bool = 
     own = merge(group.config, group.presets.get(preset, {}))
     if not with_model:
         own = {k: v for k, v in own.items() if k != "model"}
-    return merge(spec.preset_settings(preset), own)
+    settings = merge(spec.preset_settings(preset), own)
+    if spec.plugins:  # every process that trains a run loads them (not part of its key)
+        settings["plugins"] = list(spec.plugins)
+    return settings
 
 
 def row_options(spec: Spec, group: Group, row: Row, preset: str) -> dict[str, Any]:

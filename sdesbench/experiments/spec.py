@@ -37,6 +37,7 @@ from sdesbench.data import DATASETS
 from sdesbench.errors import ConfigError
 from sdesbench.methods import METHODS
 from sdesbench.models import MODELS
+from sdesbench.plugins import is_path_source, load_plugins
 from sdesbench.registry import BUILT_IN, did_you_mean
 
 if TYPE_CHECKING:
@@ -140,6 +141,9 @@ class Spec:
     model: str | None = None
     sweeps: dict[str, ParameterSweep] = field(default_factory=dict)
     extends: str | None = None  # the table this one extends (set when the spec is composed with it)
+    # plugin sources (sdesbench/plugins.py) loaded when the spec loads and by every process training its runs:
+    # .py paths, stored absolute (a spec's relative to its file), or module names; an extension's add to its base's
+    plugins: list[str] = field(default_factory=list)
 
     @property
     def is_sweep(self) -> bool:
@@ -238,6 +242,7 @@ def load_spec(table: str) -> Spec:
     data.setdefault("name", name)
     data.setdefault("title", name)
     try:
+        load_plugins(data.get("plugins") or [])  # before any name is looked up in the registries
         spec = from_dict(Spec, data)
         check_spec(spec)
     except ConfigError as e:
@@ -257,6 +262,8 @@ def _spec_data(table: str, chain: tuple[str, ...]) -> tuple[dict[str, Any], str]
         raise ConfigError(f"{where}: a table spec needs a mapping with 'presets' (or 'extends: <table>')")
     if "only_groups" in data and "extends" not in data:
         raise ConfigError(f"{where}: only_groups keeps some of a base's groups; it needs 'extends: <table>'")
+    if "plugins" in data:
+        data["plugins"] = _plugin_sources(data["plugins"], source, where)
     if "extends" not in data:
         return data, where
     base = data.pop("extends")
@@ -276,6 +283,14 @@ def _spec_data(table: str, chain: tuple[str, ...]) -> tuple[dict[str, Any], str]
         return extend_spec(base_data, data, spec_name(base), spec_name(table)), where
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _plugin_sources(value: Any, source: Path | Traversable, where: str) -> list[str]:
+    """A spec's `plugins:` with each file's path made absolute from the spec's folder (module names kept)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{where}: plugins: expected a list of .py files or module names, got {value!r}")
+    folder = source.parent if isinstance(source, Path) else Path.cwd()
+    return [str((folder / Path(v).expanduser()).resolve()) if is_path_source(v) else v.strip() for v in value]
 
 
 # the keys of a group entry that names one of the base's groups: its rows are added, its settings are the base's
