@@ -6,6 +6,7 @@ plugin is one line with a non-zero exit, nothing recorded touched."""
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import signal
 import sys
@@ -180,3 +181,91 @@ def test_list_tables_gives_each_title_and_number_of_rows(cli, tmp_path, monkeypa
     rows = {line.split()[0]: line.split() for line in res.stdout.splitlines()}
     assert rows["mine"][1:5] == [str(tmp_path / "mine.yaml"), "3", "rows", "my"]
     assert rows["table3"][1:4] == ["built-in", "12", "rows"] and "Table 3: CamVid" in " ".join(rows["table3"])
+
+
+# --------------------------------------------------------------------------- training with a plugin
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`sdesbench --plugin my_kd.py run mine.yaml --workers 2`: the plugin reaches the two worker processes.
+    Three runs on the tiny data (Student, which is also the teacher; MyKD; KL), 2 iterations each."""
+    folder = tmp_path_factory.mktemp("plugin_table")
+    shutil.copy(MY_KD, folder / "my_kd.py")
+    (folder / "mine.yaml").write_text(SPEC)
+    results = folder / "results"
+    res = run_cli("--plugin", "my_kd.py", "run", "mine.yaml", "--results", results, "--workers", "2",
+                  "--no-progress", cwd=folder)
+    return folder, results, res
+
+
+def run_folder(results: Path, method: str) -> Path:
+    (folder,) = (results / "runs" / "tiny" / "enet" / method).iterdir()
+    return folder
+
+
+def test_a_plugin_table_trains_in_two_workers_and_each_record_names_its_plugins(trained):
+    folder, results, res = trained
+    assert res.returncode == 0, res.stderr
+    table = (results / "mine-smoke.md").read_text()
+    (row,) = [line for line in table.splitlines() if "MyKD" in line]
+    assert re.search(r"\b\d+\.\d\d\b", row), table  # a measured mIoU
+    mine = read_json(run_folder(results, "my_kd") / "results.json")
+    assert mine["status"] == "completed" and mine["metrics"]["miou"] > 0
+    assert mine["config"]["plugins"] == [str(folder / "my_kd.py")]
+    assert mine["config"]["plugin_sha256"] == {"my_kd.py": sha256(MY_KD)}
+    for method in ("student", "kl"):  # built-in rows beside the plugin: no plugin in their record or key
+        record = read_json(run_folder(results, method) / "results.json")
+        assert record["status"] == "completed"
+        assert record["config"]["plugins"] == [] and record["config"]["plugin_sha256"] == {}
+
+
+def test_one_edited_line_makes_its_rows_and_only_its_rows_stale(trained, cli, tmp_path):
+    folder, results, res = trained
+    assert res.returncode == 0, res.stderr
+    copy = results  # in place (a copy would move the teacher's checkpoint, whose path the runs' keys hold)
+    edited = tmp_path / "my_kd.py"
+    edited.write_text(MY_KD.read_text().replace("t * t * kl.mean()", "t ** 2 * kl.mean()"))
+    before, after = sha256(MY_KD)[:12], sha256(edited)[:12]
+    # the built-in rows keep their keys with no plugin loaded at all
+    table_without = tmp_path / "builtin.yaml"
+    table_without.write_text(SPEC.replace("      - {label: MyKD, method: my_kd, teacher: true}\n", ""))
+    plan = cli("run", table_without, "--results", copy, "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.count(" done ") + plan.stdout.count(" done│") + plan.stdout.count("│ done") >= 2, plan.stdout
+    plan = cli("--plugin", edited, "run", folder / "mine.yaml", "--results", copy, "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    status = {line.split("│")[1].strip(): line.split("│")[-2].strip() for line in plan.stdout.splitlines()
+              if line.count("│") > 10 and "ENet/" in line}
+    assert status == {"ENet/Student": "done", "ENet/KL": "done",
+                      "ENet/MyKD": f"stale (plugin my_kd.py: {before} -> {after}): to run"}, plan.stdout
+    report = cli("--plugin", edited, "report", folder / "mine.yaml", "--results", copy, "--force")
+    assert report.returncode == 0, report.stderr
+    assert f"stale (plugin my_kd.py: {before} -> {after})" in (copy / "mine-smoke.md").read_text()
+
+
+def test_a_plugin_run_trains_as_a_submitit_job_and_from_its_own_config_yaml(trained, cli, tmp_path):
+    """submitit's local executor runs the job in a process of its own (as a Slurm job would); `train --config`
+    of the run's config.yaml, in an empty folder and without --plugin, is how each torchrun rank starts."""
+    from sdesbench.engine.configure import build_config
+    from sdesbench.experiments.launch import job_graph, slurm_executor, submit
+    from sdesbench.experiments.plan import PlannedRun
+
+    folder, results, res = trained
+    assert res.returncode == 0, res.stderr
+    mine = run_folder(results, "my_kd")
+    config = read_json(mine / "results.json")["config"]
+    cfg = build_config({**config, "train": {**config["train"], "seed": 1}, "output": {"dir": str(tmp_path / "job")}})
+    run = PlannedRun(key="ENet/MyKD", group="ENet", row="MyKD", seed=1, cfg=cfg,
+                     depends_on=[str(run_folder(results, "student"))])
+    executor, extra = slurm_executor(tmp_path / "slurm", None, 0, 5, [], cluster="local")
+    (handle,) = submit(job_graph([run]), executor, extra)
+    assert handle.result()["miou"] > 0
+    job = read_json(tmp_path / "job" / "results.json")
+    assert job["status"] == "completed" and job["config"]["plugin_sha256"] == {"my_kd.py": sha256(MY_KD)}
+
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    again = run_cli("train", "--config", mine / "config.yaml", "--out", tmp_path / "again", "--no-progress", cwd=empty)
+    assert again.returncode == 0, again.stderr
+    assert read_json(tmp_path / "again" / "results.json")["config_hash"] == read_json(mine / "results.json")["config_hash"]
