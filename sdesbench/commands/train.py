@@ -142,7 +142,8 @@ def register(app: typer.Typer) -> None:
                                  "recorded": str(res.recorded) if res.recorded else None})
             return
         where = f"at {root}" if root is not None else "generated"
-        at = f"size {ev.size[0]}x{ev.size[1]}" if ev.size else f"scale {ev.scale:g}"
+        at = (f"fit to {ev.size[0]}x{ev.size[1]} keeping its ratio" if ev.size and ev.resize == "keep_ratio" else
+              f"size {ev.size[0]}x{ev.size[1]}" if ev.size else f"scale {ev.scale:g}")
         views = "" if res.inference.plain else "; " + ", ".join(res.inference.views_text())
         out.print(f"{checkpoint} (iteration {res.iteration}) on {ds.name}/{ds.split} ({where}, {res.images} images, "
                   f"input {at}{views}): mIoU {100 * metrics['miou']:.2f}  PA {100 * metrics['pixel_acc']:.2f}"
