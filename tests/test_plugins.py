@@ -269,3 +269,23 @@ def test_a_plugin_run_trains_as_a_submitit_job_and_from_its_own_config_yaml(trai
     again = run_cli("train", "--config", mine / "config.yaml", "--out", tmp_path / "again", "--no-progress", cwd=empty)
     assert again.returncode == 0, again.stderr
     assert read_json(tmp_path / "again" / "results.json")["config_hash"] == read_json(mine / "results.json")["config_hash"]
+
+
+def test_a_run_config_loads_its_plugins_relative_to_itself_and_only_a_plugin_run_keys_them(cli, tmp_path,
+                                                                                            monkeypatch):
+    from sdesbench.commands.train import _train_config
+
+    (tmp_path / "cfg").mkdir()
+    shutil.copy(MY_KD, tmp_path / "cfg" / "my_kd.py")
+    yaml = tmp_path / "cfg" / "my.yaml"
+    yaml.write_text("plugins: [my_kd.py]\nmodel: {name: enet}\nmethod: {name: my_kd, my_temperature: 2}\n"
+                    "teacher: {model: enet, checkpoint: t.pt}\n")
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    cfg = _train_config(yaml, {}, [])
+    assert cfg.plugins == [str(tmp_path / "cfg" / "my_kd.py")]
+    assert cfg.plugin_sha256 == {"my_kd.py": sha256(MY_KD)} and cfg.method.options["my_temperature"] == 2.0
+    # the same configuration with the built-in student: the plugin list does not change its key
+    yaml.write_text("plugins: [my_kd.py]\nmodel: {name: enet}\n")
+    student = _train_config(yaml, {}, [])
+    yaml.write_text("model: {name: enet}\n")
+    assert student.plugin_sha256 == {} and student.identity_hash() == _train_config(yaml, {}, []).identity_hash()
