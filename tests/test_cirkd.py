@@ -1,6 +1,6 @@
 """`cirkd` and `cirkd+kd` (Yang et al., CVPR 2022): hand-computed losses and queue updates, mixed precision,
 a resumed run bitwise equal to an uninterrupted one (weights and queues), two gloo ranks against one process
-on the concatenated batch, a torchrun training on two CPU ranks, and CIRKD's per-dataset weights set in a
+on the concatenated batch (`cirkdv2` too, whose gathers are these), a torchrun training on two CPU ranks, and CIRKD's per-dataset weights set in a
 table spec.
 
 Every expected number is worked out in the comment beside it; sigma = the logistic function,
@@ -388,16 +388,46 @@ def ddp_step(rows: slice, scope: str) -> dict[str, torch.Tensor]:
             **{k: v for k, v in m.state_dict().items() if k.startswith("cirkd.memory.")}}
 
 
+V2_TERMS = ("kd", "fitnet", "cirkd_batch", "cirkd_pixel", "cirkd_region", "channel_batch", "channel_memory",
+            "channel_mse")
+
+
+def v2_ddp_step(rows: slice) -> dict[str, torch.Tensor]:
+    """`cirkdv2`'s terms of images `rows` (this rank's), their gradient and its queues, as `ddp_step` (on 8 x 8
+    maps: 2 x 2 pooled positions per channel)."""
+    gen = torch.Generator().manual_seed(6)
+    z, teacher = torch.randn(DDP_B, DDP_IN, 8, 8, generator=gen), torch.randn(DDP_B, DDP_T, 8, 8, generator=gen)
+    labels = torch.randint(0, DDP_K, (DDP_B, 8, 8), generator=gen)
+    weight = torch.randn(DDP_D, DDP_IN, 1, 1, generator=gen).requires_grad_(True)
+    torch.manual_seed(0)
+    m = build("cirkdv2", num_classes=DDP_K, s_ch=DDP_D, t_ch=DDP_T, cirkd_pixel_memory=30, cirkd_region_memory=5,
+              cirkd_pixel_contrast=12, cirkd_region_contrast=6, cirkdv2_channel_memory=40,
+              cirkdv2_channel_contrast=10, cirkdv2_channel_enqueue=40)
+    m.eval()
+    s = F.conv2d(z[rows], weight)
+    logits = torch.zeros(s.shape[0], DDP_K, 8, 8)
+    torch.manual_seed(9)
+    terms = m.loss_terms(outputs(s, DDP_K, logits), labels[rows], StepInfo(0, 1),
+                         {"logits": logits, "decoder_feature": teacher[rows]})
+    sum(terms[n] for n in V2_TERMS).backward()
+    return {**{n: terms[n].detach() for n in V2_TERMS}, "grad": weight.grad,
+            **{k: v for k, v in m.state_dict().items() if "memory." in k}}
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, scope: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         per = DDP_B // world
-        out = ddp_step(slice(rank * per, (rank + 1) * per), scope)
-        for k in [k for k in out if k.startswith("cirkd_") or k == "grad" or k.startswith("proj")]:
-            dist.all_reduce(out[k])  # what DDP (gradients) and the logs (loss terms) do: the mean over ranks
-            out[k] /= world
-        torch.save(out, f"{out_file}.{rank}")
+        steps = {"": ddp_step(slice(rank * per, (rank + 1) * per), scope)}
+        if scope == "global":  # cirkdv2 in the same two processes (its gathers are cirkd's)
+            steps["v2"] = v2_ddp_step(slice(rank * per, (rank + 1) * per))
+        for name, out in steps.items():
+            for k in [k for k in out if k.startswith("cirkd_") or k == "grad" or k.startswith("proj")
+                      or (name and k in V2_TERMS)]:
+                dist.all_reduce(out[k])  # what DDP (gradients) and the logs (loss terms) do: the mean over ranks
+                out[k] /= world
+            torch.save(out, f"{out_file}{name}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -444,6 +474,18 @@ def test_two_gloo_ranks_against_one_process_on_the_concatenated_batch(tmp_path, 
             assert torch.allclose(ranks[0][k], single[k], rtol=1e-4, atol=1e-6), k
     else:
         assert not torch.allclose(ranks[0]["grad"], single["grad"], rtol=1e-3)
+        return
+    # cirkdv2: every rank enqueued every rank's teacher channels (and pixels) with the same draws, so its queues
+    # are the single process's; the mean over ranks of each term and of the gradient is the whole batch's
+    v2_single = v2_ddp_step(slice(0, DDP_B))
+    v2 = [torch.load(tmp_path / f"outv2.{r}", weights_only=False) for r in range(2)]
+    queues = [k for k in v2_single if "memory." in k]
+    assert "channel_memory.queue" in queues and int(v2_single["channel_memory.ptr"]) == DDP_B * DDP_T
+    for k in queues:
+        assert torch.equal(v2[0][k], v2[1][k]) and torch.allclose(v2[0][k].float(), v2_single[k].float(), atol=1e-6), k
+    for k in V2_TERMS:
+        assert float(v2[0][k]) == pytest.approx(float(v2_single[k]), rel=1e-5), k
+    assert torch.allclose(v2[0]["grad"], v2_single["grad"], rtol=1e-4, atol=1e-6)
 
 
 def test_torchrun_two_cpu_ranks_train_cirkd_and_enqueue_both_ranks_images(tmp_path):

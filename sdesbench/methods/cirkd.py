@@ -265,6 +265,12 @@ class RelationMemory(nn.Module):
 # ----------------------------------------------------------------------------- the method
 
 
+def projection_head(in_channels: int, out_channels: int) -> nn.Sequential:
+    """CIRKD's projection head: 1x1 conv (no bias), BatchNorm, ReLU, 1x1 conv (no bias) (module docstring)."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+                         nn.ReLU(True), nn.Conv2d(out_channels, out_channels, 1, bias=False))
+
+
 @dataclass
 class CIRKDOptions:
     cirkd_batch_weight: float = field(default=1.0, metadata=rng(0.0, doc="lambda of the mini-batch pixel-to-pixel term"))
@@ -290,8 +296,7 @@ class CIRKDTerms(nn.Module):
         super().__init__()
         self.opts = opts
         s_ch, t_ch = student_and_teacher_channels(ctx, opts.cirkd_on)
-        self.projection = nn.Sequential(nn.Conv2d(s_ch, t_ch, 1, bias=False), nn.BatchNorm2d(t_ch), nn.ReLU(True),
-                                        nn.Conv2d(t_ch, t_ch, 1, bias=False))
+        self.projection = projection_head(s_ch, t_ch)
         self.memory = RelationMemory(ctx.num_classes, t_ch, opts.cirkd_pixel_memory, opts.cirkd_region_memory,
                                      opts.cirkd_enqueue_pixels, opts.cirkd_enqueue_from)
         self.pixel_per_class = opts.cirkd_pixel_contrast // ctx.num_classes + 1  # train_cirkd.py's split
