@@ -425,7 +425,7 @@ def test_run_trains_the_teacher_first_then_every_teacher_student_method(e2e_run)
         term = {"kl": "kd", "at": "at", "cwd": "cwd", "rdd": "ss_tse", "rdd+kl": "kd", "rdd+cwd": "cwd",
                 "ifvd": "ifvd", "dsd": "csd", "fitnet": "fitnet", "dist": "dist", "cirkd": "cirkd_batch",
                 "cirkd+kd": "kd", "skd": "pair", "ifvd+kd+adv": "adv_d", "cwd+kd+adv": "cwd_feature",
-                "fitnet+kd": "kd", "kl-ls": "kd_ls", "cirkdv2": "channel_memory"}[m]
+                "fitnet+kd": "kd", "kl-ls": "kd_ls", "cirkdv2": "channel_memory", "kt": "triplet"}[m]
         assert f'"{term}"' in log, (m, log)
     # 2 iterations with tfe_fraction 0.5: TFE-RDD at iteration 1, TSE-RDD at iteration 2
     first, second = (next((runs / "rdd").iterdir()) / "log.jsonl").read_text().splitlines()
