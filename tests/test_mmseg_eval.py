@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from sdesbench.data.transforms import normalize
-from sdesbench.engine.inference import Inference, inference_size, mmcv_rescale_size, predictions
+from sdesbench.engine.inference import Inference, inference_size, mmcv_rescale_size, mmseg0_view_size, predictions
 from sdesbench.models import SegmentationModel
 
 MEAN255 = np.array([123.675, 116.28, 103.53], np.float32)  # mmsegmentation's data_preprocessor (ImageNet x 255)
@@ -60,6 +60,16 @@ def test_keep_ratio_sizes_follow_mmcv_rounding_by_hand():
     assert mmcv_rescale_size(100, 1000, (2048, 512)) == (205, 2048)
     assert inference_size(37, 53, size=(32, 24), keep_ratio=True) == (22, 32)
     assert inference_size(37, 53, size=(32, 24)) == (32, 24)  # fixed: the size itself
+
+
+def test_mmseg0_view_sizes_scale_the_configured_scale_by_hand():
+    # keep-ratio scale (2048, 512) at r = 0.75: (1536, 384); a 512 x 683 image: f = min(1536/683, 384/512) = 0.75
+    # -> int(384 + .5) x int(512.25 + .5) = 384 x 512
+    assert mmseg0_view_size(512, 683, Inference(size=(2048, 512), resize="keep_ratio"), 0.75) == (384, 512)
+    # a fixed size [40, 60] at 0.75: int(30) x int(45), whatever the image
+    assert mmseg0_view_size(5, 9, Inference(size=(40, 60)), 0.75) == (30, 45)
+    # no size: the image's own (int(9 * .5), int(5 * .5)) = (4, 2), f = min(4/9, 2/5) = 0.4 -> int(2.5) x int(4.1)
+    assert mmseg0_view_size(5, 9, Inference(), 0.5) == (2, 4)
 
 
 def image_and_labels(h=37, w=53):
