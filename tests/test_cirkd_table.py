@@ -1,5 +1,6 @@
-"""The `cirkd` table (sdesbench/specs/cirkd.yaml): CIRKD's v1 protocol on Cityscapes, CamVid and VOC, its
-networks, one teacher per dataset shared by the rows and the Teacher row, and per-preset method options
+"""The `cirkd` table (sdesbench/specs/cirkd.yaml): CIRKD's v1 protocol on Cityscapes, CamVid and VOC and its SegFormer
+group (AdamW, README at 2d8ad0f), its networks, one teacher per dataset (and the SegFormer group's MiT-B4) shared
+by the rows and the Teacher row, and per-preset method options
 (CIRKD's queue lengths on `paper`, small queues on `smoke`). Planning only: nothing is trained here."""
 from __future__ import annotations
 
@@ -18,14 +19,20 @@ def paper(tmp_path_factory):
 
 
 def test_paper_protocol_per_dataset(paper):
-    """CIRKD's train_*.py defaults on every run; 360x360 CamVid crops scored on test, VOC trainaug on val."""
+    """CIRKD's train_*.py defaults on every CNN run; 360x360 CamVid crops scored on test, VOC trainaug on val; the
+    SegFormer group's scripts (2d8ad0f): 160K iterations, batch 8, 1024x1024 crops, AdamW lr 0.0002."""
     protocols = {}
     for p in paper:
         c = p.cfg
-        assert (c.train.iters, c.data.batch_size, c.train.lr, c.train.weight_decay, c.train.momentum) == \
-               (40000, 16, 0.02, 1e-4, 0.9), p.key
+        segformer = c.model.name.startswith("segformer")
+        assert (c.train.iters, c.data.batch_size, c.train.lr, c.train.weight_decay, c.train.optimizer) == \
+               ((160000, 8, 0.0002, 1e-4, "adamw") if segformer else (40000, 16, 0.02, 1e-4, "sgd")), p.key
+        assert c.train.momentum == 0.9 and c.train.poly_power == 0.9, p.key
         assert c.data.scale == [0.5, 2.0] and c.data.flip and c.model.pretrained, p.key
         assert (c.eval.mode, c.eval.scale, c.eval.tta) == ("whole", 1.0, False), p.key
+        if segformer:
+            assert (c.data.name, tuple(c.data.crop), c.model.aux) == ("cityscapes", (1024, 1024), False), p.key
+            continue
         where = "teacher" if p.is_teacher else p.group.split(",")[0] if "," in p.group else "Cityscapes"
         protocols.setdefault(where, set()).add(
             (c.data.name, c.data.train_split, c.data.eval_split, tuple(c.data.crop)))
@@ -39,22 +46,26 @@ def test_paper_protocol_per_dataset(paper):
 def test_cirkd_networks_and_the_aux_head_on_resnets_only(paper):
     models = {p.cfg.model.name: p.cfg.model.aux for p in paper}
     assert models == {"deeplabv3_resnet18_cirkd": True, "deeplabv3_mobilenetv2_cirkd": False,
-                      "pspnet_resnet18": True, "deeplabv3_resnet101_cirkd": True}
+                      "pspnet_resnet18": True, "deeplabv3_resnet101_cirkd": True,
+                      "segformer_mit_b0": False, "segformer_mit_b4": False}
 
 
 def test_every_distilled_row_uses_its_datasets_teacher_which_is_also_its_teacher_row(paper):
-    teachers = {p.cfg.data.name: p for p in paper if p.is_teacher}
-    assert set(teachers) == {"cityscapes", "camvid", "voc"}
+    teachers = {(p.cfg.data.name, p.cfg.model.name): p for p in paper if p.is_teacher}
+    assert set(teachers) == {("cityscapes", "deeplabv3_resnet101_cirkd"), ("camvid", "deeplabv3_resnet101_cirkd"),
+                             ("voc", "deeplabv3_resnet101_cirkd"), ("cityscapes", "segformer_mit_b4")}
     rows = [p for p in paper if not p.is_teacher]
     for p in rows:
         if p.method == "student":
             continue
-        t = teachers[p.cfg.data.name]
-        assert p.depends_on == [str(t.out)] and p.cfg.teacher.model == "deeplabv3_resnet101_cirkd", p.key
-    # the MobileNetV2 group turns its own aux head off; its teacher stays the ResNet groups' teacher
-    for t in teachers.values():
-        (row,) = [p for p in rows if p.row == "Teacher" and p.cfg.data.name == t.cfg.data.name]
-        assert row.out == t.out and t.cfg.model.aux
+        teacher = "segformer_mit_b4" if p.group.startswith("SegFormer") else "deeplabv3_resnet101_cirkd"
+        t = teachers[p.cfg.data.name, teacher]
+        assert p.depends_on == [str(t.out)] and p.cfg.teacher.model == teacher, p.key
+    # the MobileNetV2 group turns its own aux head off; its teacher stays the ResNet groups' teacher. The SegFormer
+    # group's teacher has none (the group's teacher_config), and is its Teacher row
+    for (data, model), t in teachers.items():
+        (row,) = [p for p in rows if p.row == "Teacher" and p.cfg.data.name == data and p.cfg.model.name == model]
+        assert row.out == t.out and t.cfg.model.aux == (model != "segformer_mit_b4")
 
 
 def test_recipes_and_per_dataset_cirkd_weights(paper):
@@ -65,7 +76,14 @@ def test_recipes_and_per_dataset_cirkd_weights(paper):
     weights = {k: (o["cirkd_pixel_weight"], o["cirkd_region_weight"], o["cirkd_pixel_memory"])
                for k, o in ((p.key, p.cfg.method.options) for p in paper if p.method == "cirkd+kd")}
     for key, w in weights.items():  # CIRKD's train_cirkd/voc scripts: memory terms at 0.01; 20,000-pixel queues
+        if key.startswith("SegFormer"):  # train_cirkd/citys/segformer_mit_b0.sh: --pixel-memory-size 2000
+            assert w == (0.1, 0.1, 2000) and by_key[key].cfg.method.options["cirkd_batch_pool"] == 2, key
+            continue
         assert w == ((0.01, 0.01, 20000) if key.startswith("VOC") else (0.1, 0.1, 20000)), key
+        assert by_key[key].cfg.method.options["cirkd_batch_pool"] == 1, key
+    cwd = by_key["SegFormer MiT-B0/CWD"].cfg.method.options  # train_cwd.sh's SegFormer command
+    assert (cwd["cwd_weight"], cwd["cwd_feature_weight"]) == (0.3, 5.0)
+    assert (by_key["DeepLabV3-ResNet-18/CWD"].cfg.method.options["cwd_feature_weight"]) == 50.0
     assert by_key["DeepLabV3-ResNet-18/DSD"].cfg.method.options["dsd_psd_weight"] == 1000.0  # train_dsd.sh
     fit = by_key["DeepLabV3-ResNet-18/FitNet"].cfg.method.options  # train_fitnet.sh: --lambda-kd 1 --lambda-fitnet 10
     assert (fit["fitnet_weight"], fit["kd_weight"]) == (10.0, 1.0)
@@ -88,7 +106,11 @@ def test_reference_column_is_cirkds_readme_at_91735ef():
     assert ref[("PSPNet-ResNet-18", "Baseline")] == 72.55 and ref[("DeepLabV3-ResNet-101 (teacher)", "Teacher")] == 78.07
     assert ref[("CamVid, PSPNet-ResNet-18", "CIRKD")] == 68.65 and ref[("VOC, DeepLabV3-ResNet-18", "Baseline")] == 73.21
     assert ("PSPNet-ResNet-18", "SKD") not in ref and ("DeepLabV3-ResNet-18", "DIST") not in ref  # no README number
-    assert len(ref) == 6 + 6 + 2 + 1 + 5 + 5  # R18, MBV2, PSPNet, teacher; CamVid and VOC: 2 + 2 + teacher
+    segformer = {label: ref["SegFormer MiT-B0", label] for label in ("Baseline", "SKD", "IFVD", "CWD", "DSD", "CIRKD")}
+    assert segformer == {"Baseline": 75.58, "SKD": 76.43, "IFVD": 76.30, "CWD": 74.80, "DSD": 76.62, "CIRKD": 76.92}
+    assert ref[("SegFormer MiT-B4 (teacher)", "Teacher")] == 81.23  # README at 2d8ad0f, third column
+    # R18, MBV2, PSPNet, teacher; CamVid and VOC: 2 + 2 + teacher; SegFormer: 6 + teacher
+    assert len(ref) == 6 + 6 + 2 + 1 + 5 + 5 + 7
 
 
 def test_smoke_runs_every_row_on_tiny_with_small_queues(tmp_path):
@@ -100,11 +122,11 @@ def test_smoke_runs_every_row_on_tiny_with_small_queues(tmp_path):
             assert (o["cirkd_pixel_memory"], o["cirkd_region_memory"], o["cirkd_pixel_contrast"]) == (64, 8, 64)
         if p.method == "dsd":  # PSD's weight scaled to the 6x6 grid of 48x48 crops: 1000 x 36 / 8192
             assert o["dsd_psd_weight"] == pytest.approx(1000 * 36 / 8192, abs=0.01)
-    # on tiny the CamVid and VOC groups coincide with the Cityscapes rows, except VOC's CIRKD weights
-    assert len({p.out for p in smoke}) == 30
+    # on tiny the CamVid and VOC groups coincide with the Cityscapes rows, except VOC's CIRKD weights; SegFormer: 7
+    assert len({p.out for p in smoke}) == 37
     proc = run_cli("run", "cirkd", "--preset", "smoke", "--dry-run", "--results", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert "30 distinct runs" in proc.stdout + proc.stderr
+    assert "37 distinct runs" in proc.stdout + proc.stderr
 
 
 SPEC = """\

@@ -496,7 +496,7 @@ def test_segformer_loads_nvlabs_mmseg_and_cirkd_layouts(tmp_path):
         return build_model(ModelConfig(name="segformer_mit_b0", pretrained=True, weights=str(tmp_path / file)), classes)
 
     fresh = build_model("segformer_mit_b0", 19).decoder.state_dict()
-    for file in ("mit_b0.pth", "mmseg_mit_b0.pth"):  # the encoder; the decoder stays initialised
+    for file in ("mit_b0.pth", "mmseg_mit_b0.pth", "."):  # the encoder (a folder: its mit_b0.pth); decoder initialised
         model = load(file)
         own = model.backbone.state_dict()
         assert len(own) == len(encoder) and all(torch.equal(own[k], v) for k, v in encoder.items()), file

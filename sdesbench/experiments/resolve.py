@@ -85,7 +85,8 @@ def resolve(spec: Spec, preset: str) -> list[RunRequest]:
                 # that very run; `teacher: true` is "another" copy of the row's network
                 name = row.teacher if isinstance(row.teacher, str) else group.model
                 same = isinstance(row.teacher, str) or (row.teacher_seed or spec.teacher_seed) == "same"
-                teacher = TeacherRequest(name, protocol_settings(spec, group, preset, with_model=False), same)
+                teacher_protocol = merge(protocol_settings(spec, group, preset, with_model=False), group.teacher_config)
+                teacher = TeacherRequest(name, teacher_protocol, same)
             requests.append(RunRequest(group.name, row.label, group.model, row.method, settings, teacher,
                                        row.paper(), row.metric, dict(row.show), group, row))
     return requests

@@ -81,6 +81,10 @@ class Group:
     # `smoke`, which then runs on the preset's built-in data like every other group
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method name
+    # partial run config for the teacher of this group's rows, over the group's protocol without its `model`
+    # section: CIRKD's SegFormer group gives its MiT-B4 teacher no aux head, which the table's base (CIRKD's
+    # ResNets) turns on
+    teacher_config: dict[str, Any] = field(default_factory=dict)
     params_m: float | None = None
     gflops: float | None = None
 
@@ -405,6 +409,7 @@ def check_spec(spec: Spec) -> None:
         _check_partial(settings, f"presets.{name}")
     for group in spec.groups:  # an unknown name is an error (with a did-you-mean), never "not implemented yet"
         _check_partial(group.config, f"group {group.name!r} config")
+        _check_partial(group.teacher_config, f"group {group.name!r} teacher_config")
         for preset, settings in group.presets.items():
             if preset not in spec.presets:
                 raise ConfigError(f"group {group.name!r} has settings for preset {preset!r}, which the table does "

@@ -50,6 +50,7 @@ from torch import nn
 
 from sdesbench.errors import ConfigError
 from sdesbench.models.base import MODELS, SegmentationModel
+from sdesbench.models.cirkd_weights import cirkd_weights_file
 from sdesbench.models.deeplabv3 import read_state
 
 # LayerNorm epsilons of CIRKD's (and NVlabs') MiT: the block and stage norms are built with eps 1e-6, the
@@ -326,9 +327,11 @@ def load_segformer_weights(model: SegFormer, weights: str) -> None:
     - CIRKD's SegFormer checkpoint (`segformer_MiT_B*_citys_best_model.pth`: encoder and decoder names as
       ours, a `module.` prefix of DDP stripped): the whole network; its classifier only when the class
       counts agree (else it stays initialised, as when fine-tuning on another dataset).
-    Every encoder tensor must be found with its shape, else one line says how many were not.
+    `weights` may also be a folder holding NVlabs' file under its name (`mit_b0.pth`, `mit_b4.pth`), as CIRKD's
+    tables pass one folder of ImageNet files for every network. Every encoder tensor must be found with its
+    shape, else one line says how many were not.
     """
-    file = Path(weights)
+    file = Path(cirkd_weights_file(weights, f"mit_{model.variant}.pth"))
     state = read_state(file)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     if any(k.startswith("layers.") for k in state):
