@@ -98,10 +98,12 @@ def test_an_extension_of_an_extension_and_a_base_given_by_its_path(tmp_path):
     ("extends: cirkd\ngroups:\n  - {name: New, rows: [{label: A}]}\n", "missing 'model'"),
     ("extends: cirkdd\n", "unknown table 'cirkdd'"),
     ("extends: loop.yaml\n", "a cycle"),
+    ("extends: bad\n", "a cycle"),  # by name, through $SDESBENCH_EXPERIMENTS: itself
     ("only_groups: [A]\npresets: {smoke: {}}\n", "needs 'extends: <table>'"),
     ("extends: fig3\n", "a sweep spec has no groups"),
 ])
-def test_a_bad_extension_is_one_line(tmp_path, text, needle):
+def test_a_bad_extension_is_one_line(tmp_path, monkeypatch, text, needle):
+    monkeypatch.setenv("SDESBENCH_EXPERIMENTS", str(tmp_path))
     write(tmp_path, "loop.yaml", "extends: bad.yaml\n")
     bad = write(tmp_path, "bad.yaml", text)
     with pytest.raises(ConfigError) as err:

@@ -275,9 +275,12 @@ def _spec_data(table: str, chain: tuple[str, ...]) -> tuple[dict[str, Any], str]
         raise ConfigError(f"{where}: extends: expected a table name or the path of a spec file, got {base!r}")
     if is_spec_path(base) and isinstance(source, Path) and not Path(base).expanduser().is_absolute():
         base = str(source.parent / base)  # a base's path is read from the extending spec's folder
-    ident = str(Path(base).resolve()) if is_spec_path(base) else base
-    here = str(source.resolve()) if isinstance(source, Path) else spec_name(table)
-    if ident in chain or ident == here:
+    here = _identity(source)
+    try:
+        ident = _identity(find_spec(base))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: extends {base!r}: {e}") from None
+    if ident in chain or ident == here:  # by file: a spec of one's own named as the table it extends is one too
         raise ConfigError(f"{where}: extends {base!r}, which extends it back (a cycle)")
     try:
         base_data, base_where = _spec_data(base, (*chain, here))
@@ -287,6 +290,11 @@ def _spec_data(table: str, chain: tuple[str, ...]) -> tuple[dict[str, Any], str]
         return extend_spec(base_data, data, spec_name(base), spec_name(table)), where
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _identity(source: Path | Traversable) -> str:
+    """Which file a spec is, whatever name or path reached it (for finding a cycle of `extends`)."""
+    return str(source.resolve()) if isinstance(source, Path) else str(source)
 
 
 def _plugin_sources(value: Any, source: Path | Traversable, where: str) -> list[str]:
