@@ -242,6 +242,8 @@ def test_eval_command_errors_are_one_line(tiny_run):
     ckpt = str(tiny_run / "checkpoints" / "last.pt")
     assert_one_line_error(run_cli("eval", ckpt, "--set", "eval.mode=slide"), "eval.mode=slide needs eval.crop")
     assert_one_line_error(run_cli("eval", ckpt, "--set", "model.name=enet"), "eval --set takes eval.*")
+    a_file = tiny_run / "results.json"
+    assert_one_line_error(run_cli("eval", ckpt, "--confusion", str(a_file)), "not a folder (it is a file)")
 
 
 def make_cityscapes(root, h=24, w=32):

@@ -118,6 +118,9 @@ def register(app: typer.Typer) -> None:
         if size is not None:
             h, w = parse_size(size, "--size", multiple=1)
             cli_sets += [f"eval.size=[{h}, {w}]", "eval.scale=1.0"]
+        if confusion is not None and confusion.exists() and not confusion.is_dir():
+            raise ConfigError(f"--confusion {confusion}: not a folder (it is a file); give a folder to write "
+                              "confusion.csv and confusion.png into")
         res = evaluate_checkpoint(checkpoint, device, cli_sets + list(sets), split, data_root, workers, export, record,
                                   confusion=confusion is not None)
         ds, ev, metrics = res.dataset, res.cfg.eval, res.metrics["student"]

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from sdesbench.errors import StorageError
 from sdesbench.io import write_file, write_text
 
 CELL_TEXT_MAX = 30  # classes up to which each cell shows its percentage; beyond, the cells are too small to read
@@ -78,6 +79,10 @@ def write_confusion(folder: str | Path, matrix: np.ndarray, class_names: Sequenc
     """`<folder>/<stem>.csv` (counts) and `<folder>/<stem>.png` (heat map); returns both paths."""
     folder = Path(folder)
     csv_path, png_path = folder / f"{stem}.csv", folder / f"{stem}.png"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"cannot write the confusion matrix into {folder}: {e.strerror or e}") from None
     write_text(csv_path, confusion_csv(matrix, class_names))
     fig = confusion_figure(matrix, class_names, title)
     dpi = 130 if len(class_names) > CELL_TEXT_MAX else 120  # 150 classes: 3900 px, 6 pt names ~11 px tall
