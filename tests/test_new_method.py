@@ -78,3 +78,15 @@ def test_an_existing_file_is_refused_and_nothing_is_written(tmp_path):
         write_method("bar", folder=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test_bar.py"]
     assert set(render("bar", False)) == {"bar.py", "test_bar.py", "bar.yaml"}
+
+
+def test_the_printed_table_command_plans_the_base_rows_and_the_plugins(written):
+    """The printed smoke command itself (here with --dry-run: training its seven runs takes 25 s of CPU with
+    2 iterations each): the spec extends Table 3 and loads the plugin."""
+    folder, stdout = written
+    smoke, _ = printed_commands(stdout)
+    planned = run_printed(smoke, folder, "--dry-run", "--results", str(folder / "results"))
+    assert planned.returncode == 0, planned.stderr
+    assert "MobileNetV2/foo" in planned.stdout and "MobileNetV2/Tf-KD" in planned.stdout, planned.stdout
+    assert "7 distinct runs" in planned.stdout, planned.stdout
+
