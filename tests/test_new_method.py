@@ -3,6 +3,7 @@ the printed test command passes as written, the printed table command runs, the 
 names are refused in one line with nothing written."""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, read_json, run_cli
 from sdesbench.errors import ConfigError
 from sdesbench.experiments.scaffold import render, write_method
 
@@ -90,3 +91,21 @@ def test_the_printed_table_command_plans_the_base_rows_and_the_plugins(written):
     assert "MobileNetV2/foo" in planned.stdout and "MobileNetV2/Tf-KD" in planned.stdout, planned.stdout
     assert "7 distinct runs" in planned.stdout, planned.stdout
 
+
+def test_a_plugin_model_as_documented_trains_with_the_plugin_method(written):
+    """The docs' own model (the code block of their section "Models from outside", as written there) and the
+    written method, both as plugins."""
+    folder, _ = written
+    pages = [p.read_text() for p in sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md"))]
+    (docs,) = [text for text in pages if "\n## Models from outside\n" in text]
+    section = docs.split("\n## Models from outside\n", 1)[1].split("\n## ", 1)[0]
+    (folder / "my_net.py").write_text(section.split("```python\n", 1)[1].split("```", 1)[0])
+    trained = run_cli("--plugin", "my_net.py", "--plugin", "mine/foo.py", "train", "--model", "my_net",
+                      "--method", "foo", "--dataset", "tiny", "--iters", "2", "--out", "run", "--set",
+                      "data.batch_size=2", "--set", "data.crop=32", "--set", "eval.max_images=2", "--no-progress",
+                      cwd=folder)
+    assert trained.returncode == 0, trained.stderr
+    record = read_json(folder / "run" / "results.json")
+    assert (record["model"], record["method"], record["status"]) == ("my_net", "foo", "completed")
+    logged = json.loads((folder / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert logged["loss"] == pytest.approx(logged["ss"] + logged["foo"], rel=1e-4) and logged["foo"] > 0
