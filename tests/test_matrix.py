@@ -84,25 +84,27 @@ def test_every_method_trains_and_evaluates_with_model(model_name, counts):
 
 
 
-def test_feature_methods_from_cnn_teacher_to_transformer_student():
-    """A CNN teacher (CIRKD's DeepLabV3-R18: fused feature 128 channels at stride 8) and a SegFormer student
-    (256 channels at stride 4). CWD on the decoder feature passes the student map through its 1x1 adapter and
-    resizes it to the teacher's grid: the term equals Shu et al. Eq. 3 written out here on those maps. CWD and
-    CIRKD (which resizes the student feature to the teacher's, then projects it) train."""
-    student, teacher = "segformer_mit_b0", "deeplabv3_resnet18_cirkd"
+@pytest.mark.parametrize("student, teacher", [("segformer_mit_b0", "deeplabv3_resnet18_cirkd"),
+                                              ("deeplabv3_resnet18_cirkd", "segformer_mit_b0")])
+def test_feature_methods_across_cnn_and_transformer(student, teacher):
+    """CIRKD's DeepLabV3-R18 (fused feature 128 channels at stride 8) and SegFormer MiT-B0 (256 channels at
+    stride 4), each as teacher of the other. CWD on the decoder feature passes the student map through its 1x1
+    adapter and resizes it to the teacher's grid: the term equals Shu et al. Eq. 3 written out here on those
+    maps. CWD and CIRKD (which resizes the student feature to the teacher's, then projects it) train."""
     x, y = torch.randn(2, 3, 48, 64), torch.randint(0, 11, (2, 48, 64))
     learner = step.random_learner(student, "cwd", 11, {"cwd_on": "decoder_feature"}, train=TrainConfig(iters=10),
                                   teacher_model=teacher)
+    shapes = {"segformer_mit_b0": (256, 12, 16), "deeplabv3_resnet18_cirkd": (128, 6, 8)}
     with torch.no_grad():
         s_out, t_out = learner.model(x), learner.teacher(x)
         term = learner.method.loss_terms(s_out, y, StepInfo(0, 10), t_out)["cwd"]
         s, t = s_out["decoder_feature"], t_out["decoder_feature"]
-        assert (s.shape[1:], t.shape[1:]) == ((256, 12, 16), (128, 6, 8))
+        assert (s.shape[1:], t.shape[1:]) == (shapes[student], shapes[teacher])
         tau = 4.0
         s = F.interpolate(learner.method.cwd.adapter(s), size=t.shape[-2:], mode="bilinear", align_corners=False)
         p_t = torch.softmax(t.flatten(2) / tau, dim=2)
         kl = (p_t * (torch.log(p_t) - torch.log_softmax(s.flatten(2) / tau, dim=2))).sum()
-    assert term.item() == pytest.approx(3.0 * tau ** 2 * kl.item() / (2 * 128), rel=1e-4)
+    assert term.item() == pytest.approx(3.0 * tau ** 2 * kl.item() / (2 * t.shape[1]), rel=1e-4)
     for method, built in (("cwd", learner), ("cirkd", None)):
         built = built or step.random_learner(student, method, 11, {}, train=TrainConfig(iters=10), teacher_model=teacher)
         before = [p.detach().clone() for p in built.model.parameters()]
