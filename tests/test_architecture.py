@@ -101,9 +101,17 @@ def shape(line: str) -> str:
     return TOKEN.sub(lambda m: m.group(0) if m.group(0) in KEYWORDS else "_", line.strip())
 
 
+def is_literal(node: ast.AST) -> bool:
+    """A constant, or a tuple/list of them (strings joined over lines included)."""
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return all(is_literal(e) for e in node.elts)
+    return isinstance(node, ast.Constant)
+
+
 def logic_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, shape) of the lines that carry logic: no blanks, comments, docstrings, imports,
-    decorators or dataclass-style field declarations (`name: type = default`)."""
+    decorators, dataclass-style field declarations (`name: type = default`) or a class's declarations of
+    literal values (a method's `logged_terms = ("ss", "kd")`, `conformance = "kl.json"`)."""
     tree = ast.parse(path.read_text())
     skip: set[int] = set()
     for node in ast.walk(tree):
@@ -113,6 +121,10 @@ def logic_lines(path: Path) -> list[tuple[int, str]]:
             skip |= set(range(body[0].lineno, body[0].end_lineno + 1))
         if isinstance(node, (ast.Import, ast.ImportFrom, ast.AnnAssign)):
             skip |= set(range(node.lineno, node.end_lineno + 1))
+        if isinstance(node, ast.ClassDef):
+            for stmt in node.body:
+                if isinstance(stmt, ast.Assign) and is_literal(stmt.value):
+                    skip |= set(range(stmt.lineno, stmt.end_lineno + 1))
     out = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         text = line.strip()

@@ -1,5 +1,6 @@
 """The hook contract (engine/state.py): priorities decide the order, hooks keep state across a resume,
-and a method that updates parameters of its own does it inside the one training step, exactly resumed."""
+and a method that updates parameters of its own does it inside the one training step, exactly resumed, as are
+the draws from its generator."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -88,7 +89,9 @@ class OwnUpdate(Student):
     def loss_terms(self, student_out, labels, step_info, teacher_out=None):
         logits = student_out["logits"]
         self.kept = logits.detach().float().mean()
-        return {"ss": pixel_ce(logits, labels), "adv": 0.1 * self.w * logits.float().mean()}
+        # a random weight from the method's generator: the resumed run must draw what the straight one drew
+        mask = self.rand(1, device=logits.device)
+        return {"ss": pixel_ce(logits, labels), "adv": 0.1 * mask * self.w * logits.float().mean()}
 
     def own_optimizer(self, train):
         return torch.optim.SGD([self.w], lr=0.3, momentum=0.9)
@@ -121,8 +124,9 @@ def test_a_methods_own_parameters_are_updated_by_its_own_optimizer_in_the_one_st
 
 
 def test_own_optimizer_and_hook_state_resume_bitwise(tmp_path, monkeypatch, own_method):
-    """8 iterations straight vs 4 + SIGTERM + resume: the method's own parameter, its optimizer's momentum
-    and a hook's state are the same as without the interruption."""
+    """8 iterations straight vs 4 + SIGTERM + resume: the method's own parameter, its optimizer's momentum,
+    its generator (whose draws weigh its `adv` term) and a hook's state are the same as without the
+    interruption."""
     torch.set_num_threads(1)
     counters = []
 
@@ -150,6 +154,7 @@ def test_own_optimizer_and_hook_state_resume_bitwise(tmp_path, monkeypatch, own_
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert torch.equal(a["method"]["w"], b["method"]["w"])
+    assert len(a["method_generators"]) == 1 and torch.equal(a["method_generators"][0], b["method_generators"][0])
     assert torch.equal(a["method_optimizer"]["state"][0]["momentum_buffer"],
                        b["method_optimizer"]["state"][0]["momentum_buffer"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -3,7 +3,8 @@
 The paper applies SDES to DeepLabV3 (four backbones), ERFNet, ESNet and ENet, and the baselines to
 several of them; the output-dict contract is what makes any pair work. Each pair runs the suite's one
 training step (`engine.step.train_step`, as the Trainer does) for a finite loss and a student that
-changes, then evaluates, checking extra evaluation predictions (Ens-T) are shaped like the logits.
+changes, and logs the terms its class declares (`logged_terms`), then evaluates, checking extra evaluation
+predictions (Ens-T) are shaped like the logits.
 
 The matrix samples rather than taking the full product, so it grows by two pairs per new method, not
 by one per model: every model runs the student and SDES (both expert kinds: the paper's method on each
@@ -69,9 +70,13 @@ def test_every_method_trains_and_evaluates_with_model(model_name, counts):
         before = [p.detach().clone() for p in model.parameters()]
         # an early and a late step: warm-ups and staged losses (SAD, Tf-FD, RDD) take both paths;
         # RDD's late stage alone can be empty between two random networks (no pixel hard for just one)
+        logged = set()
         for it in (0, 9):
             terms = step.train_step(learner, x, y, StepInfo(it, 10))
             assert all(torch.isfinite(v) for v in terms.values()), (model_name, method_name, it, terms)
+            logged |= set(terms) | set(learner.own_terms)
+        if not options:  # the terms a method declares it logs (with its defaults, on a model without aux head)
+            assert logged == set(METHODS.get(method_name).logged_terms), (model_name, method_name, logged)
         assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), method_name
         model.eval()
         method.eval()

@@ -1,11 +1,13 @@
 """Teacher-student methods (kl, at, cwd, rdd, rdd+kl, rdd+cwd): hand-computed losses, RDD masks, the frozen
-teacher, and end-to-end CLI runs with a trained teacher (teacher first, then students) of every method in
-TS_METHODS (ifvd, dsd, fitnet and dist too, their losses tested in test_cirkd_methods.py; cirkd and cirkd+kd,
-tested in test_cirkd.py; skd, ifvd+kd+adv and cwd+kd+adv, whose discriminator is tested in test_skd.py).
+teacher, and end-to-end CLI runs with a trained teacher (teacher first, then students) of every registered
+teacher-student method (TS_METHODS, read from the registry; each logs the terms its class declares in
+`logged_terms`). The other methods' losses are tested beside their files (test_cirkd_methods.py, test_cirkd.py,
+test_skd.py).
 
 Every expected number below is worked out in the comment beside it; ln = natural log.
 """
 import copy
+import json
 import math
 import os
 from types import SimpleNamespace
@@ -366,6 +368,27 @@ def test_sdesbench_run_plans_one_teacher_first_for_table3_teacher_rows(tmp_path)
 
 # ----------------------------------------------------------------------------- end to end through the CLI
 
+def e2e_options(name: str) -> dict:
+    """A method's options in the end-to-end spec, from the options it has: a staged method (RDD's TFE then TSE)
+    switches half-way, so that 2 iterations log both stages; memory queues (CIRKD's, 20000 + 2000 embeddings per
+    class at its defaults, 0.4 GB a checkpoint) are kept small; a channel-wise term also runs on the decoder
+    feature through an adapter where it is not the method's only term (rdd+cwd)."""
+    names = {n for n, _ in METHODS.get(name).option_docs()}
+    out: dict = {}
+    if "tfe_fraction" in names:
+        out["tfe_fraction"] = 0.5
+    if "cirkd_pixel_memory" in names:
+        out.update(cirkd_pixel_memory=64, cirkd_region_memory=8, cirkd_pixel_contrast=64, cirkd_region_contrast=16)
+    if "cirkdv2_channel_memory" in names:  # CIRKD v2's queue of teacher channels, likewise
+        out.update(cirkdv2_channel_memory=512, cirkdv2_channel_contrast=16)
+    if "cwd_on" in names and "tfe_fraction" in names:
+        out.update(cwd_on="decoder_feature", cwd_adapter="always")
+    return out
+
+
+E2E_OPTIONS = {m: e2e_options(m) for m in TS_METHODS}
+
+
 E2E_SPEC = """
 title: teacher-student end-to-end check
 metrics: [miou]
@@ -373,14 +396,7 @@ presets:
   smoke:
     data: {name: tiny}
 options:
-  rdd: {tfe_fraction: 0.5}
-  rdd+kl: {tfe_fraction: 0.5}
-  rdd+cwd: {tfe_fraction: 0.5, cwd_on: decoder_feature, cwd_adapter: always}
-  # CIRKD's queues at its defaults (20000 + 2000 embeddings per class) would make each checkpoint 0.4 GB
-  cirkd: {cirkd_pixel_memory: 64, cirkd_region_memory: 8, cirkd_pixel_contrast: 64, cirkd_region_contrast: 16}
-  cirkd+kd: {cirkd_pixel_memory: 64, cirkd_region_memory: 8, cirkd_pixel_contrast: 64, cirkd_region_contrast: 16}
-  cirkdv2: {cirkd_pixel_memory: 64, cirkd_region_memory: 8, cirkd_pixel_contrast: 64, cirkd_region_contrast: 16,
-            cirkdv2_channel_memory: 512, cirkdv2_channel_contrast: 16}
+""" + "".join(f"  {m}: {json.dumps(o)}\n" for m, o in E2E_OPTIONS.items() if o) + """\
 groups:
   - name: R18
     model: deeplabv3_resnet18
@@ -422,11 +438,7 @@ def test_run_trains_the_teacher_first_then_every_teacher_student_method(e2e_run)
         assert rec["config"]["teacher"] == {"model": "deeplabv3_resnet18",
                                             "checkpoint": str(teacher_dir / "checkpoints" / "last.pt")}
         log = (run_dir / "log.jsonl").read_text()
-        term = {"kl": "kd", "at": "at", "cwd": "cwd", "rdd": "ss_tse", "rdd+kl": "kd", "rdd+cwd": "cwd",
-                "ifvd": "ifvd", "dsd": "csd", "fitnet": "fitnet", "dist": "dist", "cirkd": "cirkd_batch",
-                "cirkd+kd": "kd", "skd": "pair", "ifvd+kd+adv": "adv_d", "cwd+kd+adv": "cwd_feature",
-                "fitnet+kd": "kd", "kl-ls": "kd_ls", "cirkdv2": "channel_memory", "kt": "triplet"}[m]
-        assert f'"{term}"' in log, (m, log)
+        assert all(f'"{term}"' in log for term in METHODS.get(m).logged_terms), (m, log)
     # 2 iterations with tfe_fraction 0.5: TFE-RDD at iteration 1, TSE-RDD at iteration 2
     first, second = (next((runs / "rdd").iterdir()) / "log.jsonl").read_text().splitlines()
     assert '"ss_tfe"' in first and '"ss_tse"' in second

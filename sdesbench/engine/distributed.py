@@ -98,6 +98,15 @@ def gather_rows(rows: torch.Tensor, indices: list[int], n: int) -> torch.Tensor:
     return out
 
 
+def all_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (outside DDP: `[obj]`)."""
+    if not is_distributed():
+        return [obj]
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def all_true(flag: bool, device: torch.device) -> bool:
     """True when `flag` holds on every rank (so all ranks take the same branch, none hangs)."""
     if not is_distributed():

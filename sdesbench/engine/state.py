@@ -14,8 +14,9 @@ keep the order `Trainer.build_hooks` lists them in.
 
 State. A hook that holds state across iterations offers `state_dict`/`load_state_dict` (as detectron2's
 `HookBase` does); the checkpoint carries them by hook name, so `--resume` continues each hook where it
-stopped. A method's own state is its modules' `state_dict` (buffers such as memory queues included) and,
-for a method that updates parameters itself, its optimizer's (engine/step.py).
+stopped. A method's own state is its modules' `state_dict` (buffers such as memory queues included), its
+random-number generator's state (one per rank, `method_generators`) and, for a method that updates
+parameters itself, its optimizer's (engine/step.py).
 """
 from __future__ import annotations
 

@@ -139,14 +139,21 @@ def load_teacher(model_name: str | None, checkpoint: str | None, method_name: st
     return freeze(restore(checkpoint, device, state=state).model)
 
 
-def make_optimizer(unit: nn.Module, train: TrainConfig, exclude: set[int] = frozenset()) -> torch.optim.Optimizer:
+def make_optimizer(unit: TrainUnit, train: TrainConfig, exclude: set[int] = frozenset()) -> torch.optim.Optimizer:
     """`train.optimizer` (SGD with momentum, or AdamW with torch's default betas) over every trainable parameter
     of the student and the method's modules, except those whose id is in `exclude` (the parameters a method
-    updates itself)."""
-    params = [p for p in unit.parameters() if p.requires_grad and id(p) not in exclude]
+    updates itself): one group at `train.lr`, then the groups the method asks for (`Method.param_groups`),
+    whose parameters leave the first."""
+    groups = unit.method.param_groups(train.lr)
+    grouped = {id(p) for g in groups for p in g["params"]}
+    if grouped & exclude:
+        raise SdesbenchError(f"method {unit.method.name!r}: a parameter is both in param_groups and updated by "
+                             "its own optimizer")
+    params = [p for p in unit.parameters() if p.requires_grad and id(p) not in exclude and id(p) not in grouped]
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+        return torch.optim.AdamW([{"params": params}, *groups], lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD([{"params": params}, *groups], lr=train.lr, momentum=train.momentum,
+                           weight_decay=train.weight_decay)
 
 
 def build_learner(model_cfg: ModelConfig, method_name: str, options: dict[str, Any], num_classes: int,
@@ -160,7 +167,8 @@ def build_learner(model_cfg: ModelConfig, method_name: str, options: dict[str, A
     teacher = make_teacher() if method_cls.needs_teacher else None
     opts = method_cls.parse_options(options, num_classes)
     ctx = MethodContext(model=model, num_classes=num_classes, total_iters=train.iters,
-                        class_pixel_counts=class_pixel_counts, teacher=teacher, seed=train.seed)
+                        class_pixel_counts=class_pixel_counts, teacher=teacher, seed=train.seed,
+                        rank=D.rank())
     unit = TrainUnit(model, method_cls(opts, ctx)).to(runtime.device)
     if teacher is not None:
         teacher.to(runtime.device)

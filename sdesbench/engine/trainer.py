@@ -9,7 +9,8 @@ through the checkpoint.
 
 Output folder layout (`output.dir`):
     config.yaml          the full resolved configuration
-    checkpoints/last.pt  model, method modules, optimizer, scheduler, RNG, iteration
+    checkpoints/last.pt  model, method modules, optimizer, scheduler, RNG (the method's generator of every
+                         rank included), iteration
     checkpoints/iter_<k>.pt  copies kept every `train.keep_checkpoints_every` iterations (off by default)
     log.jsonl            loss terms, lr, images/s, s/iter, loader wait, peak memory every `train.log_every`
                          iterations; periodic evaluations
@@ -177,8 +178,9 @@ class Trainer:
     def save_checkpoint(self, keep_copy: bool = False) -> None:
         """`checkpoints/last.pt` (and `iter_<k>.pt` with `keep_copy`)."""
         t0 = time.perf_counter()
+        generators = D.all_objects(self.learner.method.generator.get_state())  # every rank's, in rank order
         if D.is_main():
-            state = self._state()
+            state = {**self._state(), "method_generators": generators}
             save_checkpoint(self.ckpt_path, state)
             if keep_copy:
                 save_checkpoint(self.ckpt_path.with_name(f"iter_{self.state.iteration}.pt"), state)
@@ -211,6 +213,9 @@ class Trainer:
         self.hook_states = dict(state.get("hooks", {}))
         if learner.method_optimizer is not None:
             learner.method_optimizer.load_state_dict(state["method_optimizer"])
+        generators = state.get("method_generators", [])  # absent before methods had a generator
+        if D.rank() < len(generators):  # this rank's; a rank the checkpoint did not have starts from its seed
+            learner.method.generator.set_state(generators[D.rank()])
 
     def _check_existing(self) -> None:
         """What the folder already holds decides whether this run may start (module docstring)."""

@@ -278,6 +278,7 @@ class KDAdversarialMethod(TeacherStudentMethod):
     """A teacher-student method whose loss adds CIRKD's pixel KD (`kd`, the `kl` term, options `kd_*`) and
     the holistic adversarial term (`adv`, options `adv_*`) to its own, with the discriminator's own update
     (`adv_d`). Subclasses combine `KLOptions` and `AdversarialOptions` into their `Options`."""
+    option_prefix = "adv_"  # of the options it adds (a subclass names its own)
 
     def __init__(self, options: Any, ctx: MethodContext):
         super().__init__(options, ctx)

@@ -67,6 +67,9 @@ def paired_stages(student_stages: list, teacher_stages: list, pairs: int = 0) ->
 @METHODS.register("at")
 class AT(TeacherStudentMethod):
     """L = L_SS (Eq. 1) + at_weight * sum_j L_AT^j over paired encoder stages; see the module docstring."""
+    logged_terms = ("ss", "at")
+    conformance = "at.json"
+    option_prefix = "at_"
 
     @dataclass
     class Options(TeacherStudentOptions):

@@ -1,22 +1,54 @@
-"""The method interface: a distillation method is one file with one `Method` subclass.
+"""The method contract: a distillation method is one file with one `Method` subclass.
 
-A method
-- declares its hyper-parameters as a nested `Options` dataclass (validated like the run config;
-  ranges via `field(metadata=rng(lo, hi))`, cross-field checks in `check_options`);
-- may add trainable modules in `__init__` (expert decoders, adapters): they are trained with
-  the student and dropped at deployment (they never enter the student's state dict);
-- says whether it needs a teacher (`needs_teacher`), whose outputs arrive as `teacher_out`;
-- returns from `loss_terms` a dict of named, already weighted loss terms; the Trainer sums them,
-  logs each one, and checks each for NaN/Inf;
-- may return extra predictions to evaluate from `eval_predictions` (e.g. SDES's Ens-T).
+docs/extending.md is the page a method's author reads; this docstring is its summary.
 
-Every loss term the suite computes uses the same conventions: ignore index 255, mean over the
-valid (non-ignored) pixels unless the method's docstring says otherwise, and model outputs in
-the dict form of `sdesbench.models.base` (`logits`, `aux`, `decoder_feature`, `stages`).
+Declared on the class (read by the Trainer, the CLI, the tests and the docs; nothing else lists methods):
+- `name`: set by `@METHODS.register(name)`; `needs_teacher`; `teacher_free` (the paper's "TF" column);
+- `logged_terms`: every term name the log shows with the default options on a model without an aux head,
+  over the whole schedule (each stage's terms of a staged method, an own update's terms included); a model
+  with an aux head adds `aux`-named counterparts;
+- `conformance`: the fixture under tests/conformance/ that checks it against its public reference code,
+  or None with `no_conformance_because` saying why there is none;
+- `option_prefix`: the prefix of the option names the method adds (`cwd_`, `kd_`), so that a composite
+  can put several methods' options in one dataclass without a clash ("" only for older methods whose
+  names predate the rule).
+
+Inputs. `loss_terms(student_out, labels, step, teacher_out)`: `student_out` (and the frozen teacher's
+`teacher_out`, None unless `needs_teacher`) is the output dict of `sdesbench.models.base`: `logits`
+(B x C x H x W, at the input's resolution), `aux` (auxiliary-head logits or None), `decoder_feature`
+(B x D x h x w, the map fed to the classifier) and `stages` (the encoder's stage maps, shallow to deep);
+`labels` is B x H x W with 255 for ignored pixels; `step` gives the iteration (0-based) and the total.
+
+Options. A nested `Options` dataclass, validated like the run config (`method.<option>` names in its
+errors): `Literal` choices, ranges via `field(metadata=rng(lo, hi, doc=...))`, cross-field and
+dataset-dependent checks in `check_options`.
+
+Random numbers. `self.generator` is a CPU `torch.Generator` seeded from the run seed and the process's
+rank (`method_seed`); the Trainer saves its state in the checkpoint for every rank and restores it on
+resume, so a mask drawn at iteration k is the same after a resume and differs between DDP ranks. Draw
+with `self.rand(...)`/`self.randn(...)` (or `generator=self.generator`). Torch's global generator is for
+what must repeat a reference's draws (CIRKD's queues); it is saved too, but it is the same on every rank.
+
+Method-owned modules. Trainable modules made in `__init__` (experts, adapters) are trained with the student
+by the one SGD optimizer and dropped at deployment (never in the student's state dict); `param_groups`
+gives those needing their own learning rate their groups. A method that updates parameters itself (SKD's
+discriminator) returns their optimizer from `own_optimizer` and that update's terms from `own_loss_terms`.
+
+Under DDP the student and the method's modules are one DistributedDataParallel unit: gradients are
+averaged, nothing else is gathered for a method; one that needs other ranks' tensors (CIRKD's memory
+queues) gathers them itself (torch.distributed all_gather, as cirkd.py does).
+
+Outputs. `loss_terms` returns a dict of named, already weighted loss terms; the Trainer sums them, logs
+each one, and checks each for NaN/Inf. `eval_predictions` may return extra logits to score beside the
+student's (e.g. SDES's Ens-T).
+
+Every loss term the suite computes uses the same conventions: ignore index 255, mean over the valid
+(non-ignored) pixels unless the method's docstring says otherwise.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -72,7 +104,14 @@ class MethodContext:
     total_iters: int
     class_pixel_counts: Callable[[], torch.Tensor]  # per-class training-pixel counts (lazy, cached)
     teacher: SegmentationModel | None = None
-    seed: int = 0
+    seed: int = 0  # the run's seed (train.seed)
+    rank: int = 0  # this process's rank under DDP (0 outside it)
+
+
+def method_seed(seed: int, rank: int) -> int:
+    """The seed of a method's generator: a hash of (run seed, rank), so that neighbouring seeds and ranks give
+    unrelated streams, and none of them equals the global generator's (seeded with the run seed alone)."""
+    return int.from_bytes(hashlib.sha256(f"sdesbench.method:{seed}:{rank}".encode()).digest()[:8], "little")
 
 
 @dataclass
@@ -85,6 +124,10 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = False
     teacher_free: ClassVar[bool] = True  # the paper's "TF" column
+    logged_terms: ClassVar[tuple[str, ...]] = ()  # every term it logs (module docstring)
+    conformance: ClassVar[str | None] = None  # its fixture under tests/conformance/, e.g. "kl.json"
+    no_conformance_because: ClassVar[str] = ""  # why there is no fixture, when `conformance` is None
+    option_prefix: ClassVar[str] = ""  # the prefix of the option names it adds, e.g. "cwd_"
 
     @dataclass
     class Options:
@@ -94,6 +137,23 @@ class Method(nn.Module):
         super().__init__()
         self.opts = options
         self.num_classes = ctx.num_classes
+        # the method's random numbers (module docstring); its state travels in the checkpoint, per rank
+        self.generator = torch.Generator().manual_seed(method_seed(ctx.seed, ctx.rank))
+
+    def rand(self, *size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Uniform [0, 1) numbers from the method's generator (drawn on the CPU, then moved to `device`,
+        so a draw is the same on every device)."""
+        return torch.rand(size, generator=self.generator).to(device)
+
+    def randn(self, *size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Standard normal numbers from the method's generator (as `rand`)."""
+        return torch.randn(size, generator=self.generator).to(device)
+
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups for method-owned parameters that need their own settings, e.g.
+        `[{"params": list(self.adapter.parameters()), "lr": 10 * base_lr}]` (`base_lr`: train.lr). Their
+        parameters leave the main group; every group follows the poly schedule. Default: none."""
+        return []
 
     @classmethod
     def parse_options(cls, options: dict[str, Any], num_classes: int | None = None) -> Any:

@@ -353,6 +353,9 @@ def check_cirkd_options(opts: CIRKDOptions) -> None:
 @METHODS.register("cirkd")
 class CIRKD(TeacherStudentMethod):
     """L = L_SS (Eq. 1) + l1 L_batch + l2 L_pixel + l3 L_region (Yang et al. 2022); see the module docstring."""
+    logged_terms = ("ss", "cirkd_batch", "cirkd_pixel", "cirkd_region")
+    conformance = "cirkd.json"
+    option_prefix = "cirkd_"
 
     @dataclass
     class Options(CIRKDOptions, TeacherStudentOptions):
@@ -374,6 +377,9 @@ class CIRKD(TeacherStudentMethod):
 @METHODS.register("cirkd+kd")
 class CIRKDKD(CIRKD):
     """CIRKD + the pixel-wise KD term of `kl` (CIRKD's train_cirkd.py, the table's CIRKD row)."""
+    logged_terms = ("ss", "cirkd_batch", "cirkd_pixel", "cirkd_region", "kd")
+    conformance = "cirkd.json"
+    option_prefix = "cirkd_"
 
     @dataclass
     class Options(KLOptions, CIRKDOptions, TeacherStudentOptions):

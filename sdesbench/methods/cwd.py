@@ -134,6 +134,9 @@ class CWDTerm(nn.Module):
 @METHODS.register("cwd")
 class CWD(TeacherStudentMethod):
     """L = L_SS (Eq. 1) + cwd_weight * L_CWD (Shu et al. 2021 Eq. 3); see the module docstring."""
+    logged_terms = ("ss", "cwd")
+    conformance = "cwd.json"
+    option_prefix = "cwd_"
 
     @dataclass
     class Options(CWDOptions, TeacherStudentOptions):
@@ -163,6 +166,9 @@ class CWDKDAdv(KDAdversarialMethod):
     (`cwd_feature`, 50, its adapter when the widths differ) + pixel KD (`kd`, 1) + the holistic adversarial
     term (`adv`, 0.001; the discriminator's own update `adv_d`, 0.1), as `scripts/train_kd/train_cwd.sh`
     runs it. Both CWD terms share `cwd_tau`, `cwd_adapter` and `cwd_channel_norm`."""
+    logged_terms = ("ss", "cwd", "cwd_feature", "kd", "adv", "adv_d")
+    conformance = "skd.json"
+    option_prefix = "cwd_"
 
     @dataclass
     class Options(CWDFeatureOptions, CWDOptions, KLOptions, AdversarialOptions, TeacherStudentOptions):

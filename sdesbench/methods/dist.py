@@ -97,6 +97,9 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: 
 @METHODS.register("dist")
 class DIST(TeacherStudentMethod):
     """L = L_SS (Eq. 1) + dist_weight * (L_DIST(logits) + dist_aux_weight * L_DIST(aux)); module docstring."""
+    logged_terms = ("ss", "dist")
+    conformance = "dist.json"
+    option_prefix = "dist_"
 
     @dataclass
     class Options(TeacherStudentOptions):

@@ -107,6 +107,9 @@ def csd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: fl
 @METHODS.register("dsd")
 class DSD(TeacherStudentMethod):
     """L = L_SS (Eq. 1) + dsd_psd_weight * L_PSD + dsd_csd_weight * L_CSD (CIRKD losses/dsd.py); module docstring."""
+    logged_terms = ("ss", "psd", "csd")
+    conformance = "dsd.json"
+    option_prefix = "dsd_"
 
     @dataclass
     class Options(TeacherStudentOptions):

@@ -67,6 +67,9 @@ def fitnet_hint_loss(regressed_student: torch.Tensor, teacher: torch.Tensor,
 @METHODS.register("fitnet")
 class FitNet(TeacherStudentMethod):
     """L = L_SS (Eq. 1) + fitnet_weight * ||r(F_S) - F_T||^2 (FitNets Eq. 3, CIRKD's mean); module docstring."""
+    logged_terms = ("ss", "fitnet")
+    conformance = "fitnet.json"
+    option_prefix = "fitnet_"
 
     @dataclass
     class Options(TeacherStudentOptions):
@@ -96,6 +99,10 @@ class FitNet(TeacherStudentMethod):
 @METHODS.register("fitnet+kd")
 class FitNetKD(FitNet):
     """FitNet + the pixel-wise KD term of `kl` (CIRKD's train_fitnet.sh: --lambda-kd 1 --lambda-fitnet 10)."""
+    logged_terms = ("ss", "fitnet", "kd")
+    conformance = None
+    no_conformance_because = "the sum of fitnet and kl, each checked against its reference"
+    option_prefix = "fitnet_"
 
     @dataclass
     class Options(KLOptions, FitNet.Options):

@@ -116,6 +116,9 @@ def ifvd_term(opts: IFVDOptions, student_out: dict[str, Any], teacher_out: dict[
 @METHODS.register("ifvd")
 class IFVD(TeacherStudentMethod):
     """L = L_SS (Eq. 1) + ifvd_weight * mean (M^S - M^T)^2 (Wang et al. 2020, IFV loss); module docstring."""
+    logged_terms = ("ss", "ifvd")
+    conformance = "ifvd.json"
+    option_prefix = "ifvd_"
 
     @dataclass
     class Options(IFVDOptions, TeacherStudentOptions):
@@ -132,6 +135,9 @@ class IFVD(TeacherStudentMethod):
 class IFVDKDAdv(KDAdversarialMethod):
     """CIRKD's IFVD row: L_SS + aux + ifvd (20) + pixel KD (`kd`, 1) + the holistic adversarial term (`adv`,
     0.001; the discriminator's own update `adv_d`, 0.1), as `scripts/train_kd/train_ifvd.sh` runs it."""
+    logged_terms = ("ss", "ifvd", "kd", "adv", "adv_d")
+    conformance = "skd.json"
+    option_prefix = "ifvd_"
 
     @dataclass
     class Options(IFVDOptions, KLOptions, AdversarialOptions, TeacherStudentOptions):

@@ -47,6 +47,9 @@ def kd_term(opts: KLOptions, student_logits: torch.Tensor, teacher_logits: torch
 @METHODS.register("kl")
 class KL(TeacherStudentMethod):
     """L = L_SS (Eq. 1) + kd_weight * T^2 * mean_pixels KL(p^T || p^S) (Hinton 2015); see the module docstring."""
+    logged_terms = ("ss", "kd")
+    conformance = "kl.json"
+    option_prefix = "kd_"
 
     @dataclass
     class Options(KLOptions, TeacherStudentOptions):

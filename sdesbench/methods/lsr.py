@@ -57,6 +57,9 @@ class LabelSmoothing(Student):
     public KD code. Ignored pixels (255) carry no target and are excluded; mean over valid pixels.
     An auxiliary head, if the model has one, keeps the plain CE of `student`.
     """
+    logged_terms = ("ss",)
+    conformance = "lsr.json"
+    option_prefix = ""
 
     @dataclass
     class Options(Student.Options):

@@ -146,6 +146,9 @@ class RDDOptions:
 @METHODS.register("rdd")
 class RDD(TeacherStudentMethod):
     """Relative difficulty distillation: TFE-RDD then TSE-RDD pixel selection of the CE; see the module docstring."""
+    logged_terms = ("ss_tfe", "ss_tse")
+    conformance = "rdd.json"
+    option_prefix = ""
 
     @dataclass
     class Options(RDDOptions, TeacherStudentOptions):
@@ -192,6 +195,10 @@ class RDD(TeacherStudentMethod):
 @METHODS.register("rdd+kl")
 class RDDKL(RDD):
     """RDD (TFE then TSE) + the Hinton KD term of `kl` at every iteration (the public RDD script)."""
+    logged_terms = ("ss_tfe", "ss_tse", "kd")
+    conformance = None
+    no_conformance_because = "the sum of rdd and kl, each checked against its reference"
+    option_prefix = ""
 
     @dataclass
     class Options(KLOptions, RDDOptions, TeacherStudentOptions):
@@ -206,6 +213,10 @@ class RDDKL(RDD):
 @METHODS.register("rdd+cwd")
 class RDDCWD(RDD):
     """RDD (TFE then TSE) + the channel-wise distillation term of `cwd` at every iteration."""
+    logged_terms = ("ss_tfe", "ss_tse", "cwd")
+    conformance = None
+    no_conformance_because = "the sum of rdd and cwd, each checked against its reference"
+    option_prefix = ""
 
     @dataclass
     class Options(CWDOptions, RDDOptions, TeacherStudentOptions):

@@ -81,6 +81,9 @@ class SelfAttentionDistillation(Student):
     Before the warm-up ends the `sad` term is logged as 0. Choices: deeper map detached, resized
     to the shallower map (bilinear) before the softmax, MSE mean (see `sad_pair_loss`).
     """
+    logged_terms = ("ss", "sad")
+    conformance = "sad.json"
+    option_prefix = ""
 
     @dataclass
     class Options(Student.Options):

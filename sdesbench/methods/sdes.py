@@ -353,6 +353,11 @@ def bilinear_upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 @METHODS.register("sdes")
 class SDES(Method):
     """SDES (Eq. 12): (L_SS + L_SS^T) + alpha L_DPED + beta L_DFED. See the module docstring."""
+    logged_terms = ("ss", "ss_experts", "dped", "dfed")
+    conformance = None
+    no_conformance_because = ("the SDES authors published no code; its terms are checked against hand computations "
+                              "(tests/test_sdes.py)")
+    option_prefix = ""
 
     @dataclass
     class Options:
@@ -445,6 +450,10 @@ class SDES(Method):
 @METHODS.register("sdes-no-dfed")
 class SDESNoDFED(SDES):
     """Ablation "Ours w/o DFED" (Table 2) / L_SS + L_DPED (Table 4)."""
+    logged_terms = ("ss", "ss_experts", "dped")
+    conformance = None
+    no_conformance_because = "an SDES ablation (as sdes)"
+    option_prefix = ""
 
     @dataclass
     class Options(SDES.Options):
@@ -454,6 +463,10 @@ class SDESNoDFED(SDES):
 @METHODS.register("sdes-no-dped")
 class SDESNoDPED(SDES):
     """Ablation "Ours w/o DPED" (Table 2) / L_SS + L_DFED (Table 4): no experts are built."""
+    logged_terms = ("ss", "dfed")
+    conformance = None
+    no_conformance_because = "an SDES ablation (as sdes)"
+    option_prefix = ""
 
     @dataclass
     class Options(SDES.Options):
@@ -463,6 +476,10 @@ class SDESNoDPED(SDES):
 @METHODS.register("sdes-random-split")
 class SDESRandomSplit(SDES):
     """Table 4 "Rand": classes grouped by a seeded random ranking instead of "more to less"."""
+    logged_terms = ("ss", "ss_experts", "dped", "dfed")
+    conformance = None
+    no_conformance_because = "an SDES ablation (as sdes)"
+    option_prefix = ""
 
     @dataclass
     class Options(SDES.Options):

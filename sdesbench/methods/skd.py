@@ -107,6 +107,9 @@ class SKDOptions:
 class SKD(KDAdversarialMethod):
     """Pixel-wise KD + pair-wise similarity of pooled features + holistic adversarial term (Liu et al.
     2019/2020), CIRKD's SKD row by default; see the module docstring."""
+    logged_terms = ("ss", "pair", "kd", "adv", "adv_d")
+    conformance = "skd.json"
+    option_prefix = "skd_"
 
     @dataclass
     class Options(SKDOptions, KLOptions, AdversarialOptions, TeacherStudentOptions):

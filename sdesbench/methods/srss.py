@@ -108,6 +108,9 @@ class SelfRegulation(Student):
     code's image-level BCE form); labelled pixels only in every pixel term. The exits are extra
     training cost only; the deployed student is unchanged.
     """
+    logged_terms = ("ss", "exit_ce", "presence", "sr_f", "sr_l")
+    conformance = "srss.json"
+    option_prefix = ""
 
     @dataclass
     class Options(Student.Options):

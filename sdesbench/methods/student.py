@@ -11,6 +11,10 @@ from sdesbench.methods.losses import task_terms
 @METHODS.register("student")
 class Student(Method):
     """L = L_SS (Eq. 1). With an auxiliary head (model.aux) adds `aux_weight` x its CE."""
+    logged_terms = ("ss",)
+    conformance = None
+    no_conformance_because = "plain cross-entropy (torch's own, checked in tests/test_selfkd.py)"
+    option_prefix = ""
 
     @dataclass
     class Options:

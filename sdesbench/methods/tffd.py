@@ -124,6 +124,9 @@ class TeacherFreeFeatureDistillation(Student):
     half is pulled towards the other half as much as the reverse; `intra_detach_salient: false`
     (default) keeps that, `true` makes the salient half a fixed target, as a teacher usually is.
     """
+    logged_terms = ("ss", "intra", "inter")
+    conformance = "tffd.json"
+    option_prefix = ""
 
     @dataclass
     class Options(Student.Options):

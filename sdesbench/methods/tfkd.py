@@ -81,6 +81,9 @@ class TeacherFreeKD(Student):
     against an unsoftened student); KL summed over classes, mean over the non-ignored pixels;
     CE weighted by 1 - alpha as in the paper (an auxiliary head keeps its plain CE).
     """
+    logged_terms = ("ss", "tfkd")
+    conformance = "tfkd.json"
+    option_prefix = ""
 
     @dataclass
     class Options(Student.Options):
@@ -124,6 +127,9 @@ class TeacherFreeKDSelf(Student):
     public multipliers (1 to 100 across its configs) were tuned per CIFAR model, and with the C = 11-21
     classes of the segmentation sets mean x 50 would be 2.4-4.5x Eq. 8's KL, not a reproduction of it.
     """
+    logged_terms = ("ss", "tfkd")
+    conformance = "tfkd.json"
+    option_prefix = ""
 
     needs_teacher = True
     teacher_free = False
