@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sdesbench.config import TrainConfig
+from sdesbench.engine import step
 from sdesbench.methods import METHODS
 from sdesbench.methods.base import StepInfo
 from sdesbench.methods.kt import class_masks, logit_tailoring, tailoring_triplet_loss
@@ -101,6 +103,18 @@ def test_tailoring_modules_are_frozen_by_default_and_trained_in_their_own_group_
     (terms["ft"] + terms["triplet"]).backward()
     assert trained.student_tailoring[0].weight.grad.abs().sum() > 0 and trained.anchor_conv.weight.grad is not None
     assert trained.teacher_tailoring[0].weight.grad is None
+
+
+def test_the_trainers_optimizer_leaves_the_tailoring_out_by_default_and_gives_it_its_own_group_when_trained():
+    def groups(options):
+        learner = step.random_learner("enet", "kt", 3, options, train=TrainConfig(iters=4, lr=0.01))
+        tailoring = {id(p) for p in learner.method.tailoring_parameters()}
+        return [({id(p) for p in g["params"]} & tailoring, g["lr"]) for g in learner.optimizer.param_groups], tailoring
+
+    (main,), _ = groups({})
+    assert main == (set(), pytest.approx(0.01))  # the reference's optimiser: the student (and nothing of KT's)
+    (main, own), tailoring = groups({"kt_train_tailoring": True, "kt_tailoring_lr_mult": 10.0})
+    assert main == (set(), pytest.approx(0.01)) and own == (tailoring, pytest.approx(0.1))
 
 
 def test_the_phase_switch_is_absolute_by_default_and_a_quarter_of_the_run_when_relative():
