@@ -77,7 +77,8 @@ class KLLogitStandardization(TeacherStudentMethod):
 
     @dataclass
     class Options(TeacherStudentOptions):
-        ls_weight: float = field(default=9.0, metadata=rng(0.0, doc="weight of the KD term (tools/train.py --kd-weight 9)"))
+        ls_weight: float = field(default=9.0, metadata=rng(0.0, doc="weight of the KD term "
+                                                                    "(tools/train.py --kd-weight 9)"))
         ls_temperature: float = field(default=2.0, metadata=rng(1e-3, doc="base temperature T (--base-temp 2); "
                                                                           "loss scaled by T^2"))
         ls_valid_only: bool = True  # mean over labelled pixels (false: over all pixels, the code's mean over samples)
