@@ -57,14 +57,16 @@ def test_the_teacher_student_template_renders_its_own_kd(tmp_path):
     new = write_method("my_kd", teacher_student=True, folder=tmp_path)
     text = new.plugin.read_text()
     assert "class MyKd(TeacherStudentMethod)" in text and 'logged_terms = ("ss", "my_kd")' in text
-    assert "my_kd_temperature" in text and 'Pixels = Literal["labelled", "all"]' in text
+    assert "mykd_temperature: float" in text and 'Pixels = Literal["labelled", "all"]' in text
+    assert 'option_prefix = "mykd_"' in text  # the contract's form of a prefix (tests/test_method_api.py)
     assert "teacher: true" in new.spec.read_text() and "plugins: [my_kd.py]" in new.spec.read_text()
     compile(text, str(new.plugin), "exec")
     compile(new.test.read_text(), str(new.test), "exec")
 
 
-@pytest.mark.parametrize("name,why", [("1x", "not a Python identifier"), ("my-kd", "not a Python identifier"),
-                                      ("class", "not a Python identifier"), ("kl", "already a method"),
+@pytest.mark.parametrize("name,why", [("1x", "not a lower-case Python identifier"), ("my-kd", "not a lower-case"),
+                                      ("MyKD", "not a lower-case"), ("class", "not a lower-case"),
+                                      ("kl", "already a method"),
                                       ("torch", "installed module")])
 def test_bad_names_are_refused_in_one_line(tmp_path, name, why):
     with pytest.raises(ConfigError) as e:

@@ -1,9 +1,9 @@
 """`sdesbench new method NAME`: a plugin method written from the method contract, for its author to change.
 
 Three files in one folder, which pass and run as written:
-- `NAME.py`: the plugin. An `Options` dataclass (names prefixed `NAME_`, a `Literal` choice, ranges), a pure
-  loss function with its equation written in the docstring, `loss_terms`, and the class attributes the
-  contract asks for (`logged_terms`, `option_prefix`, `conformance` None with its reason). With
+- `NAME.py`: the plugin. An `Options` dataclass (names prefixed with NAME less its '_', a `Literal` choice,
+  ranges), a pure loss function with its equation written in the docstring, `loss_terms`, and the class
+  attributes the contract asks for (`logged_terms`, `option_prefix`, `conformance` None with its reason). With
   `teacher_student` it is pixel-wise KD from the teacher at a temperature (Hinton et al. 2015, Sec. 2);
   without, a teacher-free self-KD (Tf-KD_reg's virtual teacher, Yuan et al. 2020, Eq. 9-10) at a temperature.
 - `test_NAME.py`: the loss computed by hand from the written-out formula (plain Python floats, pixel by
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import keyword
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -51,11 +52,17 @@ def _shown(path: Path, cwd: Path | None) -> str:
         return str(path.resolve())
 
 
+def option_prefix(name: str) -> str:
+    """The prefix of the method's option names: its name without '_' (`my_kd` -> `mykd_`), as the contract's
+    prefixes are (`cwd_`, `kd_`)."""
+    return name.replace("_", "") + "_"
+
+
 def check_name(name: str) -> None:
     """One line why `name` cannot be a new plugin method, or nothing."""
-    if not name.isidentifier() or keyword.iskeyword(name) or not name.isascii():
-        raise ConfigError(f"new method: {name!r} is not a Python identifier (letters, digits and _, not starting "
-                          f"with a digit): it names the plugin's file, module and option prefix")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
+        raise ConfigError(f"new method: {name!r} is not a lower-case Python identifier (a-z, 0-9 and _, starting "
+                          f"with a letter): it names the plugin's file, module and option prefix")
     if name in METHODS:
         raise ConfigError(f"new method: {name!r} is already a method of sdesbench; choose another name")
     if importlib.util.find_spec(name) is not None:
@@ -65,7 +72,8 @@ def check_name(name: str) -> None:
 
 def render(name: str, teacher_student: bool) -> dict[str, str]:
     """The three files' names and texts."""
-    words = {"name": name, "cls": "".join(p[:1].upper() + p[1:] for p in name.split("_") if p) or name,
+    words = {"name": name, "cls": "".join(p[:1].upper() + p[1:] for p in name.split("_") if p),
+             "prefix": option_prefix(name),
              "table": BASE_TABLE, "group": GROUP[teacher_student], "log_softmax": LOG_SOFTMAX}
     words["contract"] = Template(CONTRACT).substitute(words).rstrip("\n")
     plugin, test, spec = (TS_PLUGIN, TS_TEST, TS_SPEC) if teacher_student else (SELF_PLUGIN, SELF_TEST, SELF_SPEC)
@@ -91,7 +99,7 @@ def write_method(name: str, teacher_student: bool = False, folder: Path | str = 
 # ------------------------------------------------------------------------------------------ both templates
 
 CONTRACT = '''    logged_terms = ("ss", "${name}")  # the terms loss_terms returns with the default options
-    option_prefix = "${name}_"
+    option_prefix = "${prefix}"
     conformance = None  # a fixture under tests/conformance/ once there is reference code to compare with
     no_conformance_because = "a new method: no public reference code to compare with yet"
 '''
@@ -109,12 +117,12 @@ TS_PLUGIN = '''"""`${name}`: a distillation method for sdesbench, as a plugin (f
 As written it is pixel-wise knowledge distillation from the teacher at a temperature T (Hinton, Vinyals &
 Dean 2015, Sec. 2); change the loss and its equation to yours:
 
-    L = L_SS + ${name}_weight * L_${name}                                                (Eq. 1)
+    L = L_SS + ${prefix}weight * L_${name}                                                (Eq. 1)
     L_${name} = T^2 / |P| * sum_{i in P} sum_c p^T_ic * (log p^T_ic - log p^S_ic)        (Eq. 2)
     p^T_i = softmax(z^T_i / T),  p^S_i = softmax(z^S_i / T)
 
 z^S, z^T: the student's and the teacher's logits at pixel i; P: the labelled pixels (label != 255) with
-`${name}_pixels: labelled`, every pixel with `all`. L_SS is the cross-entropy on the labels (+ the aux
+`${prefix}pixels: labelled`, every pixel with `all`. L_SS is the cross-entropy on the labels (+ the aux
 head's, weighted by `aux_weight`, when the model has one), as every method of the suite computes it.
 
 Run its table (the table it extends, plus its row):   sdesbench run ${name}.yaml --preset smoke
@@ -155,23 +163,23 @@ def ${name}_loss(
 
 @METHODS.register("${name}")
 class ${cls}(TeacherStudentMethod):
-    """L = L_SS + ${name}_weight * L_${name} (module docstring, Eq. 1-2)."""
+    """L = L_SS + ${prefix}weight * L_${name} (module docstring, Eq. 1-2)."""
 
 ${contract}
 
     @dataclass
     class Options(TeacherStudentOptions):  # aux_weight: the aux head's CE weight in L_SS
-        ${name}_weight: float = field(default=1.0, metadata=rng(0.0, doc="weight of L_${name} (Eq. 1)"))
-        ${name}_temperature: float = field(default=4.0, metadata=rng(0.1, 100.0, doc="softmax temperature T (Eq. 2)"))
-        ${name}_pixels: Pixels = "labelled"
+        ${prefix}weight: float = field(default=1.0, metadata=rng(0.0, doc="weight of L_${name} (Eq. 1)"))
+        ${prefix}temperature: float = field(default=4.0, metadata=rng(0.1, 100.0, doc="softmax temperature T (Eq. 2)"))
+        ${prefix}pixels: Pixels = "labelled"
 
     def loss_terms(self, student_out, labels, step, teacher_out=None):
         teacher_out = self.require_teacher(teacher_out)
         terms = self.task_terms(student_out, labels)  # "ss" (and "aux" with an aux head)
         o = self.opts
-        loss = ${name}_loss(student_out["logits"], teacher_out["logits"], labels, o.${name}_temperature,
-                            o.${name}_pixels)
-        terms["${name}"] = o.${name}_weight * loss
+        loss = ${name}_loss(
+            student_out["logits"], teacher_out["logits"], labels, o.${prefix}temperature, o.${prefix}pixels)
+        terms["${name}"] = o.${prefix}weight * loss
         return terms
 '''
 
@@ -225,7 +233,7 @@ def test_loss_equals_the_formula_computed_by_hand(temperature, pixels):
 
 def test_the_method_returns_its_logged_terms_weighted():
     student, teacher, labels = seeded_input()
-    opts = ${cls}.parse_options({"${name}_weight": 0.5})
+    opts = ${cls}.parse_options({"${prefix}weight": 0.5})
     method = ${cls}(opts, MethodContext(model=None, num_classes=C, total_iters=1, class_pixel_counts=lambda: None))
     out = {"logits": student, "aux": None, "decoder_feature": None, "stages": []}
     terms = method.loss_terms(out, labels, StepInfo(0, 1), teacher_out={**out, "logits": teacher})
@@ -236,9 +244,9 @@ def test_the_method_returns_its_logged_terms_weighted():
 
 def test_options_out_of_range_are_refused():
     with pytest.raises(ConfigError):
-        ${cls}.parse_options({"${name}_temperature": 0.0})
+        ${cls}.parse_options({"${prefix}temperature": 0.0})
     with pytest.raises(ConfigError):
-        ${cls}.parse_options({"${name}_pixels": "some"})
+        ${cls}.parse_options({"${prefix}pixels": "some"})
 '''
 
 TS_SPEC = '''# `${name}` beside the rows of ${table} (written by `sdesbench new method ${name} --teacher-student`).
@@ -262,13 +270,13 @@ As written it is a teacher-free self-distillation at a temperature T: the studen
 pulled towards a virtual teacher made from the label (Tf-KD_reg, Yuan et al. 2020, Eq. 9-10), pixel by
 pixel; change the loss and its equation to yours:
 
-    L = L_SS + ${name}_weight * L_${name}                                                 (Eq. 1)
+    L = L_SS + ${prefix}weight * L_${name}                                                 (Eq. 1)
     q_ic = a if c = y_i else (1 - a) / (C - 1)                                           (Eq. 2)
     L_${name} = T^2 / |V| * sum_{i in V} R_c [ r_ic * (log r_ic - log p_ic) ]              (Eq. 3)
     r_i = softmax(log q_i / T),  p_i = softmax(z_i / T)
 
 y_i: the label of pixel i, V: the labelled pixels (label != 255), z: the student's logits, a:
-`${name}_correct_prob`; R_c is the sum over the C classes (`${name}_classes: sum`, the KL of each pixel) or
+`${prefix}correct_prob`; R_c is the sum over the C classes (`${prefix}classes: sum`, the KL of each pixel) or
 their mean (`mean`, a reduction='mean' of public code). L_SS is the cross-entropy on the labels (+ the aux
 head's, weighted by `aux_weight`, when the model has one), as every method of the suite computes it.
 
@@ -314,23 +322,23 @@ def ${name}_loss(
 
 @METHODS.register("${name}")
 class ${cls}(Student):
-    """L = L_SS + ${name}_weight * L_${name} (module docstring, Eq. 1-3). Teacher-free: it needs no teacher."""
+    """L = L_SS + ${prefix}weight * L_${name} (module docstring, Eq. 1-3). Teacher-free: it needs no teacher."""
 
 ${contract}
 
     @dataclass
     class Options(Student.Options):  # aux_weight: the aux head's CE weight in L_SS
-        ${name}_weight: float = field(default=1.0, metadata=rng(0.0, doc="weight of L_${name} (Eq. 1)"))
-        ${name}_temperature: float = field(default=4.0, metadata=rng(0.1, 100.0, doc="softmax temperature T (Eq. 3)"))
-        ${name}_correct_prob: float = field(default=0.9, metadata=rng(0.01, 0.99, doc="a of Eq. 2"))
-        ${name}_classes: Classes = "sum"
+        ${prefix}weight: float = field(default=1.0, metadata=rng(0.0, doc="weight of L_${name} (Eq. 1)"))
+        ${prefix}temperature: float = field(default=4.0, metadata=rng(0.1, 100.0, doc="softmax temperature T (Eq. 3)"))
+        ${prefix}correct_prob: float = field(default=0.9, metadata=rng(0.01, 0.99, doc="a of Eq. 2"))
+        ${prefix}classes: Classes = "sum"
 
     def loss_terms(self, student_out, labels, step, teacher_out=None):
         terms = super().loss_terms(student_out, labels, step)  # "ss" (and "aux" with an aux head)
         o = self.opts
-        loss = ${name}_loss(student_out["logits"], labels, o.${name}_correct_prob, o.${name}_temperature,
-                            o.${name}_classes)
-        terms["${name}"] = o.${name}_weight * loss
+        loss = ${name}_loss(
+            student_out["logits"], labels, o.${prefix}correct_prob, o.${prefix}temperature, o.${prefix}classes)
+        terms["${name}"] = o.${prefix}weight * loss
         return terms
 '''
 
@@ -387,7 +395,7 @@ def test_loss_equals_the_formula_computed_by_hand(a, temperature, classes):
 
 def test_the_method_returns_its_logged_terms_weighted():
     student, labels = seeded_input()
-    opts = ${cls}.parse_options({"${name}_weight": 0.5})
+    opts = ${cls}.parse_options({"${prefix}weight": 0.5})
     method = ${cls}(opts, MethodContext(model=None, num_classes=C, total_iters=1, class_pixel_counts=lambda: None))
     out = {"logits": student, "aux": None, "decoder_feature": None, "stages": []}
     terms = method.loss_terms(out, labels, StepInfo(0, 1))
@@ -398,9 +406,9 @@ def test_the_method_returns_its_logged_terms_weighted():
 
 def test_options_out_of_range_are_refused():
     with pytest.raises(ConfigError):
-        ${cls}.parse_options({"${name}_correct_prob": 1.0})
+        ${cls}.parse_options({"${prefix}correct_prob": 1.0})
     with pytest.raises(ConfigError):
-        ${cls}.parse_options({"${name}_classes": "max"})
+        ${cls}.parse_options({"${prefix}classes": "max"})
 '''
 
 SELF_SPEC = '''# `${name}` beside the teacher-free rows of ${table} (written by `sdesbench new method ${name}`).
