@@ -36,7 +36,11 @@ discriminator) returns their optimizer from `own_optimizer` and that update's te
 
 Under DDP the student and the method's modules are one DistributedDataParallel unit: gradients are
 averaged, nothing else is gathered for a method; one that needs other ranks' tensors (CIRKD's memory
-queues) gathers them itself (torch.distributed all_gather, as cirkd.py does).
+queues) gathers them itself (`cirkd.gather_batch`, whose backward returns each rank its slice's gradient).
+
+Feature maps. `methods/features.py` names the maps a method may distil (`FeatureMap`), reads them
+(`feature_map`), gives their channels in student and teacher and the 1x1 `channel_adapter` between them, and
+is the one way to add CIRKD's pixel KD to a method (`class MineKD(PixelKD, Mine)`).
 
 Outputs. `loss_terms` returns a dict of named, already weighted loss terms; the Trainer sums them, logs
 each one, and checks each for NaN/Inf. `eval_predictions` may return extra logits to score beside the

@@ -105,8 +105,7 @@ from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
 from sdesbench.methods.base import METHODS, MethodContext
-from sdesbench.methods.cwd import pick_map, student_and_teacher_channels
-from sdesbench.methods.kl import KLOptions, kd_term
+from sdesbench.methods.features import PixelKD, feature_map, student_and_teacher_channels
 from sdesbench.methods.losses import fp32, full_precision, labels_at
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 from sdesbench.models.base import to_size
@@ -336,8 +335,8 @@ class CIRKDTerms(nn.Module):
     def forward(self, student_out: dict[str, Any], teacher_out: dict[str, Any],
                 labels: torch.Tensor) -> dict[str, torch.Tensor]:
         o = self.opts
-        t = pick_map(teacher_out, o.cirkd_on).detach()
-        s = to_size(pick_map(student_out, o.cirkd_on), t.shape[-2:])
+        t = feature_map(teacher_out, o.cirkd_on).detach()
+        s = to_size(feature_map(student_out, o.cirkd_on), t.shape[-2:])
         pixel, region = self.memory_terms(s, t, labels)
         return {"cirkd_batch": o.cirkd_batch_weight * self.batch_term(s, t),
                 "cirkd_pixel": o.cirkd_pixel_weight * pixel, "cirkd_region": o.cirkd_region_weight * region}
@@ -375,17 +374,8 @@ class CIRKD(TeacherStudentMethod):
 
 
 @METHODS.register("cirkd+kd")
-class CIRKDKD(CIRKD):
+class CIRKDKD(PixelKD, CIRKD):
     """CIRKD + the pixel-wise KD term of `kl` (CIRKD's train_cirkd.py, the table's CIRKD row)."""
     logged_terms = ("ss", "cirkd_batch", "cirkd_pixel", "cirkd_region", "kd")
     conformance = "cirkd.json"
     option_prefix = "cirkd_"
-
-    @dataclass
-    class Options(KLOptions, CIRKDOptions, TeacherStudentOptions):
-        pass
-
-    def loss_terms(self, student_out, labels, step, teacher_out=None):
-        terms = super().loss_terms(student_out, labels, step, teacher_out)
-        terms["kd"] = kd_term(self.opts, student_out["logits"], teacher_out["logits"], labels)
-        return terms

@@ -78,7 +78,7 @@ from sdesbench.errors import ConfigError, SdesbenchError
 from sdesbench.methods.base import METHODS, MethodContext
 from sdesbench.methods.cirkd import (CIRKD, CIRKDOptions, RelationMemory, batch_pixel_pair_loss, gather_batch,
                                      memory_relation_loss, projection_head)
-from sdesbench.methods.cwd import channel_adapter, pick_map, student_and_teacher_channels
+from sdesbench.methods.features import channel_adapter, feature_map, student_and_teacher_channels
 from sdesbench.methods.fitnet import fitnet_hint_loss
 from sdesbench.methods.kl import KLOptions, kd_term
 from sdesbench.methods.losses import fp32, full_precision
@@ -212,7 +212,7 @@ class CIRKDv2(CIRKD):
         s_ch, t_ch = student_and_teacher_channels(ctx, o.cirkd_on)
         if o.cirkdv2_hint_weight > 0:
             self.context = ContextGraph(s_ch)
-            self.hint = channel_adapter("always", s_ch, t_ch, "cirkdv2_hint_weight", f"cirkd_on={o.cirkd_on}")
+            self.hint = channel_adapter(s_ch, t_ch, "always", "cirkdv2_hint_weight", f"cirkd_on={o.cirkd_on}")
         self.channel_projection = projection_head(s_ch, t_ch)
         self.channel_memory = ChannelMemory(o.cirkdv2_channel_memory, o.cirkdv2_channel_enqueue)
 
@@ -241,8 +241,8 @@ class CIRKDv2(CIRKD):
         o = self.opts
         terms = self.task_terms(student_out, labels)
         terms["kd"] = kd_term(o, student_out["logits"], teacher_out["logits"], labels)
-        t = pick_map(teacher_out, o.cirkd_on).detach()
-        s = pick_map(student_out, o.cirkd_on)
+        t = feature_map(teacher_out, o.cirkd_on).detach()
+        s = feature_map(student_out, o.cirkd_on)
         if o.cirkdv2_hint_weight > 0:
             s = to_size(self.context(s), t.shape[-2:])
             terms["fitnet"] = o.cirkdv2_hint_weight * fitnet_hint_loss(self.hint(s), t)

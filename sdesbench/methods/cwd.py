@@ -46,15 +46,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdesbench.config import rng
-from sdesbench.errors import ConfigError
 from sdesbench.methods.adversarial import AdversarialOptions, KDAdversarialMethod
 from sdesbench.methods.base import METHODS, MethodContext
+from sdesbench.methods.features import (AdapterMode, FeatureMap, channel_adapter, feature_map,
+                                         student_and_teacher_channels)
 from sdesbench.methods.kl import KLOptions
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 from sdesbench.models.base import to_size
 
-CwdTarget = Literal["logits", "decoder_feature", "last_stage"]
-AdapterMode = Literal["auto", "always", "never"]  # 1x1 conv student->teacher channels; auto: when counts differ
 ChannelNorm = Literal["teacher", "student"]  # C in tau^2/(B*C): the compared maps' | CIRKD's (before its adapter)
 
 
@@ -68,46 +67,11 @@ def cwd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float, norm_chan
     return tau ** 2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum() / (b * c)
 
 
-def map_channels(model: Any, target: CwdTarget, num_classes: int) -> int:
-    """Channels of the map `target` for a SegmentationModel."""
-    if target == "logits":
-        return num_classes
-    if target == "decoder_feature":
-        return model.decoder_channels
-    return model.stage_channels[-1]
-
-
-def pick_map(out: dict[str, Any], target: CwdTarget) -> torch.Tensor:
-    if target == "last_stage":
-        return out["stages"][-1]
-    return out[target]
-
-
-def channel_adapter(mode: AdapterMode, student_channels: int, teacher_channels: int, option: str,
-                    target: str) -> nn.Conv2d | None:
-    """The trainable 1x1 convolution (no bias, as CIRKD) from the student's to the teacher's channels:
-    built when `mode` is `always`, or `auto` and the counts differ; `never` with differing counts is an
-    error naming `option` (the method's option that chose the mode) and the distilled map `target`."""
-    if mode == "always" or (mode == "auto" and student_channels != teacher_channels):
-        return nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
-    if student_channels != teacher_channels:
-        raise ConfigError(f"method.{option}=never but {target} has {student_channels} student and "
-                          f"{teacher_channels} teacher channels")
-    return None
-
-
-def student_and_teacher_channels(ctx: MethodContext, target: CwdTarget) -> tuple[int, int]:
-    """Channels of map `target` in the student and in the teacher (the student's when no teacher is built)."""
-    s_ch = map_channels(ctx.model, target, ctx.num_classes)
-    t_ch = map_channels(ctx.teacher, target, ctx.num_classes) if ctx.teacher is not None else s_ch
-    return s_ch, t_ch
-
-
 @dataclass
 class CWDOptions:
     cwd_weight: float = field(default=3.0, metadata=rng(0.0, doc="weight of the CWD term"))
     cwd_tau: float = field(default=4.0, metadata=rng(1e-3, doc="temperature of the per-channel softmax"))
-    cwd_on: CwdTarget = "logits"
+    cwd_on: FeatureMap = "logits"
     cwd_adapter: AdapterMode = "auto"
     cwd_channel_norm: ChannelNorm = "teacher"
 
@@ -119,11 +83,11 @@ class CWDTerm(nn.Module):
         super().__init__()
         self.opts = opts
         s_ch, t_ch = student_and_teacher_channels(ctx, opts.cwd_on)
-        self.adapter = channel_adapter(opts.cwd_adapter, s_ch, t_ch, "cwd_adapter", f"cwd_on={opts.cwd_on}")
+        self.adapter = channel_adapter(s_ch, t_ch, opts.cwd_adapter, "cwd_adapter", f"cwd_on={opts.cwd_on}")
 
     def forward(self, student_out: dict[str, Any], teacher_out: dict[str, Any]) -> torch.Tensor:
-        s = pick_map(student_out, self.opts.cwd_on)
-        t = pick_map(teacher_out, self.opts.cwd_on)
+        s = feature_map(student_out, self.opts.cwd_on)
+        t = feature_map(teacher_out, self.opts.cwd_on)
         norm_channels = s.shape[1] if self.opts.cwd_channel_norm == "student" else None
         if self.adapter is not None:
             s = self.adapter(s)
@@ -157,7 +121,7 @@ class CWD(TeacherStudentMethod):
 class CWDFeatureOptions:
     cwd_feature_weight: float = field(default=50.0, metadata=rng(0.0, doc="weight of the feature CWD term "
                                                                           "(CIRKD --lambda-cwd-fea 50)"))
-    cwd_feature_on: CwdTarget = "decoder_feature"
+    cwd_feature_on: FeatureMap = "decoder_feature"
 
 
 @METHODS.register("cwd+kd+adv")

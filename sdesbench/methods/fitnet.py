@@ -45,8 +45,8 @@ import torch
 
 from sdesbench.config import rng
 from sdesbench.methods.base import METHODS, MethodContext
-from sdesbench.methods.cwd import AdapterMode, channel_adapter, pick_map, student_and_teacher_channels
-from sdesbench.methods.kl import KLOptions, kd_term
+from sdesbench.methods.features import (AdapterMode, PixelKD, channel_adapter, feature_map,
+                                         student_and_teacher_channels)
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 from sdesbench.models.base import to_size
 
@@ -81,14 +81,14 @@ class FitNet(TeacherStudentMethod):
     def __init__(self, options, ctx: MethodContext):
         super().__init__(options, ctx)
         s_ch, t_ch = student_and_teacher_channels(ctx, options.fitnet_on)
-        self.adapter = channel_adapter(options.fitnet_adapter, s_ch, t_ch, "fitnet_adapter",
+        self.adapter = channel_adapter(s_ch, t_ch, options.fitnet_adapter, "fitnet_adapter",
                                        f"fitnet_on={options.fitnet_on}")
 
     def loss_terms(self, student_out, labels, step, teacher_out=None):
         teacher_out = self.require_teacher(teacher_out)
         terms = self.task_terms(student_out, labels)
-        student = pick_map(student_out, self.opts.fitnet_on)
-        teacher = pick_map(teacher_out, self.opts.fitnet_on)
+        student = feature_map(student_out, self.opts.fitnet_on)
+        teacher = feature_map(teacher_out, self.opts.fitnet_on)
         if self.adapter is not None:
             student = self.adapter(student)
         student = to_size(student, teacher.shape[-2:])
@@ -97,18 +97,9 @@ class FitNet(TeacherStudentMethod):
 
 
 @METHODS.register("fitnet+kd")
-class FitNetKD(FitNet):
+class FitNetKD(PixelKD, FitNet):
     """FitNet + the pixel-wise KD term of `kl` (CIRKD's train_fitnet.sh: --lambda-kd 1 --lambda-fitnet 10)."""
     logged_terms = ("ss", "fitnet", "kd")
     conformance = None
     no_conformance_because = "the sum of fitnet and kl, each checked against its reference"
     option_prefix = "fitnet_"
-
-    @dataclass
-    class Options(KLOptions, FitNet.Options):
-        pass
-
-    def loss_terms(self, student_out, labels, step, teacher_out=None):
-        terms = super().loss_terms(student_out, labels, step, teacher_out)
-        terms["kd"] = kd_term(self.opts, student_out["logits"], teacher_out["logits"], labels)
-        return terms

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from sdesbench.config import rng
 from sdesbench.methods.adversarial import AdversarialOptions, KDAdversarialMethod
 from sdesbench.methods.base import METHODS
-from sdesbench.methods.cwd import pick_map
+from sdesbench.methods.features import feature_map
 from sdesbench.methods.kl import KLOptions
 from sdesbench.methods.losses import fp32, full_precision, labels_at, valid_mask
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
@@ -109,7 +109,7 @@ class IFVDOptions:
 def ifvd_term(opts: IFVDOptions, student_out: dict[str, Any], teacher_out: dict[str, Any], labels: torch.Tensor,
               num_classes: int) -> torch.Tensor:
     """ifvd_weight x L_IFV on the maps `ifvd_on` names; shared by `ifvd` and `ifvd+kd+adv`."""
-    s, t = pick_map(student_out, opts.ifvd_on), pick_map(teacher_out, opts.ifvd_on)
+    s, t = feature_map(student_out, opts.ifvd_on), feature_map(teacher_out, opts.ifvd_on)
     return opts.ifvd_weight * ifvd_loss(s, t, labels, num_classes, opts.ifvd_valid_only)
 
 

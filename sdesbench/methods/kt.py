@@ -86,7 +86,8 @@ from torch import nn
 from sdesbench import IGNORE_INDEX
 from sdesbench.config import rng
 from sdesbench.methods.base import METHODS, MethodContext, StepInfo
-from sdesbench.methods.cwd import cwd_loss, pick_map, student_and_teacher_channels
+from sdesbench.methods.cwd import cwd_loss
+from sdesbench.methods.features import feature_map, student_and_teacher_channels
 from sdesbench.methods.losses import fp32, full_precision
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 from sdesbench.models.base import to_size
@@ -240,8 +241,8 @@ class KT(TeacherStudentMethod):
                 terms["kd_aux"] = o.kt_kd_weight * o.aux_weight * o.kt_kd_weight * cwd_loss(
                     fp32(student_out["aux"]), teacher_out["aux"], o.kt_tau)
         terms["lt"] = o.kt_lt_weight * logit_tailoring_loss(z_s, z_t, labels, o.kt_tau)
-        t = pick_map(teacher_out, o.kt_on)
-        s = to_size(pick_map(student_out, o.kt_on), t.shape[-2:])
+        t = feature_map(teacher_out, o.kt_on)
+        s = to_size(feature_map(student_out, o.kt_on), t.shape[-2:])
         ft, triplet = self.feature_terms(s, t, step)
         terms["ft"] = o.kt_ft_weight * ft
         terms["triplet"] = o.kt_triplet_weight * triplet

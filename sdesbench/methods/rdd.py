@@ -61,7 +61,7 @@ from sdesbench.config import rng
 from sdesbench.errors import ConfigError
 from sdesbench.methods.base import METHODS, MethodContext, StepInfo
 from sdesbench.methods.cwd import CWDOptions, CWDTerm
-from sdesbench.methods.kl import KLOptions, kd_term
+from sdesbench.methods.features import PixelKD
 from sdesbench.methods.losses import class_kl_map
 from sdesbench.methods.losses import valid_mask
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
@@ -193,21 +193,12 @@ class RDD(TeacherStudentMethod):
 
 
 @METHODS.register("rdd+kl")
-class RDDKL(RDD):
+class RDDKL(PixelKD, RDD):
     """RDD (TFE then TSE) + the Hinton KD term of `kl` at every iteration (the public RDD script)."""
     logged_terms = ("ss_tfe", "ss_tse", "kd")
     conformance = None
     no_conformance_because = "the sum of rdd and kl, each checked against its reference"
     option_prefix = ""
-
-    @dataclass
-    class Options(KLOptions, RDDOptions, TeacherStudentOptions):
-        pass
-
-    def loss_terms(self, student_out, labels, step, teacher_out=None):
-        terms = super().loss_terms(student_out, labels, step, teacher_out)
-        terms["kd"] = kd_term(self.opts, student_out["logits"], teacher_out["logits"], labels)
-        return terms
 
 
 @METHODS.register("rdd+cwd")

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from sdesbench.config import rng
 from sdesbench.methods.adversarial import AdversarialOptions, KDAdversarialMethod
 from sdesbench.methods.base import METHODS
-from sdesbench.methods.cwd import pick_map
+from sdesbench.methods.features import feature_map
 from sdesbench.methods.kl import KLOptions
 from sdesbench.methods.losses import fp32, full_precision
 from sdesbench.methods.teacher_student import TeacherStudentOptions
@@ -120,7 +120,7 @@ class SKD(KDAdversarialMethod):
         o = self.opts
         terms = self.task_terms(student_out, labels)
         terms["pair"] = o.skd_weight * pairwise_distillation_loss(
-            pick_map(student_out, o.skd_on), pick_map(teacher_out, o.skd_on), o.skd_pool, o.skd_pool_scale,
+            feature_map(student_out, o.skd_on), feature_map(teacher_out, o.skd_on), o.skd_pool, o.skd_pool_scale,
             o.skd_norm == "detached")
         terms.update(self.kd_and_adversarial_terms(student_out, labels, teacher_out))
         return terms
