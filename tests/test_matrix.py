@@ -8,9 +8,14 @@ predictions (Ens-T) are shaped like the logits.
 
 The matrix samples rather than taking the full product, so it grows by two pairs per new method, not
 by one per model: every model runs the student and SDES (both expert kinds: the paper's method on each
-of its networks), and every other method runs on two models spread over the list (`PAIRS`), so each
-model meets several methods and each method meets a DeepLabV3 and, for most, a real-time network.
+of its networks), and every other method runs on one DeepLabV3 and one network of another family (`PAIRS`).
+Which ones is a function of the method's name alone (rendezvous hashing: the model whose hash with the name
+ranks first), so adding a method never moves another one, and adding a model moves only the methods it wins.
+Teacher-size networks (over `MAX_STUDENT_PARAMS`, listed in `TEACHERS_ONLY`) stay out of the matrix, so
+that a new large model does not lengthen it; a model over that size and not listed fails here.
 """
+import hashlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,32 +28,57 @@ from sdesbench.methods import METHODS
 from sdesbench.methods.base import StepInfo
 from sdesbench.models import MODELS, count_params
 
-TEACHERS_ONLY = ("deeplabv3_resnet101", "deeplabv3_resnet101_cirkd", "segformer_mit_b4")
+TEACHERS_ONLY = ("deeplabv3_resnet101", "deeplabv3_resnet101_cirkd", "segformer_mit_b4")  # teacher-size: never in the matrix
+MAX_STUDENT_PARAMS = 45_000_000  # DeepLabV3-ResNet-50, the largest student of the paper's tables, has 39.6 M
 MODELS_UNDER_TEST = [m for m in MODELS.names() if m not in TEACHERS_ONLY]
 ON_EVERY_MODEL = [("student", {}), ("sdes", {}), ("sdes", {"expert": "student", "n_experts": 2})]
-MODEL_OFFSETS = (0, 3)  # a method's two models: consecutive methods start one model further along
 
 
-def sampled_pairs() -> dict[str, list[tuple[str, dict]]]:
-    """model -> the (method, options) cases it runs (module docstring)."""
+def family(model: str) -> str:
+    return "deeplabv3" if model.startswith("deeplabv3") else "other"
+
+
+def models_of(method: str, models: list[str] = MODELS_UNDER_TEST) -> list[str]:
+    """A method's two models: in each family, the one whose sha256 with the method's name is largest."""
+    def score(model: str) -> bytes:
+        return hashlib.sha256(f"{method}|{model}".encode()).digest()
+
+    return [max((m for m in models if family(m) == f), key=score) for f in ("deeplabv3", "other")]
+
+
+def sampled_pairs(methods: list[str] | None = None) -> dict[str, list[tuple[str, dict]]]:
+    """model -> the (method, options) cases it runs (module docstring); `methods`: the registered ones."""
     pairs = {m: list(ON_EVERY_MODEL) for m in MODELS_UNDER_TEST}
-    others = [name for name in METHODS.names() if name not in {n for n, _ in ON_EVERY_MODEL}]
-    for i, name in enumerate(others):
-        for k in MODEL_OFFSETS:
-            pairs[MODELS_UNDER_TEST[(i + k) % len(MODELS_UNDER_TEST)]].append((name, {}))
+    on_every = {n for n, _ in ON_EVERY_MODEL}
+    for name in METHODS.names() if methods is None else methods:
+        if name not in on_every:
+            for model in models_of(name):
+                pairs[model].append((name, {}))
     return pairs
 
 
 PAIRS = sampled_pairs()
 
 
-def test_the_sample_covers_every_method_and_model_twice():
+def test_the_sample_covers_every_method_on_a_deeplabv3_and_another_network():
     seen = [(model, name) for model, cases in PAIRS.items() for name, _ in cases]
     assert {name for _, name in seen} == set(METHODS.names())
+    on_every = {n for n, _ in ON_EVERY_MODEL}
     for name in METHODS.names():
-        expected = len(MODELS_UNDER_TEST) if name in ("student", "sdes") else len(MODEL_OFFSETS)
-        assert len({model for model, n in seen if n == name}) == expected, name
-    assert all(len(cases) >= len(ON_EVERY_MODEL) + 2 for cases in PAIRS.values())
+        models = {model for model, n in seen if n == name}
+        if name in on_every:
+            assert models == set(MODELS_UNDER_TEST), name
+        else:
+            assert sorted(family(m) for m in models) == ["deeplabv3", "other"], (name, models)
+
+
+def test_a_methods_models_do_not_depend_on_the_other_methods():
+    names = [n for n in METHODS.names() if n not in {m for m, _ in ON_EVERY_MODEL}]
+    alone = {name: models_of(name) for name in names}
+    for dropped in names[:3]:  # the registry without one method, or with one more
+        for pairs in (sampled_pairs([n for n in names if n != dropped]), sampled_pairs(names + ["a-new-method"])):
+            placed = {name: sorted(m for m, cases in pairs.items() for n, _ in cases if n == name) for name in names}
+            assert all(placed[n] == sorted(alone[n]) for n in names if n != dropped)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +97,7 @@ def test_every_method_trains_and_evaluates_with_model(model_name, counts):
                                       class_pixel_counts=lambda: counts)
         model, method = learner.model, learner.method
         n_student = count_params(model)
+        assert n_student <= MAX_STUDENT_PARAMS, f"{model_name} is teacher-size: list it in TEACHERS_ONLY"
         before = [p.detach().clone() for p in model.parameters()]
         # an early and a late step: warm-ups and staged losses (SAD, Tf-FD, RDD) take both paths;
         # RDD's late stage alone can be empty between two random networks (no pixel hard for just one)

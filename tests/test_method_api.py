@@ -1,13 +1,20 @@
 """The method contract (sdesbench/methods/base.py, docs/extending.md): what each method declares on its class,
 read here for every registered method (nothing lists methods by hand), and what the base class gives it: the
-random-number generator (seeded from run seed and rank, exactly resumed) and its own parameter groups.
-The terms a method logs are checked against its `logged_terms` where it trains (tests/test_matrix.py)."""
+random-number generator (seeded from run seed and rank, exactly resumed) and its own parameter groups; the
+one way to add pixel KD (`features.PixelKD`); and the acceptance test of issue 26: a new built-in method is its
+file and its docs section, nothing else. The terms a method logs are checked against its `logged_terms` where
+it trains (tests/test_matrix.py)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +24,8 @@ from torch.optim.lr_scheduler import PolynomialLR
 from sdesbench.config import TrainConfig
 from sdesbench.engine import step
 from sdesbench.methods import METHODS
-from sdesbench.methods.base import Method, MethodContext
+from sdesbench.methods.base import Method, MethodContext, StepInfo
+from sdesbench.methods.features import PixelKD
 from sdesbench.methods.student import Student
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -137,3 +145,114 @@ def test_param_groups_give_method_modules_their_learning_rate_under_the_schedule
     learner.optimizer.step()
     sched.step()  # (1 - 1/4)^0.9 of each group's lr
     assert [g["lr"] for g in learner.optimizer.param_groups] == pytest.approx([0.01 * 0.75 ** 0.9, 0.1 * 0.75 ** 0.9])
+
+
+
+# ----------------------------------------------------------------------------- pixel KD composites
+
+
+def test_each_pixel_kd_composite_is_its_method_plus_the_kl_term():
+    """Every registered `PixelKD` composite returns its method's terms, unchanged and in their order, then `kd`:
+    kd_weight * T^2 * mean over labelled pixels of KL(p^T || p^S) (Hinton et al. 2015), written out here."""
+    registered = {METHODS.get(n) for n in METHODS.names()}
+    composites = [n for n in METHODS.names() if issubclass(METHODS.get(n), PixelKD)]
+    assert len(composites) >= 3  # cirkd+kd, fitnet+kd, rdd+kl
+    g = torch.Generator().manual_seed(0)
+    model = SimpleNamespace(decoder_channels=4, stage_channels=[3, 5])
+
+    def out():
+        return {"logits": torch.randn(2, 3, 8, 8, generator=g), "aux": None,
+                "decoder_feature": torch.randn(2, 4, 4, 4, generator=g),
+                "stages": [torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 2, 2, generator=g)]}
+
+    s, t = out(), out()
+    labels = torch.randint(0, 3, (2, 8, 8), generator=g)
+    labels[:, 0] = 255
+    small = {"cirkd_pixel_memory": 64, "cirkd_region_memory": 8}
+    for name in composites:
+        cls = METHODS.get(name)
+        base = next(k for k in cls.__mro__[1:] if k in registered and not issubclass(k, PixelKD))
+        opts = {k: v for k, v in small.items() if k in option_names(cls)}
+        terms = []
+        for method_cls, extra in ((base, {}), (cls, {"kd_weight": 0.5, "kd_temperature": 2.0})):
+            torch.manual_seed(0)  # the same adapters, queues and draws for both
+            ctx = MethodContext(model=model, num_classes=3, total_iters=4, class_pixel_counts=lambda: None,
+                                teacher=model)
+            method = method_cls(method_cls.parse_options({**opts, **extra}, 3), ctx)
+            terms.append(method.loss_terms(s, labels, StepInfo(3, 4), t))
+        alone, composite = terms
+        assert list(composite) == [*alone, "kd"], name
+        assert all(torch.equal(composite[k], alone[k]) for k in alone), name
+        p_t, log_p_s = torch.softmax(t["logits"] / 2, 1), torch.log_softmax(s["logits"] / 2, 1)
+        kl = (p_t * (p_t.log() - log_p_s)).sum(1)[labels != 255].mean()
+        assert composite["kd"].item() == pytest.approx(0.5 * 4 * kl.item(), rel=1e-5), name
+        assert cls.logged_terms == base.logged_terms + ("kd",), name
+
+
+# ----------------------------------------------------------------------------- a new built-in method
+
+ACCEPTANCE = '''
+import sys
+from pathlib import Path
+
+import torch
+
+import sdesbench
+from sdesbench.config import TrainConfig
+from sdesbench.engine import step
+from sdesbench.methods import METHODS
+from sdesbench.methods.base import StepInfo
+
+assert Path(sdesbench.__file__).resolve().is_relative_to(Path.cwd().resolve()), sdesbench.__file__
+name = "masked-kd"
+assert name in METHODS.names()
+
+import test_coverage
+import test_matrix
+import test_method_api
+import test_tskd
+
+# the method x model matrix runs it on a DeepLabV3 and on another network
+assert sorted(test_matrix.family(m) for m in test_matrix.PAIRS if any(n == name for n, _ in test_matrix.PAIRS[m])) \\
+    == ["deeplabv3", "other"]
+# the end-to-end teacher-student run trains it and checks its logged terms
+assert name in test_tskd.TS_METHODS and f"method: {name}," in test_tskd.E2E_SPEC
+# its declarations: conformance (a reason), logged terms, option prefix, docs section
+test_coverage.test_every_registered_method_has_a_conformance_fixture_or_a_reason()
+test_method_api.test_every_method_declares_its_logged_terms()
+test_method_api.test_option_names_carry_the_prefix_of_the_method_that_owns_them()
+test_method_api.test_every_method_has_a_docs_section()
+# what the matrix checks of each pair, here on the smallest network: it trains and logs what it declares
+torch.manual_seed(0)
+learner = step.random_learner("enet", name, 11, train=TrainConfig(iters=10))
+x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 11, (2, 32, 32))
+logged = set()
+for it in (0, 9):
+    terms = step.train_step(learner, x, y, StepInfo(it, 10))
+    assert all(torch.isfinite(v) for v in terms.values()), terms
+    logged |= set(terms)
+assert logged == set(METHODS.get(name).logged_terms), logged
+print("ok")
+'''
+
+
+def test_a_new_builtin_method_is_one_file_and_its_docs_section(tmp_path):
+    """The acceptance test of issue 26: in a copy of the package, tests and docs, the example method of
+    docs/extending.md is added as a built-in (its file and its docs section, nothing else), and every test
+    collection derived from the registry includes it: the matrix's pairs, the teacher-student end-to-end spec,
+    the conformance coverage, the declarations, the docs check; it trains and logs the terms it declares."""
+    root = DOCS.parent
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for part in ("sdesbench", "tests", "docs"):
+        shutil.copytree(root / part, tmp_path / part, ignore=ignore)
+    guide = (root / "docs" / "extending.md").read_text()
+    example = guide.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '@METHODS.register("masked-kd")' in example
+    (tmp_path / "sdesbench" / "methods" / "masked_kd.py").write_text(example)
+    with (tmp_path / "docs" / "methods-tskd.md").open("a") as page:
+        page.write("\n## `masked-kd` — pixel KD on a random subset of the pixels (docs/extending.md's example)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(tmp_path / p) for p in ("", "tests", "tests/conformance"))}
+    proc = subprocess.run([sys.executable, "-c", ACCEPTANCE], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+    assert "masked-kd" not in METHODS.names()  # the checkout itself is untouched

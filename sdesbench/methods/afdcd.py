@@ -55,7 +55,7 @@ from torch import nn
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
 from sdesbench.methods.base import METHODS, MethodContext
-from sdesbench.methods.cwd import CwdTarget, pick_map, student_and_teacher_channels
+from sdesbench.methods.features import FeatureMap, feature_map, student_and_teacher_channels
 from sdesbench.methods.kl import KLOptions, kd_term
 from sdesbench.methods.losses import fp32, full_precision
 from sdesbench.methods.mgd import AlignedGenerator, masked_generation_loss, random_keep_mask
@@ -142,7 +142,7 @@ class AfDCD(TeacherStudentMethod):
         afdcd_mask: MaskKind = "random"
         afdcd_mask_ratio: float = field(default=0.75, metadata=rng(0.0, 1.0, doc="masked share of positions"))
         afdcd_projector: ProjectorKind = "enhanced"
-        afdcd_on: CwdTarget = "last_stage"
+        afdcd_on: FeatureMap = "last_stage"
 
     def __init__(self, options, ctx: MethodContext):
         super().__init__(options, ctx)
@@ -166,7 +166,7 @@ class AfDCD(TeacherStudentMethod):
         terms = self.task_terms(student_out, labels)
         o = self.opts
         terms["kd"] = kd_term(o, student_out["logits"], teacher_out["logits"], labels)
-        student, teacher = pick_map(student_out, o.afdcd_on), pick_map(teacher_out, o.afdcd_on)
+        student, teacher = feature_map(student_out, o.afdcd_on), feature_map(teacher_out, o.afdcd_on)
         b, _, h, w = teacher.shape
         generated = self.generator_block(student, self.keep_mask(b, h, w, teacher.device))
         terms["afdcd_fd"] = o.afdcd_fd_weight * masked_generation_loss(generated, teacher)

@@ -45,7 +45,8 @@ from torch import nn
 from sdesbench.config import rng
 from sdesbench.errors import ConfigError
 from sdesbench.methods.base import METHODS, MethodContext
-from sdesbench.methods.cwd import CwdTarget, cwd_loss, pick_map, student_and_teacher_channels
+from sdesbench.methods.cwd import cwd_loss
+from sdesbench.methods.features import FeatureMap, feature_map, student_and_teacher_channels
 from sdesbench.methods.losses import fp32, full_precision
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 from sdesbench.models.base import to_size
@@ -108,7 +109,7 @@ class MGD(TeacherStudentMethod):
     class Options(TeacherStudentOptions):
         mgd_alpha: float = field(default=2e-5, metadata=rng(0.0, doc="alpha of Eq. 4 (alpha_mgd of the seg config)"))
         mgd_lambda: float = field(default=0.75, metadata=rng(0.0, 1.0, doc="masked ratio lambda (lambda_mgd)"))
-        mgd_on: CwdTarget = "last_stage"
+        mgd_on: FeatureMap = "last_stage"
         mgd_logit_weight: float = field(default=3.0, metadata=rng(0.0, doc="weight of the logit term (0: off, "
                                                                            "the distiller's use_logit=False)"))
         mgd_logit_tau: float = field(default=4.0, metadata=rng(1e-3, doc="temperature of the logit term"))
@@ -124,7 +125,7 @@ class MGD(TeacherStudentMethod):
         teacher_out = self.require_teacher(teacher_out)
         terms = self.task_terms(student_out, labels)
         o = self.opts
-        student, teacher = pick_map(student_out, o.mgd_on), pick_map(teacher_out, o.mgd_on)
+        student, teacher = feature_map(student_out, o.mgd_on), feature_map(teacher_out, o.mgd_on)
         b, _, h, w = teacher.shape
         keep = random_keep_mask(self.rand(b, 1, h, w, device=teacher.device), o.mgd_lambda)
         terms["mgd"] = o.mgd_alpha * mgd_loss(self.generator_block, student, teacher, keep)
