@@ -2,8 +2,8 @@
 model output dict (`feature_map`), its channel count in the student and the teacher, the trainable 1x1 adapter
 between them (`channel_adapter`), and the one way to add CIRKD's pixel KD term to a method (`PixelKD`).
 
-Not a method itself (registers nothing); `cwd`, `fitnet`, `cirkd`, `ifvd`, `skd` and `rdd` use it, and so may a
-plugin (docs/extending.md, "Feature maps and adapters").
+Not a method itself (registers nothing); the feature methods use it, and so may a plugin (docs/extending.md,
+"Feature maps and adapters").
 """
 from __future__ import annotations
 

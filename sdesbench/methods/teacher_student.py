@@ -1,5 +1,5 @@
-"""Shared base of the teacher-student methods (kl, at, cwd, rdd, rdd+kl, rdd+cwd, ifvd, dsd, fitnet, dist,
-cirkd, cirkd+kd, skd, ifvd+kd+adv, cwd+kd+adv; the last three through `adversarial.KDAdversarialMethod`).
+"""Shared base of the teacher-student methods (every registered method that subclasses it; those with a
+discriminator through `adversarial.KDAdversarialMethod`).
 
 Not a method itself (registers nothing). It fixes what every teacher-student method has in
 common: it needs a trained teacher (`needs_teacher`, loaded frozen in eval mode by the Trainer
