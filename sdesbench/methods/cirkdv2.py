@@ -55,8 +55,9 @@ Choices and differences from the reference code (the `cirkd` ones hold too: see 
   not 0; here likewise (`cirkdv2_hint_weight=0` drops both, and every term reads the raw feature). The
   projection heads and the GCN use BatchNorm2d, converted to SyncBatchNorm by `train.sync_bn=true` under
   DDP; the reference hard-codes SyncBatchNorm (which fails without a process group) in its heads.
-- The pixel-wise KD averages over labelled pixels by default (`kd_valid_only`, the suite's convention);
-  the reference's `CriterionKD` averages over every pixel: `kd_valid_only=false`. It reads the logits at
+- The pixel-wise KD is `kl`'s term (`kd_term`, options `kd_*`) inside CIRKD v2's own objective, not a
+  `PixelKD` composite (no registered method is CIRKD v2 without it). It averages over labelled pixels by
+  default (`kd_valid_only`, the suite's convention); the reference's `CriterionKD` averages over every pixel: `kd_valid_only=false`. It reads the logits at
   input size (the model contract) where the reference reads the 1/8 ones: the same mean when the logits
   are nearest-upsampled, slightly different with the bilinear ones.
 - Sizes: a student feature of another spatial size is resized (bilinear) to the teacher's after the GCN.
