@@ -57,9 +57,10 @@ Choices and differences from the reference code (the `cirkd` ones hold too: see 
   DDP; the reference hard-codes SyncBatchNorm (which fails without a process group) in its heads.
 - The pixel-wise KD is `kl`'s term (`kd_term`, options `kd_*`) inside CIRKD v2's own objective, not a
   `PixelKD` composite (no registered method is CIRKD v2 without it). It averages over labelled pixels by
-  default (`kd_valid_only`, the suite's convention); the reference's `CriterionKD` averages over every pixel: `kd_valid_only=false`. It reads the logits at
-  input size (the model contract) where the reference reads the 1/8 ones: the same mean when the logits
-  are nearest-upsampled, slightly different with the bilinear ones.
+  default (`kd_valid_only`, the suite's convention); the reference's `CriterionKD` averages over every
+  pixel: `kd_valid_only=false`. It reads the logits at input size (the model contract) where the reference
+  reads the 1/8 ones: the same mean when the logits are nearest-upsampled, slightly different with the
+  bilinear ones.
 - Sizes: a student feature of another spatial size is resized (bilinear) to the teacher's after the GCN.
 - The mini-batch pixel term pools 4 x 4 in the newest reference whenever the map is at least 256 x 256
   (never at the scripts' crops: 64 x 128 maps); here `cirkd_batch_pool` (1) as in `cirkd`.
