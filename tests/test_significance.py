@@ -393,6 +393,38 @@ def test_latex_caption_drops_the_table_number_of_the_title(tmp_path):
     assert caption(sweep, untitled).startswith("Ablation: Table 4 of the paper. ")
 
 
+def test_oracle_rows_are_marked_from_their_metric(tmp_path):
+    """A row reporting Ens-T (spec `metric: ens_t`, whatever its label) carries the dagger in the Markdown and
+    LaTeX tables, with one header (caption) line saying it routes pixels by the ground truth; no other row
+    does, and a table without such a row has no such line. The CSV keeps the plain label."""
+    from sdesbench.report.latex import latex_table
+    from sdesbench.report.qualitative import column_title
+    from sdesbench.report.tables import write_table
+
+    spec = load_spec("table3")
+    groups = [dataclasses.replace(g, rows=[dataclasses.replace(r, label="Experts") if r.metric == "ens_t" else r
+                                           for r in g.rows]) for g in spec.groups]
+    spec = dataclasses.replace(spec, profile=None, groups=groups)  # no sizes: nothing profiled
+    sweep = Sweep("table3", "smoke", (0,), tmp_path)
+    written = write_table(sweep, spec)
+    methods = [ln.split("|")[2].strip() for ln in written.md.splitlines() if ln.startswith("|")][2:]
+    assert methods.count("Experts †") == 1 and sum("†" in m for m in methods) == 1
+    header = written.md.split("|", 1)[0]
+    assert header.count("† Oracle, not a deployable model") == 1 and "ground-truth class mask" in header
+    assert "Experts" in list(written.df["Method"]) and "Experts †" not in (tmp_path / "table3-smoke.csv").read_text()
+    tex = latex_table(sweep, spec, written.df, written.entries)
+    marked = [ln for ln in tex.splitlines() if r"$^\dagger$" in ln]
+    assert len(marked) == 2 and marked[1].startswith(r"Experts $^\dagger$ & ")
+    assert marked[0].startswith(r"\caption{") and r"$^\dagger$ Oracle, not a deployable model" in marked[0]
+    plain = write_table(Sweep("table4", "smoke", (0,), tmp_path), load_spec("table4"))
+    assert "†" not in plain.md and "Oracle" not in plain.md
+    assert "dagger" not in latex_table(Sweep("table4", "smoke", (0,), tmp_path), load_spec("table4"), plain.df,
+                                       plain.entries)
+    # the prediction grid: the Ens-T column of a run says it is an oracle, the student's does not
+    assert column_title("Ours\nsdes", "ens_t") == "Ours (Ens-T)\n(oracle: GT routing)\nsdes"
+    assert column_title("Ours\nsdes", "student") == "Ours\nsdes"
+
+
 def test_wide_latex_table_compiles(tmp_path):
     written = build_report(Sweep("table1", "smoke", (0,), tmp_path), ReportOptions(latex=True))
     tex = (tmp_path / "table1-smoke.tex").read_text()

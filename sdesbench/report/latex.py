@@ -7,7 +7,8 @@ value with one seed), the best measured value of each network in bold (among the
 the student itself: never Ens-T, never a lone row), the paper's numbers in their own column (line).
 A cell without a measured number gives the run's status in italics. Loss names written `L_SS` in the
 specs are set as the paper sets them, $\\mathcal{L}_{SS}$. The file is a `table` environment for
-`\\input`; it needs `\\usepackage{booktabs,amssymb}` (amssymb for \\checkmark).
+`\\input`; it needs `\\usepackage{booktabs,amssymb}` (amssymb for \\checkmark). A row reporting an oracle
+prediction (Ens-T: routed by the ground truth) carries a $^\\dagger$ and the caption says what it means.
 """
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ import pandas as pd
 
 from sdesbench.experiments.plan import Sweep
 from sdesbench.experiments.spec import Spec
-from sdesbench.report.tables import METRIC_LABEL, RowResults, short_status
+from sdesbench.report.tables import METRIC_LABEL, RowResults, oracle_label, oracle_lines, short_status
 
 SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
            "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "✓": r"\checkmark{}",
            "✗": r"$\times$", "×": r"$\times$", "—": "--", "–": "--", "±": r"$\pm$", "Δ": r"$\Delta$",
-           "α": r"$\alpha$", "β": r"$\beta$", "γ": r"$\gamma$", "τ": r"$\tau$"}
+           "α": r"$\alpha$", "β": r"$\beta$", "γ": r"$\gamma$", "τ": r"$\tau$", "†": r"$^\dagger$"}
 SIZE_COLUMNS = ("Params (M)", "paper Params", "FLOPs (G)", "paper FLOPs")
 PREAMBLE = r"\usepackage{booktabs,amssymb}"
 # a loss name (L_SS, L_DPED, ...) or a sum of them, not part of a longer word: one math span
@@ -90,17 +91,19 @@ def best_rows(entries: list[RowResults], metric: str) -> set[int]:
     return best
 
 
-def caption(sweep: Sweep, spec: Spec) -> str:
+def caption(sweep: Sweep, spec: Spec, entries: list[RowResults] = ()) -> str:
     title = TABLE_NUMBER.sub("", spec.title)
+    notes = [escape(n) for n in oracle_lines([e.plan for e in entries])]  # what the rows' daggers mean
     return (escape(title[:1].upper() + title[1:]) + f". Measured (preset \\texttt{{{escape(sweep.preset)}}}, seeds "
             f"{','.join(map(str, sweep.seeds))}): mean $\\pm$ std over seeds, the best of each network in bold; "
-            "paper: the paper's number.")
+            "paper: the paper's number." + "".join(" " + n for n in notes))
 
 
-def wrap(sweep: Sweep, spec: Spec, columns: str, header: list[str], body: list[str]) -> str:
+def wrap(sweep: Sweep, spec: Spec, columns: str, header: list[str], body: list[str],
+         entries: list[RowResults]) -> str:
     lines = [f"% {escape(spec.title)} -- written by `sdesbench report {sweep.table} --preset {sweep.preset} "
              "--format latex`.", f"% Needs {PREAMBLE} in the preamble.",
-             r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption(sweep, spec)}}}",
+             r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption(sweep, spec, entries)}}}",
              rf"\label{{tab:{sweep.name}-{sweep.preset}}}", rf"\begin{{tabular}}{{{columns}}}", r"\toprule",
              " & ".join(header) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
@@ -123,18 +126,19 @@ def long_table(sweep: Sweep, spec: Spec, df: pd.DataFrame, entries: list[RowResu
                 body.append(r"\midrule")
             group = entry.plan.group
             body.append(rf"\multicolumn{{{len(header)}}}{{l}}{{\textit{{{escape(group)}}}}} \\")
-        cells = [escape(entry.plan.row), *(escape(entry.plan.show.get(c, "")) for c in show),
+        cells = [escape(oracle_label(entry.plan)), *(escape(entry.plan.show.get(c, "")) for c in show),
                  *(escape(line[c]) for c in sizes)]
         for m in spec.metrics:
             cells += [measured(entry.values[m], entry.status, i in bold[m]), paper(entry.plan.paper.get(m))]
         body.append(" & ".join(cells) + r" \\")
-    return wrap(sweep, spec, columns, header, body)
+    return wrap(sweep, spec, columns, header, body, entries)
 
 
 def wide_table(sweep: Sweep, spec: Spec, entries: list[RowResults]) -> str:
     """Networks as rows, methods as columns: a measured and a paper line per network (and metric)."""
     methods = list(dict.fromkeys(e.plan.row for e in entries))
-    header = ["Network", "", *map(escape, methods)]
+    labels = {e.plan.row: escape(oracle_label(e.plan)) for e in entries}
+    header = ["Network", "", *(labels[r] for r in methods)]
     body: list[str] = []
     for m in spec.metrics:
         bold = best_rows(entries, m)
@@ -148,7 +152,7 @@ def wide_table(sweep: Sweep, spec: Spec, entries: list[RowResults]) -> str:
             label = escape(group) + (f" ({escape(METRIC_LABEL.get(m, m))})" if len(spec.metrics) > 1 else "")
             body.append(" & ".join([label, "measured", *cells]) + r" \\")
             body.append(" & ".join(["", "paper", *papers]) + r" \\")
-    return wrap(sweep, spec, "ll" + "r" * len(methods), header, body)
+    return wrap(sweep, spec, "ll" + "r" * len(methods), header, body, entries)
 
 
 def latex_table(sweep: Sweep, spec: Spec, df: pd.DataFrame, entries: list[RowResults]) -> str:

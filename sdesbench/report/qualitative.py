@@ -1,4 +1,5 @@
-"""Grids of predictions: image | ground truth | each run's prediction (and Ens-T where the run has it).
+"""Grids of predictions: image | ground truth | each run's prediction (and Ens-T where the run has it,
+titled as the oracle it is: it routes pixels by the ground truth).
 
 `write_grid` draws any runs on the first N images of a split (`sdesbench show`); `write_table_grid`
 draws a table's Student, Ours and teacher rows (first seed) on the same images (`report --qualitative`).
@@ -23,10 +24,13 @@ from sdesbench.experiments.plan import PlannedRun, Sweep
 from sdesbench.experiments.spec import Spec
 from sdesbench.io import write_file
 from sdesbench.registry import did_you_mean
+from sdesbench.report.tables import ORACLE_PREDICTIONS
 
 IGNORED_BLACK = (0, 0, 0)
 IGNORED_FALLBACK = (224, 224, 192)  # VOC's boundary colour, where a class is drawn black
 PREDICTION_NAMES = {"ens_t": "Ens-T"}
+# a prediction that reads the ground truth (report.tables.ORACLE_PREDICTIONS) says so in its column's title
+ORACLE_TITLE = "oracle: GT routing"
 
 
 def ignored_colour(palette: list[tuple[int, int, int]]) -> tuple[int, int, int]:
@@ -46,6 +50,17 @@ def colourise(labels: torch.Tensor, palette: list[tuple[int, int, int]]) -> np.n
 def run_label(run: TrainedRun) -> str:
     """A short column title for a run given by its folder: method, network and the folder's name."""
     return f"{run.cfg.method.name}\n{run.cfg.model.name}\n{run.folder.name}"
+
+
+def column_title(label: str, prediction: str) -> str:
+    """A grid column's title: the run's label, with the prediction's name after its first line when it is not
+    the student's (`Ours (Ens-T)`), and on its own line that an oracle's pixels were routed by the ground truth."""
+    if prediction == "student":
+        return label
+    first, _, rest = label.partition("\n")
+    name = PREDICTION_NAMES.get(prediction, prediction)
+    oracle = f"\n({ORACLE_TITLE})" if prediction in ORACLE_PREDICTIONS else ""
+    return f"{first} ({name}){oracle}" + ("\n" + rest if rest else "")
 
 
 def write_grid(runs: list[tuple[str, TrainedRun]], images: int, split: str | None, out: Path,
@@ -70,9 +85,7 @@ def write_grid(runs: list[tuple[str, TrainedRun]], images: int, split: str | Non
     columns: list[tuple[str, list[torch.Tensor]]] = []
     for label, run in runs:
         for name, maps in predict(run, dataset, indices).items():
-            extra = "" if name == "student" else f" ({PREDICTION_NAMES.get(name, name)})"
-            first, _, rest = label.partition("\n")
-            columns.append((first + extra + ("\n" + rest if rest else ""), maps))
+            columns.append((column_title(label, name), maps))
     samples = [dataset.load(i) for i in indices]
     height, width = samples[0][1].shape
     cell = 2.4

@@ -42,6 +42,12 @@ from sdesbench.report.stats import BOOTSTRAP_DRAWS, Difference, paired_bootstrap
 MEASURED = re.compile(r"^-?\d+\.\d+( ± \d+\.\d+)?$")  # a measured cell: "m" or "m ± s"
 MEASURED_COLUMNS = ("mIoU", "PA", "mAcc", "Ens-T mIoU")
 PAPER_METRICS = ("miou", "pa")  # the metrics a spec row holds the paper's numbers of (`spec.Row.paper`)  # the measured metric columns of tables and sweeps
+# Predictions that read the ground truth at test time: oracles, not models anyone can deploy. A row reporting one
+# (spec `metric:`) carries ORACLE_MARK wherever its number is shown, and the table's header says why.
+ORACLE_MARK = "†"
+ORACLE_PREDICTIONS = {"ens_t": "SDES's expert ensemble (the paper's Eq. 4), which routes each pixel to an expert by "
+                               "its ground-truth class mask"}
+ORACLE_NOTE = "{mark} Oracle, not a deployable model: {why}. Compare it with no student as if it were one."
 NOT_SAME_SCALE = ("\nThe `{preset}` preset is a sanity check of the pipeline, not a reproduction: its numbers "
                   "are not comparable with the paper's.\n")
 
@@ -270,6 +276,17 @@ def point_difference(entry: RowResults, ref: RowResults | None, metric: str) -> 
     return f"{mine - theirs:+.2f}" if mine is not None and theirs is not None else "—"
 
 
+def oracle_label(plan: PlannedRun) -> str:
+    """The row's label as a table shows it: marked when the row reports an oracle prediction."""
+    return f"{plan.row} {ORACLE_MARK}" if plan.metric_source in ORACLE_PREDICTIONS else plan.row
+
+
+def oracle_lines(plans: list[PlannedRun]) -> list[str]:
+    """One header line per oracle prediction the table's rows report (none for a table without)."""
+    sources = dict.fromkeys(p.metric_source for p in plans if p.metric_source in ORACLE_PREDICTIONS)
+    return [ORACLE_NOTE.format(mark=ORACLE_MARK, why=ORACLE_PREDICTIONS[s]) for s in sources]
+
+
 def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = False,
                stats: bool = False, extra: ExtraEvaluation | None = None,
                against: str | None = None) -> tuple[pd.DataFrame, list[str], list[RowResults]]:
@@ -462,17 +479,20 @@ def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) 
     md = (f"# {spec.title}\n\nPreset `{sweep.preset}`, seeds {','.join(map(str, sweep.seeds))}. "
           f"{protocol_line(plans)} {units}, mean ± std over seeds; Δ = measured mean − paper. Cells without a "
           f"number give the run's status (reason in `status`).\n\n{evaluation_lines(plans, options.extra)}\n\n")
+    for line in oracle_lines(plans):
+        md += line + "\n\n"
+    shown = df.assign(Method=[oracle_label(e.plan) for e in entries]) if entries else df  # the CSV keeps the labels
     if spec.extends:
         md += (f"Extends the table `{spec.extends}`: its rows, the same runs as its own table's, beside this spec's "
                "rows, under the same protocol.\n\n")
     if spec.layout == "wide":
         for m in spec.metrics:
-            md += wide_markdown(df, m, options.against) + "\n\n"
+            md += wide_markdown(shown, m, options.against) + "\n\n"
         md += "## Status and training cost per row\n\n"
         keep = ["Network", "Method"] + [c for c in (*COST_COLUMNS, "seeds", "status") if c in df.columns]
-        md += df[keep].to_markdown(index=False, disable_numparse=True) + "\n"
+        md += shown[keep].to_markdown(index=False, disable_numparse=True) + "\n"
     else:
-        md += df.to_markdown(index=False, disable_numparse=True) + "\n"
+        md += shown.to_markdown(index=False, disable_numparse=True) + "\n"
     md += comparison_note(df, tuple(spec.metrics), options.against)
     if spec.cost:
         md += ("\nTraining cost: `step s/iter` = the training steps' time / iterations (step_time_s: no loader "
