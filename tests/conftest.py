@@ -101,3 +101,11 @@ def stop_at(iteration: int):
                 trainer.state.stop_signal = signal.SIGTERM
 
     return StopAt()
+
+
+def rows_of(md: str) -> dict[str, dict[str, str]]:
+    """A long Markdown table's rows by their `Method` cell: {method: {column: cell}}."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {r["Method"]: r for r in (dict(zip(header, (c.strip() for c in ln.strip("|").split("|"))))
+                                     for ln in lines[2:])}

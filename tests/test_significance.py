@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from conftest import run_cli
+from conftest import rows_of, run_cli
 from sdesbench.engine.record import ImageCounts, write_image_counts
 from sdesbench.experiments.plan import Sweep
 from sdesbench.experiments.spec import load_spec
@@ -297,13 +297,6 @@ def results(tmp_path_factory):
 WELCH = "vs Student mIoU (seeds: Welch 95% CI)"
 TWO_LEVEL = "vs Student mIoU (seeds + images: bootstrap 95% CI)"
 IMAGES = "vs Student mIoU (test images only: bootstrap 95% CI)"
-
-
-def rows_of(md: str) -> dict[str, dict[str, str]]:
-    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return {r["Method"]: r for r in (dict(zip(header, (c.strip() for c in ln.strip("|").split("|"))))
-                                     for ln in lines[2:])}
 
 
 def test_report_compares_each_row_with_its_student_row(results):

@@ -17,7 +17,8 @@ from sdesbench.errors import ConfigError
 from sdesbench.experiments.plan import Sweep
 from sdesbench.experiments.spec import load_spec
 from sdesbench.report import ReportOptions, build_report
-from test_significance import fake_run, rows_of
+from conftest import rows_of
+from test_significance import fake_run
 
 STUDENTS = {"DeepLabV3-ResNet-18", "DeepLabV3-MobileNetV2", "PSPNet-ResNet-18"}
 ROW = "{label: Mine, method: kl, teacher: deeplabv3_resnet101_cirkd, options: {kd_temperature: 4}}"

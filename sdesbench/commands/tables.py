@@ -29,6 +29,11 @@ AGAINST_OPTION = typer.Option(None, "--against", help="Also compare every row wi
                               "its Welch 95% interval and p-value (its bootstraps too with --stats).")
 
 
+CHECKPOINT_OPTION = typer.Option("last", "--checkpoint", help="last (each run's final iteration) | best (its best "
+                                  "periodic evaluation, eval.every: selected on the split it is scored on, as "
+                                  "CIRKD reports; written to <table>-<preset>-best.md).")
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def run(
@@ -55,13 +60,15 @@ def register(app: typer.Typer) -> None:
                                              "weights), for `show` and `report --qualitative`; each says whether "
                                              "it reproduces its record."),
         against: Optional[str] = AGAINST_OPTION,
+        checkpoint: str = CHECKPOINT_OPTION,
     ):
         """Run every row of a paper table (teachers first; finished runs are skipped), then print the table."""
         from sdesbench.experiments.launch import check_launcher, submit_to_slurm
         from sdesbench.experiments.parallel import parse_gpus, plan_slots, train_here
         from sdesbench.report import ReportOptions, build_report
-        from sdesbench.report.tables import check_against
+        from sdesbench.report.tables import check_against, check_checkpoint
 
+        report_options = ReportOptions(against=against, checkpoint=checkpoint)
         gpu_ids = parse_gpus(gpus) if gpus is not None else None
         if not dry_run:
             check_launcher(launcher)  # fail before any planning output
@@ -71,6 +78,7 @@ def register(app: typer.Typer) -> None:
         sweep = make_sweep(table, preset, seeds, results, sets)
         spec = sweep.spec()
         check_against(spec, against)  # before anything trains
+        check_checkpoint(report_options, spec)
         plans = sweep.plans(spec)
         if restore_weights:
             for p in plans:
@@ -85,7 +93,7 @@ def register(app: typer.Typer) -> None:
                       f"--results {results}")
             return
         failed = train_here(plans, sweep, progress, gpu_ids, gpus_per_run, workers)
-        print_written(build_report(sweep, ReportOptions(against=against)))
+        print_written(build_report(sweep, report_options))
         err.print(f"{sweep.title}: {time.perf_counter() - t0:.0f} s")
         if failed:
             raise SdesbenchError(f"{failed} run(s) failed; the table shows them as failed")
@@ -128,19 +136,25 @@ def register(app: typer.Typer) -> None:
                                             "'eval.scales=[0.5,0.75,1.0,1.25,1.5,1.75]' eval.flip=true: a column "
                                             "`mIoU (MS+flip)`, read from what `sdesbench eval --record` wrote."),
         against: Optional[str] = AGAINST_OPTION,
+        checkpoint: str = CHECKPOINT_OPTION,
     ):
         """Write results/<table>-<preset>.md/.csv (fig3: PNG plots too): measured mean ± std beside the paper."""
         from sdesbench.experiments.spec import list_tables, load_spec
         from sdesbench.io import check_writable
         from sdesbench.report import ReportOptions, build_report
         from sdesbench.report.columns import ExtraEvaluation, metric_columns
-        from sdesbench.report.tables import check_against
+        from sdesbench.report.tables import check_against, check_checkpoint
 
         unknown = [f for f in formats if f not in ("md", "latex")]
         if unknown:
             raise SdesbenchError(f"--format must be md or latex, got {unknown[0]!r}")
         names = tables or list_tables()
         wanted = tuple(r.strip() for r in (rows or "").split(",") if r.strip())
+        options = ReportOptions(stats=stats, latex="latex" in formats, curves=curves, plot=plot,
+                                qualitative=qualitative, force=force,
+                                rows=wanted,
+                                columns=metric_columns(columns) if columns is not None else (),
+                                extra=ExtraEvaluation.parse(eval_sets), against=against, checkpoint=checkpoint)
         for table in names:
             spec = load_spec(table)  # unknown names fail before anything is written, and so do unknown rows
             known = {r.label for g in spec.groups for r in g.rows} | {f"{g.name}/{r.label}" for g in spec.groups
@@ -149,12 +163,8 @@ def register(app: typer.Typer) -> None:
             if missing and not spec.is_sweep:
                 raise SdesbenchError(f"--rows: {table} has no row {missing[0]!r}{did_you_mean(missing[0], known)}")
             check_against(spec, against)
+            check_checkpoint(options, spec)  # every table's refusal before any is written
         check_writable(results)
-        options = ReportOptions(stats=stats, latex="latex" in formats, curves=curves, plot=plot,
-                                qualitative=qualitative, force=force,
-                                rows=wanted,
-                                columns=metric_columns(columns) if columns is not None else (),
-                                extra=ExtraEvaluation.parse(eval_sets), against=against)
         for table in names:
             print_written(build_report(make_sweep(table, preset, seeds, results, sets), options))
 

@@ -85,11 +85,14 @@ class Best:
     images: int
 
 
+def best_evaluation(history: list[Evaluation]) -> Evaluation | None:
+    """The history's evaluation of highest student mIoU, the earliest on ties; None without a history."""
+    return max(history, key=lambda e: (e.miou, -e.iteration)) if history else None
+
+
 def best_of(history: list[Evaluation]) -> Best | None:
-    if not history:
-        return None
-    top = max(history, key=lambda e: (e.miou, -e.iteration))
-    return Best(top.miou, top.iteration, top.images)
+    top = best_evaluation(history)
+    return Best(top.miou, top.iteration, top.images) if top is not None else None
 
 
 @dataclass

@@ -11,7 +11,7 @@ from sdesbench.errors import CheckpointError, ConfigError
 from sdesbench.experiments.plan import Sweep
 from sdesbench.io import write_text
 from sdesbench.report.figures import write_sweep_figure
-from sdesbench.report.tables import ReportOptions, Written, write_table
+from sdesbench.report.tables import ReportOptions, Written, check_checkpoint, write_table
 
 __all__ = ["ReportOptions", "Written", "build_report"]
 
@@ -28,6 +28,7 @@ def build_report(sweep: Sweep, options: ReportOptions | None = None) -> Written:
     spec = sweep.spec()
     if options.columns and not spec.is_sweep:  # the metrics `--columns` names, in every output of the table
         spec = dataclasses.replace(spec, metrics=list(options.metrics(spec)))
+    check_checkpoint(options, spec)  # before anything is written: a best table mixes in no last-checkpoint numbers
     written = write_sweep_figure(sweep, spec, options) if spec.is_sweep else write_table(sweep, spec, options)
     if options.latex and spec.is_sweep:
         written.notes.append(f"{sweep.table} is a figure: no LaTeX table")

@@ -15,20 +15,27 @@ column's name says what its interval covers (`COLUMNS`).
 
 A report never replaces a table that holds measured cells with one that holds fewer (a fresh clone
 without the runs, a narrower seed list), unless `force` is given; it says what it kept.
+
+Which checkpoint (`ReportOptions.checkpoint`): `last` (the default) reports each run's final-iteration
+metrics. `best` reports each run's periodic evaluation (`eval.every`, the record's `history`) of highest
+student mIoU, as CIRKD reports its `best_model`: chosen on the split it is scored on, so optimistically
+biased, and the header says so. A best table is its own file (`<table>-<preset>-best.md`); what would mix
+in numbers of the last checkpoint (`--eval-set`, `--stats`, the LaTeX table, forest plot and prediction
+grid) is refused with it.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import numpy as np
 import pandas as pd
 
 from sdesbench.engine.inference import Inference
 from sdesbench.engine.metrics import miou_convention
-from sdesbench.engine.record import RunRecord, read_image_counts
+from sdesbench.engine.record import RunRecord, Scores, best_evaluation, read_image_counts
 from sdesbench.errors import ConfigError, StorageError
 from sdesbench.experiments.plan import PlannedRun, Sweep
 from sdesbench.experiments.spec import Spec
@@ -41,6 +48,7 @@ from sdesbench.report.stats import BOOTSTRAP_DRAWS, Difference, paired_bootstrap
 
 MEASURED = re.compile(r"^-?\d+\.\d+( ± \d+\.\d+)?$")  # a measured cell: "m" or "m ± s"
 MEASURED_COLUMNS = ("mIoU", "PA", "mAcc", "Ens-T mIoU")
+Checkpoint = Literal["last", "best"]
 PAPER_METRICS = ("miou", "pa")  # the metrics a spec row holds the paper's numbers of (`spec.Row.paper`)  # the measured metric columns of tables and sweeps
 # Predictions that read the ground truth at test time: oracles, not models anyone can deploy. A row reporting one
 # (spec `metric:`) carries ORACLE_MARK wherever its number is shown, and the table's header says why.
@@ -80,6 +88,7 @@ class ReportOptions:
     # a row label (`CIRKD`) or group/label key: every row of a group holding it is compared with it too, as
     # with its Student row (`--against`: "is my method better than CIRKD?")
     against: str | None = None
+    checkpoint: Checkpoint = "last"  # which checkpoint's numbers the table reports (module docstring)
 
     def metrics(self, spec: Spec) -> tuple[str, ...]:
         return tuple(self.columns) or tuple(spec.metrics)
@@ -115,9 +124,18 @@ def extra_key(metric: str) -> str:
     return f"extra:{metric}"
 
 
-def collect(plans: list[PlannedRun], metrics: tuple[str, ...], extra: ExtraEvaluation | None = None) -> list[RowResults]:
-    """One entry per table row (teachers left out), in plan order; with `extra`, each metric of the extra
-    evaluation too (values under `extra_key(metric)`)."""
+def checkpoint_scores(rec: RunRecord, source: str, checkpoint: Checkpoint) -> Scores | None:
+    """The record's scores of `source` at the final iteration (`last`) or at its best periodic evaluation (`best`)."""
+    if checkpoint == "last":
+        return rec.scores(source)
+    best = best_evaluation(rec.history)
+    return best.scores(source) if best is not None else None
+
+
+def collect(plans: list[PlannedRun], metrics: tuple[str, ...], extra: ExtraEvaluation | None = None,
+            checkpoint: Checkpoint = "last") -> list[RowResults]:
+    """One entry per table row (teachers left out), in plan order, with the `checkpoint`'s numbers; with
+    `extra`, each metric of the extra evaluation too (values under `extra_key(metric)`)."""
     by_key: dict[str, list[PlannedRun]] = {}
     for p in plans:
         if not p.is_teacher:
@@ -142,12 +160,15 @@ def collect(plans: list[PlannedRun], metrics: tuple[str, ...], extra: ExtraEvalu
                 entry.status.append(f"{rec.status}: {rec.error or 'no error recorded'}")
             else:
                 entry.records.append((p, rec))
-                scores = rec.scores(p.metric_source)
+                scores = checkpoint_scores(rec, p.metric_source, checkpoint)
                 for m in metrics:
                     v = getattr(scores, RECORD_KEY.get(m, m), None) if scores else None
-                    if v is None:
+                    if v is None and checkpoint == "best" and not rec.history:
+                        entry.status.append(f"missing: no periodic evaluation (eval.every) in {p.out}/results.json")
+                    elif v is None:
                         before = " (recorded before sdesbench recorded mAcc)" if m == "macc" else ""
-                        entry.status.append(f"missing: no {p.metric_source} {m} in {p.out}/results.json{before}")
+                        where = " at the best periodic evaluation" if checkpoint == "best" else ""
+                        entry.status.append(f"missing: no {p.metric_source} {m}{where} in {p.out}/results.json{before}")
                     else:
                         entry.values[m].append(100.0 * v)
                     if extra is not None:
@@ -289,13 +310,13 @@ def oracle_lines(plans: list[PlannedRun]) -> list[str]:
 
 def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = False,
                stats: bool = False, extra: ExtraEvaluation | None = None,
-               against: str | None = None) -> tuple[pd.DataFrame, list[str], list[RowResults]]:
+               against: str | None = None, checkpoint: Checkpoint = "last") -> tuple[pd.DataFrame, list[str], list[RowResults]]:
     """`table_frame` plus the rows' results (for the LaTeX table). A table that extends another, or one
     compared `against` a named row, also gets each row's point difference to its group's Student row (and to
     the named row: `Δ Student mIoU`, `Δ CIRKD mIoU`); `against` adds its intervals and p-values too."""
     metrics = tuple(spec.metrics)
     sizes = SizeColumns(spec, results)
-    entries = collect(plans, metrics, extra)
+    entries = collect(plans, metrics, extra, checkpoint)
     extra_label = extra_column_label(plans, extra)
     with_paper = {m for m in metrics if m in PAPER_METRICS}
     refs = reference_rows(entries)
@@ -468,17 +489,53 @@ def check_against(spec: Spec, name: str | None) -> None:
         raise ConfigError(f"--against: {spec.name} has no row {name!r}{did_you_mean(name, known)}")
 
 
+MIXED = "--checkpoint best: {what} score(s) the last checkpoint; a table mixing the best and the last checkpoint is refused"
+
+
+def check_checkpoint(options: ReportOptions, spec: Spec | None = None) -> None:
+    """One line when the options would mix the last checkpoint's numbers into a table of the best one."""
+    if options.checkpoint not in get_args(Checkpoint):
+        raise ConfigError(f"--checkpoint: expected last or best, got {options.checkpoint!r}")
+    if options.checkpoint == "last":
+        return
+    mixed = [what for what, on in (("--eval-set", options.extra is not None), ("--stats", options.stats),
+                                   ("--format latex", options.latex), ("--plot", options.plot),
+                                   ("--qualitative", bool(options.qualitative)),
+                                   (f"the sweep figure of {spec.name if spec else ''}", bool(spec and spec.is_sweep)))
+             if on]
+    if mixed:
+        raise ConfigError(MIXED.format(what=", ".join(mixed)))
+
+
+def checkpoint_line(entries: list[RowResults], checkpoint: Checkpoint) -> str:
+    """The header's line saying which checkpoint the numbers are of (and, for `best`, how it was chosen)."""
+    if checkpoint == "last":
+        return ("Checkpoint: **last** (each run's weights at its final iteration; `--checkpoint best` reports the "
+                "best periodic evaluation instead).")
+    chosen = [(rec.eval_split or p.cfg.data.eval_split, best_evaluation(rec.history))
+              for e in entries for p, rec in e.records]
+    splits = sorted({s for s, ev in chosen if ev is not None and s}) or \
+        sorted({e.plan.cfg.data.eval_split for e in entries if e.plan.cfg is not None})
+    images = sorted({ev.images for _, ev in chosen if ev is not None})
+    on = f" on {'/'.join(map(str, images))} image(s)" if images else ""
+    return (f"Checkpoint: **best**: each run's periodic evaluation (`eval.every`) of highest student mIoU{on}, "
+            f"**selected on the `{'/'.join(splits)}` split it is scored on** (CIRKD's practice): optimistically "
+            "biased, not a held-out estimate. The default report (`last`) scores the final iteration.")
+
+
 def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) -> Written:
     """Write results/<table>-<preset>.md and .csv (unless the existing table holds more measured cells)."""
     options = options or ReportOptions()
     plans = sweep.plans(spec)
     check_against(spec, options.against)
+    check_checkpoint(options, spec)
     df, notes, entries = table_rows(plans, spec, sweep.results, cost=spec.cost, stats=options.stats,
-                                    extra=options.extra, against=options.against)
+                                    extra=options.extra, against=options.against, checkpoint=options.checkpoint)
     units = "/".join(METRIC_LABEL.get(m, m) for m in spec.metrics) + " in %"
     md = (f"# {spec.title}\n\nPreset `{sweep.preset}`, seeds {','.join(map(str, sweep.seeds))}. "
           f"{protocol_line(plans)} {units}, mean ± std over seeds; Δ = measured mean − paper. Cells without a "
-          f"number give the run's status (reason in `status`).\n\n{evaluation_lines(plans, options.extra)}\n\n")
+          f"number give the run's status (reason in `status`).\n\n{evaluation_lines(plans, options.extra)}\n\n"
+          f"{checkpoint_line(entries, options.checkpoint)}\n\n")
     for line in oracle_lines(plans):
         md += line + "\n\n"
     shown = df.assign(Method=[oracle_label(e.plan) for e in entries]) if entries else df  # the CSV keeps the labels
@@ -503,7 +560,7 @@ def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) 
                "the plain student's, counted with torch's FlopCounterMode at 64x64.\n")
     for n in notes:
         md += f"\n{n}\n"
-    written = write_outputs(sweep, md, df, options.force)
+    written = write_outputs(sweep, md, df, options.force, suffix="-best" if options.checkpoint == "best" else "")
     written.df, written.entries = df, entries
     return written
 
@@ -526,13 +583,13 @@ def existing_measured_cells(csv_path: Path) -> int:
 
 
 def write_outputs(sweep: Sweep, md: str, df: pd.DataFrame, force: bool = False,
-                  extra: list[tuple[Path, Callable[[Path], None]]] = ()) -> Written:
-    """results/<table>-<preset>.md (with the not-a-reproduction note off the paper preset), .csv and the
+                  extra: list[tuple[Path, Callable[[Path], None]]] = (), suffix: str = "") -> Written:
+    """results/<table>-<preset><suffix>.md (with the not-a-reproduction note off the paper preset), .csv and the
     `extra` files (path, writer) that go with them; all kept as they are when the existing table holds
     more measured cells than the new one, unless `force`."""
     if sweep.preset != "paper":
         md += NOT_SAME_SCALE.format(preset=sweep.preset)
-    md_path = Path(sweep.results) / f"{sweep.name}-{sweep.preset}.md"
+    md_path = Path(sweep.results) / f"{sweep.name}-{sweep.preset}{suffix}.md"
     csv_path = md_path.with_suffix(".csv")
     old, new = existing_measured_cells(csv_path), measured_cells(df)
     if new < old and not force:
