@@ -105,6 +105,10 @@ class TrainConfig:
     # also keep checkpoints/iter_<k>.pt at every multiple k of this (a multiple of checkpoint_every),
     # e.g. to measure loss balance along training (`sdesbench balance`); off by default
     keep_checkpoints_every: int | None = field(default=None, metadata=rng(1, hash="never"))
+    # also keep checkpoints/best.pt: the weights of the best periodic evaluation (`eval.every`; the record's
+    # `best`), for `report --checkpoint best` and `eval`. Not in the key: it changes no trained number, only
+    # which weights are kept (the training is bitwise the same with it, a test checks)
+    keep_best: bool = field(default=False, metadata=NOT_HASHED)
     log_every: int = field(default=10, metadata=rng(1, hash="never"))
     device: Device = field(default="auto", metadata=NOT_HASHED)
     amp: AmpMode = "off"  # CUDA only; auto = bf16 where supported, fp16 + GradScaler otherwise
@@ -457,6 +461,8 @@ def parse_config(data: dict[str, Any] | None = None, overrides: list[str] | None
     keep, every = cfg.train.keep_checkpoints_every, cfg.train.checkpoint_every
     if keep is not None and keep % every:
         raise ConfigError(f"train.keep_checkpoints_every={keep} must be a multiple of train.checkpoint_every={every}")
+    if cfg.train.keep_best and not cfg.eval.every:
+        raise ConfigError("train.keep_best keeps the best periodic evaluation's weights: set eval.every too")
     dev = cfg.train.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {dev!r}")

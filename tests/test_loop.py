@@ -12,6 +12,7 @@ from sdesbench.engine.configure import build_config
 from sdesbench.engine.metrics import ConfusionMatrix, image_counts
 from sdesbench.engine.record import read_image_counts, read_record
 from sdesbench.engine.trainer import train
+from sdesbench.errors import ConfigError
 from sdesbench.io import load_checkpoint
 from sdesbench.report.stats import miou_of_counts, pixel_acc_of_counts
 
@@ -31,7 +32,7 @@ def tiny_run(folder, *sets):
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("loop")
     plain = tiny_run(base / "plain")
-    watched = tiny_run(base / "watched", "eval.every=1", "eval.every_max_images=2")
+    watched = tiny_run(base / "watched", "eval.every=1", "eval.every_max_images=2", "train.keep_best=true")
     full = tiny_run(base / "full", "eval.every=2")  # periodic images = the final evaluation's
     return {"plain": (base / "plain", *plain), "watched": (base / "watched", *watched),
             "full": (base / "full", *full)}
@@ -71,6 +72,21 @@ def test_history_and_best_beside_the_final_metric(runs):
     assert [e.iteration for e in full.history] == [2, 4]
     assert full.history[-1].miou == full.metrics.miou and full.history[-1].images == 3
     assert full.history[-1].extra["ens_t"] == full.extra_metrics["ens_t"]
+
+
+def test_keep_best_keeps_the_weights_of_the_records_best(runs):
+    """`train.keep_best` (on in the watched run, whose training and key the first test shows unchanged):
+    best.pt is the state written right after the record's best evaluation, the last of the history it holds."""
+    out, _, rec = runs["watched"]
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert best["iteration"] == rec.best.iteration and best["history"][-1]["miou"] == rec.best.miou
+    assert len(best["history"]) == rec.best.iteration  # evaluated every iteration: saved at no later one
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    same = all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    assert same == (rec.best.iteration == rec.iterations)
+    assert not (runs["full"][0] / "checkpoints" / "best.pt").exists()  # off by default
+    with pytest.raises(ConfigError, match="train.keep_best .* set eval.every too"):
+        build_config(SDES, TINY + ["train.keep_best=true"])
 
 
 def test_tensorboard_scalars_equal_the_log(runs):

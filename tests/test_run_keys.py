@@ -32,7 +32,7 @@ def test_the_key_is_the_hash_of_the_resolved_configuration():
     expected = {k: v for k, v in cfg.to_dict().items() if k not in ("output", "request", "plugins", "plugin_sha256")}
     expected["data"] = {k: v for k, v in expected["data"].items() if k not in ("root", "workers", "check")}
     expected["train"] = {k: v for k, v in expected["train"].items()
-                         if k not in ("checkpoint_every", "keep_checkpoints_every", "log_every", "device",
+                         if k not in ("checkpoint_every", "keep_checkpoints_every", "keep_best", "log_every", "device",
                                       "optimizer")}  # optimizer: added later, keyed when set
     # eval settings added after runs were recorded count only away from their default (config.HASHED_WHEN_SET)
     expected["eval"] = {k: v for k, v in expected["eval"].items()

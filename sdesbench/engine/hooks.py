@@ -9,7 +9,7 @@ hooks, called by priority before training and after each step, and in reverse af
 | `LogHook` | VERY_HIGH | every `train.log_every` iterations publishes the training scalars (loss terms averaged over ranks, total, lr, images/s, iteration and loader-wait times, peak memory); writes every published event to `log.jsonl` | reads `terms`, `own_terms`, step times |
 | `TensorBoardHook` | VERY_HIGH | every published event as TensorBoard scalars in `<out>/tensorboard` | |
 | `ProgressHook` | HIGH | rich's live bar on a terminal; elsewhere one plain line per published event and for the final evaluation | reads `final` |
-| `PeriodicEvaluationHook` | NORMAL | with `eval.every`, validation every `eval.every` iterations and at the last one, without touching the training | writes `history`; reads `final` |
+| `PeriodicEvaluationHook` | NORMAL | with `eval.every`, validation every `eval.every` iterations and at the last one, without touching the training; with `train.keep_best`, `checkpoints/best.pt` at each new best | writes `history`; reads `final` |
 | `CheckpointHook` | LOW | `checkpoints/last.pt` every `train.checkpoint_every` iterations, at the end, and when a signal stops the run (after the periodic evaluation, so a checkpoint holds the evaluation of its iteration) | reads `history` through the checkpoint |
 | `FinalEvaluationHook` | LOWEST | the evaluation of the finished schedule (the table's metric), with per-image counts; in `after_train` it runs first | writes `final` |
 
@@ -41,7 +41,7 @@ from sdesbench.data.base import EvalView
 from sdesbench.engine import distributed as D
 from sdesbench.engine.evaluate import evaluate
 from sdesbench.engine.inference import Inference
-from sdesbench.engine.record import Evaluation, Scores
+from sdesbench.engine.record import Evaluation, Scores, best_evaluation
 from sdesbench.engine.runtime import peak_memory_mb
 from sdesbench.engine.state import FinalEvaluation, HookBase, Priority
 from sdesbench.errors import SdesbenchError
@@ -389,6 +389,8 @@ class PeriodicEvaluationHook(HookBase):
 
     def add(self, trainer: Any, entry: Evaluation) -> None:
         trainer.state.history.append(entry)
+        if trainer.cfg.train.keep_best and best_evaluation(trainer.state.history) is entry:  # the record's `best`
+            trainer.save_best()
         val: dict[str, Any] = {"images": entry.images, "miou": entry.miou, "pixel_acc": entry.pixel_acc,
                                "per_class_iou": entry.per_class_iou}
         val.update({k: {"miou": v.miou, "pixel_acc": v.pixel_acc} for k, v in entry.extra.items()})

@@ -12,6 +12,7 @@ Output folder layout (`output.dir`):
     checkpoints/last.pt  model, method modules, optimizer, scheduler, RNG (the method's generator of every
                          rank included), iteration
     checkpoints/iter_<k>.pt  copies kept every `train.keep_checkpoints_every` iterations (off by default)
+    checkpoints/best.pt  with `train.keep_best`: the state at the best periodic evaluation (the record's `best`)
     log.jsonl            loss terms, lr, images/s, s/iter, loader wait, peak memory every `train.log_every`
                          iterations; periodic evaluations
     tensorboard/         the same scalars as TensorBoard event files (`output.tensorboard`)
@@ -177,15 +178,23 @@ class Trainer:
 
     def save_checkpoint(self, keep_copy: bool = False) -> None:
         """`checkpoints/last.pt` (and `iter_<k>.pt` with `keep_copy`)."""
+        self._write_checkpoints([self.ckpt_path] + ([self.ckpt_path.with_name(f"iter_{self.state.iteration}.pt")]
+                                                    if keep_copy else []))
+        self.state.last_checkpoint_iter = self.state.iteration
+
+    def save_best(self) -> None:
+        """`checkpoints/best.pt` (`train.keep_best`): the state at the best periodic evaluation so far. Never
+        resumed from (resuming reads `last.pt`); its `iteration` is the evaluation's, the record's `best`."""
+        self._write_checkpoints([self.ckpt_path.with_name("best.pt")])
+
+    def _write_checkpoints(self, paths: list[Path]) -> None:
         t0 = time.perf_counter()
         generators = D.all_objects(self.learner.method.generator.get_state())  # every rank's, in rank order
         if D.is_main():
             state = {**self._state(), "method_generators": generators}
-            save_checkpoint(self.ckpt_path, state)
-            if keep_copy:
-                save_checkpoint(self.ckpt_path.with_name(f"iter_{self.state.iteration}.pt"), state)
+            for path in paths:
+                save_checkpoint(path, state)
         D.barrier()
-        self.state.last_checkpoint_iter = self.state.iteration
         self.state.timings.checkpoint_s += time.perf_counter() - t0
 
     def _restore(self) -> None:
