@@ -60,6 +60,9 @@ def test_best_without_history_and_mixing_are_refused(results, tmp_path):
     assert "missing: no periodic evaluation (eval.every)" in md
     with pytest.raises(ConfigError, match="--stats score"):
         build_report(Sweep("table4", "smoke", (0,), tmp_path), ReportOptions(checkpoint="best", stats=True))
-    with pytest.raises(ConfigError, match="--eval-set score.*a table mixing the best and the last checkpoint is refused"):
-        build_report(Sweep("table4", "smoke", (0,), tmp_path),
-                     ReportOptions(checkpoint="best", extra=ExtraEvaluation.parse(["eval.flip=true"])))
+    with pytest.raises(ConfigError, match="--format latex, --plot score.*a table mixing the best and the last"):
+        build_report(Sweep("table4", "smoke", (0,), tmp_path), ReportOptions(checkpoint="best", latex=True, plot=True))
+    # an --eval-set column of a best table reads the best checkpoint's evaluation records, never the last's
+    md = build_report(Sweep("table4", "smoke", (0,), tmp_path),
+                      ReportOptions(checkpoint="best", extra=ExtraEvaluation.parse(["eval.flip=true"]))).md
+    assert "evaluation of the best checkpoint" in md and "checkpoints/best.pt --record" in md

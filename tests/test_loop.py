@@ -2,6 +2,7 @@
 best in the record, TensorBoard scalars equal to log.jsonl, per-image counts that reproduce the final
 metrics, and `sdesbench show`."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from sdesbench.engine.configure import build_config
 from sdesbench.engine.metrics import ConfusionMatrix, image_counts
 from sdesbench.engine.record import read_image_counts, read_record
 from sdesbench.engine.trainer import train
-from sdesbench.errors import ConfigError
+from sdesbench.engine.rescore import evaluate_checkpoint
+from sdesbench.errors import ConfigError, SdesbenchError
 from sdesbench.io import load_checkpoint
 from sdesbench.report.stats import miou_of_counts, pixel_acc_of_counts
 
@@ -74,7 +76,7 @@ def test_history_and_best_beside_the_final_metric(runs):
     assert full.history[-1].extra["ens_t"] == full.extra_metrics["ens_t"]
 
 
-def test_keep_best_keeps_the_weights_of_the_records_best(runs):
+def test_keep_best_keeps_the_weights_of_the_records_best(runs, tmp_path):
     """`train.keep_best` (on in the watched run, whose training and key the first test shows unchanged):
     best.pt is the state written right after the record's best evaluation, the last of the history it holds."""
     out, _, rec = runs["watched"]
@@ -85,6 +87,18 @@ def test_keep_best_keeps_the_weights_of_the_records_best(runs):
     same = all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
     assert same == (rec.best.iteration == rec.iterations)
     assert not (runs["full"][0] / "checkpoints" / "best.pt").exists()  # off by default
+    # scored again from best.pt on the 2 images of the periodic evaluations: the history's best mIoU, and
+    # recorded beside the last checkpoint's evaluations, not over them (`report --checkpoint best --eval-set`)
+    scores = evaluate_checkpoint(out / "checkpoints" / "best.pt", "cpu", ["eval.max_images=2"], record=True)
+    assert scores.iteration == rec.best.iteration and scores.images == 2
+    assert scores.metrics["student"]["miou"] == pytest.approx(rec.best.miou, rel=1e-5)
+    assert scores.recorded.parent == out / "evaluations" / "best"
+    fake = tmp_path / "run"  # a last.pt named best.pt: refused before it is scored
+    (fake / "checkpoints").mkdir(parents=True)
+    shutil.copy(out / "results.json", fake / "results.json")
+    shutil.copy(out / "checkpoints" / "last.pt", fake / "checkpoints" / "best.pt")
+    with pytest.raises(SdesbenchError, match="not the best periodic evaluation"):
+        evaluate_checkpoint(fake / "checkpoints" / "best.pt", "cpu", record=True)
     with pytest.raises(ConfigError, match="train.keep_best .* set eval.every too"):
         build_config(SDES, TINY + ["train.keep_best=true"])
 

@@ -98,7 +98,8 @@ def register(app: typer.Typer) -> None:
                                               "COCO-Stuff: COCO category ids; else train ids)."),
         record: bool = typer.Option(False, "--record", help="Record the numbers beside the run "
                                     "(<run>/evaluations/<key>.json), on the images its own final evaluation scored, "
-                                    "for `sdesbench report --eval-set` (the checkpoint must be the run's last.pt)."),
+                                    "for `sdesbench report --eval-set` (the checkpoint must be the run's last.pt, or its best.pt "
+                                    "for `report --checkpoint best`: <run>/evaluations/best/<key>.json)."),
         workers: Optional[int] = typer.Option(None, min=0, help="Loader workers decoding the images (default: the "
                                               "run's eval.workers, else its data.workers)."),
         confusion: Optional[Path] = typer.Option(None, "--confusion", help="Also write the student's confusion "

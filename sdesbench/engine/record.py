@@ -17,7 +17,9 @@ mFscore (mmsegmentation's `IoUMetric`) to every `Scores`; in an older record the
 
 `evaluations/<key>.json` beside `results.json` holds `EvaluationRecord`s: the run's checkpoint evaluated
 again under other evaluation settings (`sdesbench eval --record`, e.g. multi-scale + flip), keyed by
-`RunConfig.evaluation_key` of the settings, which the report reads for an extra column.
+`RunConfig.evaluation_key` of the settings, which the report reads for an extra column. Those of the
+best checkpoint (`checkpoints/best.pt`, `train.keep_best`) are in `evaluations/best/<key>.json`, so that
+the two checkpoints' numbers never replace each other.
 
 `image_counts.npz` beside `results.json` holds the final evaluation's per-image, per-class true
 positive, false positive and false negative counts (one images x 3 x classes int32 array per
@@ -238,21 +240,23 @@ class EvaluationRecord:
         return self.metrics if source == "student" else self.extra_metrics.get(source)
 
 
-def evaluation_path(folder: str | Path, key: str) -> Path:
-    return Path(folder) / EVALUATIONS_DIR / f"{key}.json"
+def evaluation_path(folder: str | Path, key: str, checkpoint: Literal["last", "best"] = "last") -> Path:
+    return Path(folder) / EVALUATIONS_DIR / ("best" if checkpoint == "best" else "") / f"{key}.json"
 
 
-def write_evaluation(folder: str | Path, record: EvaluationRecord) -> Path:
-    path = evaluation_path(folder, record.key)
+def write_evaluation(folder: str | Path, record: EvaluationRecord, checkpoint: Literal["last", "best"] = "last") -> Path:
+    path = evaluation_path(folder, record.key, checkpoint)
     write_json(path, dataclasses.asdict(record))
     return path
 
 
-def read_evaluation(folder: str | Path | None, key: str) -> EvaluationRecord | None:
-    """The run's evaluation under the settings of `key`, None when it has none; `StorageError` when unreadable."""
+def read_evaluation(folder: str | Path | None, key: str,
+                    checkpoint: Literal["last", "best"] = "last") -> EvaluationRecord | None:
+    """The run's evaluation of its `checkpoint` under the settings of `key`, None when it has none;
+    `StorageError` when unreadable."""
     if folder is None:
         return None
-    path = evaluation_path(folder, key)
+    path = evaluation_path(folder, key, checkpoint)
     if not path.is_file():
         return None
     data = read_json(path)

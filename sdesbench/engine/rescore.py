@@ -1,7 +1,8 @@
 """A trained checkpoint evaluated again (`sdesbench eval`): under the run's eval settings or others given as
 `eval.*` overrides (sliding windows, test-time augmentation, the absent-class convention, ...), optionally
 writing each image's prediction as a PNG (`export`) and recording the numbers beside the run (`record`:
-`<run>/evaluations/<key>.json`, an `EvaluationRecord` that `sdesbench report --eval-set` reads).
+`<run>/evaluations/<key>.json`, an `EvaluationRecord` that `sdesbench report --eval-set` reads; for the
+run's `checkpoints/best.pt`, `train.keep_best`, `<run>/evaluations/best/<key>.json`).
 
 What is scored: every image of the split, unless `eval.max_images` is set with `--set`; a recorded
 evaluation scores what the run's own final evaluation scored (its split's first `eval.max_images` images), so
@@ -77,7 +78,11 @@ def evaluate_checkpoint(checkpoint: Path, device: str = "auto", sets: Sequence[s
         if run is None or not run.completed:
             raise SdesbenchError(f"--record: the run in {folder} is not completed")
     net = restore(checkpoint, pick_device(device), with_method=record)  # its own weights, no training set-up
-    if run is not None and net.iteration != run.iterations:
+    which = "best" if checkpoint.name == "best.pt" else "last"  # best.pt: `train.keep_best`
+    if run is not None and which == "best" and (run.best is None or net.iteration != run.best.iteration):
+        raise SdesbenchError(f"--record: {checkpoint} is iteration {net.iteration}, not the best periodic evaluation "
+                             f"of the run in {folder} ({run.best.iteration if run.best else 'none recorded'})")
+    if run is not None and which == "last" and net.iteration != run.iterations:
         raise SdesbenchError(f"--record scores a run's final checkpoint: {checkpoint} is iteration {net.iteration}, "
                              f"the run in {folder} finished at {run.iterations}")
     extra = [f"data.root={json.dumps(str(data_root))}"] if data_root is not None else []
@@ -94,7 +99,7 @@ def evaluate_checkpoint(checkpoint: Path, device: str = "auto", sets: Sequence[s
                        export=files.write if files is not None else None, confusion=confusion)
     scores = CheckpointScores(checkpoint, net.iteration, cfg, ds, len(view), how, metrics, exported=export)
     if run is not None:
-        scores.recorded = write_evaluation(folder, evaluation_record(scores, run.config_hash))
+        scores.recorded = write_evaluation(folder, evaluation_record(scores, run.config_hash), which)
     return scores
 
 

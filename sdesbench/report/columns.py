@@ -7,7 +7,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sdesbench.config import RunConfig, apply_overrides, parse_config
 from sdesbench.engine.inference import Inference
@@ -63,18 +63,21 @@ class ExtraEvaluation:
         ev = self.config(cfg).eval
         return f"{Inference.of(ev).describe()}; {miou_convention(ev.absent_classes)}"
 
-    def value(self, plan: PlannedRun, rec: RunRecord, metric: str) -> tuple[float | None, str | None]:
-        """(the metric in %, None) from the run's evaluation record, or (None, why not)."""
+    def value(self, plan: PlannedRun, rec: RunRecord, metric: str,
+              checkpoint: Literal["last", "best"] = "last") -> tuple[float | None, str | None]:
+        """(the metric in %, None) from the run's evaluation record of its `checkpoint`, or (None, why not)."""
         cfg = self.config(plan.cfg)
         split = cfg.data.eval_split
         try:
-            ev = read_evaluation(plan.out, cfg.evaluation_key(split))
+            ev = read_evaluation(plan.out, cfg.evaluation_key(split), checkpoint)
         except StorageError as e:
             return None, f"unreadable: {e}"
-        how = f"sdesbench eval {plan.out}/checkpoints/last.pt --record " + " ".join(f"--set '{s}'" for s in self.sets)
+        how = f"sdesbench eval {plan.out}/checkpoints/{checkpoint}.pt --record " + \
+            " ".join(f"--set '{s}'" for s in self.sets)
         if ev is None:
-            return None, f"missing: no {self.label(plan.cfg)} evaluation in {plan.out} ({how})"
-        if ev.run_config_hash != rec.config_hash or ev.iteration != rec.iterations:
+            return None, f"missing: no {self.label(plan.cfg)} evaluation of the {checkpoint} checkpoint in {plan.out} ({how})"
+        iteration = rec.iterations if checkpoint == "last" else (rec.best.iteration if rec.best else None)
+        if ev.run_config_hash != rec.config_hash or ev.iteration != iteration:
             return None, f"stale: the {self.label(plan.cfg)} evaluation in {plan.out} scored another checkpoint ({how})"
         scores = ev.scores(plan.metric_source)
         v = getattr(scores, RECORD_KEY[metric], None) if scores else None

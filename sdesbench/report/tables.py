@@ -19,9 +19,9 @@ without the runs, a narrower seed list), unless `force` is given; it says what i
 Which checkpoint (`ReportOptions.checkpoint`): `last` (the default) reports each run's final-iteration
 metrics. `best` reports each run's periodic evaluation (`eval.every`, the record's `history`) of highest
 student mIoU, as CIRKD reports its `best_model`: chosen on the split it is scored on, so optimistically
-biased, and the header says so. A best table is its own file (`<table>-<preset>-best.md`); what would mix
-in numbers of the last checkpoint (`--eval-set`, `--stats`, the LaTeX table, forest plot and prediction
-grid) is refused with it.
+biased, and the header says so. A best table is its own file (`<table>-<preset>-best.md`); its `--eval-set`
+columns come from the evaluation records of `checkpoints/best.pt` (`train.keep_best`); what would mix in
+numbers of the last checkpoint (`--stats`, the LaTeX table, forest plot and prediction grid) is refused.
 """
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ def collect(plans: list[PlannedRun], metrics: tuple[str, ...], extra: ExtraEvalu
                     else:
                         entry.values[m].append(100.0 * v)
                     if extra is not None:
-                        value, why = extra.value(p, rec, m)
+                        value, why = extra.value(p, rec, m, checkpoint)
                         entry.values[extra_key(m)] += [value] if value is not None else []
                         entry.status += [why] if why else []
         entry.status = list(dict.fromkeys(entry.status))  # one line per reason (the extra's may repeat per metric)
@@ -498,7 +498,7 @@ def check_checkpoint(options: ReportOptions, spec: Spec | None = None) -> None:
         raise ConfigError(f"--checkpoint: expected last or best, got {options.checkpoint!r}")
     if options.checkpoint == "last":
         return
-    mixed = [what for what, on in (("--eval-set", options.extra is not None), ("--stats", options.stats),
+    mixed = [what for what, on in (("--stats", options.stats),
                                    ("--format latex", options.latex), ("--plot", options.plot),
                                    ("--qualitative", bool(options.qualitative)),
                                    (f"the sweep figure of {spec.name if spec else ''}", bool(spec and spec.is_sweep)))
