@@ -212,14 +212,22 @@ def test_train_optimizer_is_keyed_only_when_set_and_builds_adamw():
     SegFormer scripts) is torch's AdamW with the run's lr and weight decay, default betas."""
     from torch import nn
 
-    from sdesbench.engine.step import make_optimizer
+    from sdesbench.engine.step import TrainUnit, make_optimizer
+    from sdesbench.methods import METHODS
+    from sdesbench.methods.base import MethodContext
+
+    def linear_unit() -> TrainUnit:
+        """A Linear layer as the student, with the plain `student` method (no parameters of its own)."""
+        student = METHODS.get("student")
+        ctx = MethodContext(model=None, num_classes=2, total_iters=1, class_pixel_counts=lambda: None)
+        return TrainUnit(nn.Linear(3, 2), student(student.parse_options({}), ctx))
 
     base = build_config({})
     assert "optimizer" not in base.identity()["train"]
     assert build_config({}, ["train.optimizer=sgd"]).identity_hash() == base.identity_hash()
     adamw = build_config({}, ["train.optimizer=adamw", "train.lr=0.0002"])
     assert adamw.identity()["train"]["optimizer"] == "adamw" and adamw.identity_hash() != base.identity_hash()
-    opt = make_optimizer(nn.Linear(3, 2), adamw.train)
+    opt = make_optimizer(linear_unit(), adamw.train)
     assert type(opt).__name__ == "AdamW"
     assert (opt.defaults["lr"], opt.defaults["weight_decay"], opt.defaults["betas"]) == (0.0002, 1e-4, (0.9, 0.999))
-    assert type(make_optimizer(nn.Linear(3, 2), base.train)).__name__ == "SGD"
+    assert type(make_optimizer(linear_unit(), base.train)).__name__ == "SGD"
