@@ -243,6 +243,15 @@ def differences(entry: RowResults, ref: RowResults, metric: str, seeds: bool,
     return out
 
 
+def compared_with(entry: RowResults, ref: RowResults | None, metrics: tuple[str, ...], seeds: bool,
+                  stats: bool) -> tuple[bool, dict[str, dict[str, Difference | None]]]:
+    """Whether the row is `ref` itself, and its `differences` to `ref` per metric (none on `ref` itself or
+    without one): the Student row's comparison and the `--against` row's are the same computation."""
+    if ref is None or ref is entry:
+        return ref is entry, {}
+    return False, {m: differences(entry, ref, m, seeds, stats) for m in metrics}
+
+
 # test -> (the interval's column, the p-value's column); `{m}` is the metric's label, `{v}` the row compared
 # with: `Student` (each group's Student row) or the `--against` row's label (its p-value columns say it too)
 VERSUS_COLUMNS = {"welch": ("vs {v} {m} (seeds: Welch 95% CI)", "Welch p{p} {m}"),
@@ -342,9 +351,7 @@ def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = 
                 line[f"{METRIC_LABEL.get(m, m)} ({extra_label})"] = fmt(entry.values[extra_key(m)]) or \
                     short_status(entry.status)
         ref = refs.get(plan.group)
-        entry.is_reference = ref is entry
-        if ref is not None and not entry.is_reference:
-            entry.differences = {m: differences(entry, ref, m, several_seeds, stats) for m in metrics}
+        entry.is_reference, entry.differences = compared_with(entry, ref, metrics, several_seeds, stats)
         if deltas:
             for m in metrics:
                 label = METRIC_LABEL.get(m, m)
@@ -353,10 +360,8 @@ def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = 
                     line[f"Δ {versus} {label}"] = point_difference(entry, named.get(plan.group), m)
         line.update(comparison_cells(entry, metrics, comparison_tests(several_seeds, stats)))
         if versus:
-            mark = named.get(plan.group)
-            entry.is_against = mark is entry
-            if mark is not None and not entry.is_against:
-                entry.against_differences = {m: differences(entry, mark, m, several_seeds, stats) for m in metrics}
+            entry.is_against, entry.against_differences = compared_with(entry, named.get(plan.group), metrics,
+                                                                        several_seeds, stats)
             line.update(comparison_cells(entry, metrics, comparison_tests(several_seeds, stats), versus))
         line.update(sizes.cells(plan))
         if cost:
