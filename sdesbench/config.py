@@ -1,50 +1,32 @@
-"""Typed run configuration: dataclasses loaded from YAML, with `--set section.key=value` overrides.
+"""The run schema: the typed sections of a run configuration (`RunConfig`), and reading one from YAML
+with `--set section.key=value` overrides (`parse_config`).
 
-This module checks the *shape* of a configuration: unknown keys (with a did-you-mean), wrong
-types, `Literal` choices, non-finite numbers and out-of-range values, each as one `ConfigError`
-line naming the key. Ranges are declared on the field itself:
-`field(default=..., metadata=rng(lo, hi))`, inclusive, either bound may be None.
+Its shape is checked by the generic validator (`validate.py`: unknown keys with a did-you-mean, wrong types,
+`Literal` choices, non-finite numbers, ranges declared on the field with `field(default=..., metadata=rng(lo,
+hi))`), each problem one `ConfigError` line naming the key; the cross-field rules are in `parse_config`.
+Names that need the registries (model, dataset, method) and each method's own `Options` (`method.alpha`,
+`method.gamma`, ...) are checked one layer up, by `sdesbench.engine.configure.build_config`, which is what
+callers use to get a runnable config.
 
-Names that need the registries (model, dataset, method) and each method's own `Options`
-(`method.alpha`, `method.gamma`, ...) are checked one layer up, by
-`sdesbench.engine.configure.build_config`, which is what callers use to get a runnable config.
-The same `from_dict` validates table specs (`sdesbench.experiments.spec`) and run records.
-
-A run's key (`RunConfig.identity_hash`) covers every field except those marked `NOT_HASHED`; a field marked
-`HASHED_WHEN_SET` (a setting added after runs were recorded, e.g. `eval.mode`) counts only when it is set away
-from its default, which is what every run recorded before it existed did.
+A run's key (`RunConfig.identity_hash`, computed by `identity.py`) covers every field except those marked
+`NOT_HASHED`; a field marked `HASHED_WHEN_SET` (a setting added after runs were recorded, e.g. `eval.mode`)
+counts only when it is set away from its default, which is what every run recorded before it existed did.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from sdesbench.errors import ConfigError
+from sdesbench.identity import HASHED_WHEN_SET, NOT_HASHED, identity_of, short_hash
 from sdesbench.plugins import load_plugins
-from sdesbench.registry import did_you_mean
+from sdesbench.validate import describe, from_dict, rng  # noqa: F401 - rng: the field-range helper methods import from here
 
-
-def rng(lo: float | None = None, hi: float | None = None, doc: str = "", **extra: Any) -> dict[str, Any]:
-    """Field metadata: inclusive numeric range plus a one-line description."""
-    return {"range": (lo, hi), "doc": doc, **extra}
-
-
-# field metadata for identity_hash: never part of a run's identity (where/how it is written, not what)
-NOT_HASHED = {"hash": "never"}
-# field metadata for identity_hash: part of a run's identity only when set to another value than its default. A
-# setting added after runs were recorded gets it, so that its default keeps every existing run key (and the
-# committed records under results/runs) current, while any other value names another run (docs/tables.md,
-# "What a run's key covers")
-HASHED_WHEN_SET = {"hash": "when_set"}
 
 Device = str  # auto | cpu | cuda | cuda:N (checked in `parse_config`)
 AmpMode = Literal["off", "auto", "bf16", "fp16"]
@@ -204,7 +186,7 @@ class RunConfig:
         every older run did, so it must not change an older run's key).
         Method options are whatever `method.options` holds: `engine.configure.build_config` fills in every
         option the method resolves, so the identity of a runnable config is the resolved one."""
-        return _identity(self)
+        return identity_of(self)
 
     def identity_hash(self) -> str:
         """The run key: a hash of `identity()` (docs/tables.md, "What a run's key covers")."""
@@ -214,159 +196,20 @@ class RunConfig:
         """What names the numbers of one evaluation of a trained run: the split and every eval setting that
         changes a number (the eval section's identity without `batch_size`, which never does), for the records of
         `sdesbench eval --record` (`<run>/evaluations/<evaluation_key>.json`)."""
-        return {"split": split, "eval": {k: v for k, v in _identity(self.eval).items() if k != "batch_size"}}
+        return {"split": split, "eval": {k: v for k, v in identity_of(self.eval).items() if k != "batch_size"}}
 
     def evaluation_key(self, split: str) -> str:
         return short_hash(self.evaluation_identity(split))
 
 
-def short_hash(tree: Any) -> str:
-    blob = json.dumps(tree, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+def _mapping_sections() -> tuple[str, ...]:
+    """The top-level keys of a run configuration whose value is a mapping (a section dataclass or a dict)."""
+    hints = typing.get_type_hints(RunConfig)
+    return tuple(f.name for f in dataclasses.fields(RunConfig)
+                 if dataclasses.is_dataclass(hints[f.name]) or typing.get_origin(hints[f.name]) is dict)
 
 
-def _identity(obj: Any) -> Any:
-    if not dataclasses.is_dataclass(obj):
-        return obj
-    return {f.name: _identity(getattr(obj, f.name)) for f in dataclasses.fields(obj) if in_identity(f, getattr(obj, f.name))}
-
-
-def field_default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-def in_identity(f: dataclasses.Field, value: Any) -> bool:
-    """Whether a field's value is part of the run's identity: never for NOT_HASHED fields, only away from its
-    default for HASHED_WHEN_SET ones, always otherwise."""
-    rule = f.metadata.get("hash")
-    return rule != "never" and not (rule == "when_set" and value == field_default(f))
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as `section.key` -> value (lists and other values are leaves)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def identity_changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, before, after) for every identity key whose value differs (`None` stands for an absent key)."""
-    a, b = flatten(before), flatten(after)
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-# ----------------------------------------------------------------------------- conversion
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _describe(value: Any) -> str:
-    return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-
-
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; return it (ints widen to float, tuples to lists)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # Optional[X]: X's own error says more than "expected X or None"
-            return coerce(value, options[0], key)
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {_describe(value)}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices and not isinstance(value, bool):
-            return value
-        leaf = key.rsplit(".", 1)[-1]
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {leaf}={value!r}"
-                          f"{did_you_mean(value, choices)}")
-    if tp is Any:
-        return value
-    if origin in (list, tuple):
-        (inner,) = typing.get_args(tp)[:1] or (Any,)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value, value]  # `crop: 64` means 64x64
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
-        return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
-        _, inner = typing.get_args(tp) or (str, Any)
-        return {k: coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"{key}: expected a finite number, got {value}")
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    return value
-
-
-def check_range(value: Any, f: dataclasses.Field, key: str) -> None:
-    lo, hi = f.metadata.get("range", (None, None))
-    if value is None or isinstance(value, (list, dict, str)):
-        return
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        raise ConfigError(f"{key}={value} is out of range {bounds}")
-
-
-def from_dict(cls: Any, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys, wrong types and missing fields."""
-    if data is None:
-        data = {}
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            raise ConfigError(f"unknown config key '{full}'{did_you_mean(key, fields, prefix + '.' if prefix else '')}")
-        kwargs[key] = coerce(value, hints[key], full)
-        check_range(kwargs[key], fields[key], full)
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{prefix or 'config'}: missing '{missing[0]}'")
-    return cls(**kwargs)
-
-
-def to_plain(obj: Any) -> Any:
-    """A dataclass (or nested ones) as plain dicts/lists, the inverse of `from_dict`."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+MAPPING_SECTIONS = _mapping_sections()  # a section given as a scalar or list is one line naming it (`parse_config`)
 
 
 def method_section(d: Any) -> dict[str, Any]:
@@ -374,11 +217,11 @@ def method_section(d: Any) -> dict[str, Any]:
     if d is None:
         d = {}
     if not isinstance(d, dict):
-        raise ConfigError(f"method: expected a mapping, got {_describe(d)}")
+        raise ConfigError(f"method: expected a mapping, got {describe(d)}")
     d = dict(d)
     options = d.pop("options", {}) or {}
     if not isinstance(options, dict):
-        raise ConfigError(f"method.options: expected a mapping, got {_describe(options)}")
+        raise ConfigError(f"method.options: expected a mapping, got {describe(options)}")
     options = dict(options)
     name = d.pop("name", "student")
     options.update(d)
@@ -441,9 +284,8 @@ def parse_config(data: dict[str, Any] | None = None, overrides: list[str] | None
     """
     data = dict(data or {})
     for section, value in data.items():  # `model: resnet` or `data: [tiny]`: say which section is wrong
-        if section in ("model", "data", "teacher", "train", "eval", "output", "request") and value is not None \
-                and not isinstance(value, dict):
-            raise ConfigError(f"{section}: expected a mapping, got {_describe(value)}")
+        if section in MAPPING_SECTIONS and value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {describe(value)}")
     if "method" in data:
         data["method"] = method_section(data["method"])
     cfg = from_dict(RunConfig, apply_overrides(data, overrides))

@@ -13,9 +13,11 @@ from sdesbench.engine.record import SCHEMA_VERSION, RunRecord, read_record, writ
 
 PACKAGE = ROOT / "sdesbench"
 # data -> models -> methods -> engine -> experiments -> measure -> report -> cli: a module may import
-# its own layer and those before it. The base modules (errors, io, config, registry, version, console) come first.
+# its own layer and those before it. The base modules (errors, io, validate, identity, config, registry, version,
+# console) come first.
 LAYERS = ["base", "data", "models", "methods", "engine", "experiments", "measure", "report", "cli"]
-BASE = {"sdesbench", "sdesbench.errors", "sdesbench.io", "sdesbench.config", "sdesbench.registry", "sdesbench.plugins",
+BASE = {"sdesbench", "sdesbench.errors", "sdesbench.io", "sdesbench.validate", "sdesbench.identity", "sdesbench.config",
+        "sdesbench.registry", "sdesbench.plugins",
         "sdesbench.version", "sdesbench.console"}
 
 

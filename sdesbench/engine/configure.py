@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdesbench.config import RunConfig, apply_overrides, flatten, method_section, parse_config
+from sdesbench.config import RunConfig, apply_overrides, method_section, parse_config
+from sdesbench.identity import flatten
 from sdesbench.data import DATASETS
 from sdesbench.data.base import check_root_wanted
 from sdesbench.errors import ConfigError

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sdesbench.config import from_dict
+from sdesbench.validate import from_dict
 from sdesbench.errors import ConfigError, StorageError
 from sdesbench.io import read_json, write_bytes, write_json
 

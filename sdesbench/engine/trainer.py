@@ -47,7 +47,8 @@ import yaml
 from torch.optim.lr_scheduler import PolynomialLR
 from torch.utils.data import DataLoader
 
-from sdesbench.config import RunConfig, from_dict
+from sdesbench.config import RunConfig
+from sdesbench.validate import from_dict
 from sdesbench.data.base import IterationSampler, TrainView, build_dataset, class_pixel_counts
 from sdesbench.data.check import ensure_checked
 from sdesbench.engine import distributed as D

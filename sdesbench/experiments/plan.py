@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdesbench.config import RunConfig, apply_overrides, identity_changes, merge, method_section, parse_config
+from sdesbench.config import RunConfig, apply_overrides, merge, method_section, parse_config
+from sdesbench.identity import identity_changes
 from sdesbench.engine.configure import build_config
 from sdesbench.engine.record import RunRecord, read_record
 from sdesbench.errors import ConfigError, StorageError

@@ -32,7 +32,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sdesbench.config import RunConfig, from_dict, load_yaml, merge, method_section, parse_config, parse_yaml
+from sdesbench.config import RunConfig, load_yaml, merge, method_section, parse_config, parse_yaml
+from sdesbench.validate import from_dict
 from sdesbench.data import DATASETS
 from sdesbench.errors import ConfigError
 from sdesbench.methods import METHODS

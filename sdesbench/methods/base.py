@@ -60,7 +60,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from sdesbench.config import from_dict
+from sdesbench.validate import from_dict
 from sdesbench.errors import ConfigError
 from sdesbench.models.base import SegmentationModel
 from sdesbench.registry import Registry
