@@ -13,7 +13,7 @@ from conftest import stop_at
 from sdesbench.config import TrainConfig
 from sdesbench.engine import step
 from sdesbench.engine.configure import build_config
-from sdesbench.engine.state import HookBase, Priority, run_hooks
+from sdesbench.engine.state import HookBase, Hooks, Priority
 from sdesbench.engine.trainer import Trainer, train
 from sdesbench.errors import Interrupted
 from sdesbench.io import load_checkpoint
@@ -39,31 +39,40 @@ def test_hooks_run_by_priority_and_unwind_in_reverse():
 
     hooks = [hook("c", Priority.LOW), hook("a", Priority.HIGHEST), hook("b1", Priority.NORMAL),
              hook("b2", Priority.NORMAL)]
-    run_hooks(hooks, "before_train", None)
-    run_hooks(hooks, "after_train", None)
+    Hooks(hooks).before_train(None)
+    Hooks(hooks).after_train(None)
     assert calls == [("before", "a"), ("before", "b1"), ("before", "b2"), ("before", "c"),
                      ("after", "c"), ("after", "b2"), ("after", "b1"), ("after", "a")]
 
 
 def test_the_builtin_hooks_declare_the_order_their_dependencies_need():
-    from sdesbench.engine.hooks import (CheckpointHook, FinalEvaluationHook, LogHook, PeriodicEvaluationHook,
-                                        ProgressHook, SignalHook, TensorBoardHook)
+    from sdesbench.engine.hooks import (CheckpointHook, LogHook, PeriodicEvaluationHook, ProgressHook, SignalHook,
+                                        TensorBoardHook)
 
     p = {h: h.priority for h in (SignalHook, LogHook, TensorBoardHook, ProgressHook, PeriodicEvaluationHook,
-                                 CheckpointHook, FinalEvaluationHook)}
+                                 CheckpointHook)}
     assert p[SignalHook] < p[LogHook] <= p[TensorBoardHook] < p[ProgressHook]  # writers open before publishers
     assert p[PeriodicEvaluationHook] < p[CheckpointHook]  # a checkpoint holds its iteration's evaluation
-    assert max(p.values()) == p[FinalEvaluationHook]  # unwinding, the final evaluation runs first
 
 
 class StepCounter(HookBase):
-    """Counts the steps it has seen; its count travels in the checkpoint."""
+    """Counts the steps it has seen; its count travels in the checkpoint. It also notes the stages it saw
+    after the steps (the final evaluation is the loop's, observed in `after_final_evaluation`)."""
 
     def __init__(self):
         self.steps = 0
+        self.stages = []
 
     def after_step(self, trainer):
         self.steps += 1
+        self.stages = []
+
+    def after_final_evaluation(self, trainer):
+        final = trainer.state.final
+        self.stages.append(("final", trainer.state.iteration, final.images, final.metrics["student"]["miou"]))
+
+    def after_train(self, trainer):
+        self.stages.append(("after_train", trainer.state.final is not None))
 
     def state_dict(self):
         return {"steps": self.steps}
@@ -151,6 +160,11 @@ def test_own_optimizer_and_hook_state_resume_bitwise(tmp_path, monkeypatch, own_
     resumed = train(cfg(tmp_path / "resumed"), resume="required", show_progress=False)
 
     assert counters[0].steps == 8 and counters[1].steps == 4 and counters[2].steps == 8
+    # the final evaluation ran once the schedule was complete, hooks saw it before after_train; a run stopped
+    # by a signal has none
+    assert counters[0].stages == [("final", 8, 2, straight.metrics.miou), ("after_train", True)]
+    assert counters[1].stages == [("after_train", False)]
+    assert counters[2].stages == [("final", 8, 2, resumed.metrics.miou), ("after_train", True)]
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert torch.equal(a["method"]["w"], b["method"]["w"])

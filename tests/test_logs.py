@@ -186,15 +186,14 @@ def test_a_resumed_run_sums_the_times_of_its_sessions(tmp_path, monkeypatch):
 
 
 def test_the_eta_extrapolates_the_mean_iteration_time_not_the_last_step(tmp_path):
-    from sdesbench.engine.configure import build_config
     from sdesbench.engine.hooks import eta_s, eta_text
-    from sdesbench.engine.trainer import Trainer
+    from sdesbench.engine.state import TrainState
 
-    trainer = Trainer(build_config({}, ["train.iters=100", f"output.dir={tmp_path}"]))
-    assert trainer.mean_iter_s is None and eta_text(eta_s(trainer)) == "?"
+    state = TrainState(total_iters=100)
+    assert state.mean_iter_s is None and eta_text(eta_s(state)) == "?"
     # resumed at 20; this session: 5 iterations in 10 s of loader waits and steps, the last one fast
-    trainer.state.start_iter, trainer.state.iteration = 20, 25
-    trainer.state.timings.train_s, trainer.state.last_data_s, trainer.state.last_step_s = 10.0, 0.0, 0.1
-    trainer.state.timings.eval_s = 50.0  # evaluations are not iterations
-    assert trainer.mean_iter_s == 2.0 and eta_s(trainer) == 2.0 * 75
-    assert eta_text(eta_s(trainer)) == "0:02:30"
+    state.start_iter, state.iteration = 20, 25
+    state.timings.train_s, state.last_data_s, state.last_step_s = 10.0, 0.0, 0.1
+    state.timings.eval_s = 50.0  # evaluations are not iterations
+    assert state.mean_iter_s == 2.0 and eta_s(state) == 2.0 * 75
+    assert eta_text(eta_s(state)) == "0:02:30"

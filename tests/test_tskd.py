@@ -19,6 +19,7 @@ from conftest import FAST, assert_one_line_error, read_json, run_cli
 from sdesbench.config import ModelConfig
 from sdesbench.engine.configure import build_config
 from sdesbench.io import save_checkpoint
+from sdesbench.engine.state import Hooks
 from sdesbench.engine.trainer import Trainer, train
 from sdesbench.errors import CheckpointError, ConfigError, SdesbenchError
 from sdesbench.experiments.plan import Sweep
@@ -310,7 +311,7 @@ def test_teacher_runs_frozen_in_eval_mode_without_grad(tmp_path):
         return loss_terms(student_out, labels, step, teacher_out)
 
     learner.method.loss_terms = spy
-    trainer._loop([])
+    trainer._loop(Hooks([]), trainer.view())
     assert trainer.state.iteration == 1
     teacher = learner.teacher
     assert not teacher.training and all(not m.training for m in teacher.modules())

@@ -1,28 +1,29 @@
 """The Trainer's duties around the step, as hooks (the contract: engine/state.py, `HookBase`).
 
-The loop itself only runs `step.train_step` and advances the schedule; everything else happens in
-hooks, called by priority before training and after each step, and in reverse after training:
+The loop itself only runs `step.train_step`, advances the schedule and, once it is complete, runs the
+final evaluation; everything else happens in hooks, called by priority before training, after each
+step and after the final evaluation, and in reverse after training:
 
 | hook | priority | does | reads / writes (`trainer.state`) |
 |---|---|---|---|
 | `SignalHook` | HIGHEST | SIGINT/SIGTERM stop the loop after the current step | writes `stop_signal` |
 | `LogHook` | VERY_HIGH | every `train.log_every` iterations publishes the training scalars (loss terms averaged over ranks, total, lr, images/s, iteration and loader-wait times, peak memory); writes every published event to `log.jsonl` | reads `terms`, `own_terms`, step times |
 | `TensorBoardHook` | VERY_HIGH | every published event as TensorBoard scalars in `<out>/tensorboard` | |
-| `ProgressHook` | HIGH | rich's live bar on a terminal; elsewhere one plain line per published event and for the final evaluation | reads `final` |
-| `PeriodicEvaluationHook` | NORMAL | with `eval.every`, validation every `eval.every` iterations and at the last one, without touching the training; with `train.keep_best`, `checkpoints/best.pt` at each new best | writes `history`; reads `final` |
+| `ProgressHook` | HIGH | rich's live bar on a terminal; elsewhere one plain line per published event and one for the final evaluation | reads `final` |
+| `PeriodicEvaluationHook` | NORMAL | with `eval.every`, validation every `eval.every` iterations and at the last one, without touching the training (at the last one it reuses the final evaluation when it would score the same images); with `train.keep_best`, `checkpoints/best.pt` at each new best | writes `history`; reads `final` |
 | `CheckpointHook` | LOW | `checkpoints/last.pt` every `train.checkpoint_every` iterations, at the end, and when a signal stops the run (after the periodic evaluation, so a checkpoint holds the evaluation of its iteration) | reads `history` through the checkpoint |
-| `FinalEvaluationHook` | LOWEST | the evaluation of the finished schedule (the table's metric), with per-image counts; in `after_train` it runs first | writes `final` |
 
-Writers come first so they are open before anything publishes and close after everything else; the
-final evaluation comes last so that, unwinding, it runs before the hooks that read it.
+Writers come first so they are open before anything publishes and close after everything else. The
+final evaluation is not a hook: the Trainer runs it once the schedule is complete and hooks observe it in
+`after_final_evaluation`, where every hook is still open.
 
 Events: a hook that measures something calls `trainer.publish(event)`, a dict with "iter" and either
 training scalars or a section ("val": {...}); every hook's `on_event` sees it (the writers: log.jsonl,
 TensorBoard). `event_scalars` names the TensorBoard tags: "train/<key>" for a training scalar,
 "<section>/<key>/..." for the numbers of a section (None, an absent class, is skipped).
 
-A new duty is a new `HookBase` subclass with a `priority`, listed in `Trainer.build_hooks`; it reads the
-typed `trainer.state` and `trainer.cfg`, `trainer.out`, `trainer.learner`, and never changes the step.
+A new duty is a `HookBase` subclass with a `priority`, listed in `Trainer.build_hooks`; it reads the
+`TrainerView` it is given and never changes the step.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from sdesbench.engine.evaluate import evaluate
 from sdesbench.engine.inference import Inference
 from sdesbench.engine.record import Evaluation, Scores, best_evaluation
 from sdesbench.engine.runtime import peak_memory_mb
-from sdesbench.engine.state import FinalEvaluation, HookBase, Priority
+from sdesbench.engine.state import FinalEvaluation, HookBase, Priority, TrainState, TrainerView
 from sdesbench.errors import SdesbenchError
 from sdesbench.io import append_bytes, disk_full_as_error, write_text
 
@@ -79,7 +80,7 @@ class SignalHook(HookBase):
             signal.signal(s, handler)
 
 
-def log_values(trainer: Any) -> dict[str, float]:
+def log_values(trainer: TrainerView) -> dict[str, float]:
     """The last step's loss terms (the student's and those of a method's own update), averaged over ranks."""
     state = trainer.state
     terms = {**state.terms, **state.own_terms}
@@ -210,7 +211,7 @@ class TensorBoardHook(HookBase):
             threading.excepthook = self.thread_excepthook
 
 
-def run_name(trainer: Any) -> str:
+def run_name(trainer: TrainerView) -> str:
     """What names a run in a log shared by several: method/model and its folder's name (a sweep's
     folders are configuration hashes)."""
     return f"{trainer.cfg.method.name}/{trainer.cfg.model.name} {trainer.out.resolve().name}"
@@ -220,18 +221,18 @@ def eta_text(seconds: float | None) -> str:
     return str(timedelta(seconds=round(seconds))) if seconds is not None else "?"
 
 
-def eta_s(trainer: Any) -> float | None:
+def eta_s(state: TrainState) -> float | None:
     """Time left for the remaining iterations at this session's mean iteration time (loader waits
     included; evaluations and checkpoints are not)."""
-    mean = trainer.mean_iter_s
-    return mean * (trainer.state.total_iters - trainer.state.iteration) if mean is not None else None
+    mean = state.mean_iter_s
+    return mean * (state.total_iters - state.iteration) if mean is not None else None
 
 
 def scores_text(miou: float, pixel_acc: float) -> str:
     return f"mIoU {100 * miou:.2f}  PA {100 * pixel_acc:.2f}"
 
 
-def progress_line(trainer: Any, what: str, text: str) -> str:
+def progress_line(trainer: TrainerView, what: str, text: str) -> str:
     """One plain log line (the format of mmengine's and detectron2's loggers): time, run, what and
     `iter/total`, then `text`."""
     width = len(str(trainer.state.total_iters))
@@ -239,11 +240,11 @@ def progress_line(trainer: Any, what: str, text: str) -> str:
             f"[{trainer.state.iteration:>{width}}/{trainer.state.total_iters}]  {text}")
 
 
-def training_text(trainer: Any, event: dict[str, Any]) -> str:
+def training_text(trainer: TrainerView, event: dict[str, Any]) -> str:
     terms = " ".join(f"{k} {event[k]:.4f}" for k in [*trainer.state.terms, *trainer.state.own_terms])
     rate = f"{event['images_per_s']:.2f} img/s" if event["images_per_s"] is not None else "? img/s"
     return (f"loss {event['loss']:.4f} ({terms})  lr {event['lr']:.3e}  {rate}  {event['iter_s']:.3f} s/iter "
-            f"(data {event['data_s']:.3f})  eta {eta_text(eta_s(trainer))}  peak mem {event['peak_memory_mb']:.0f} MB")
+            f"(data {event['data_s']:.3f})  eta {eta_text(eta_s(trainer.state))}  peak mem {event['peak_memory_mb']:.0f} MB")
 
 
 def evaluation_text(scores: dict[str, Any], images: int) -> str:
@@ -258,16 +259,16 @@ class ProgressHook(HookBase):
     ETA, loss terms and lr). Anywhere else a live bar prints nothing until it ends, so instead: one
     plain line per logged iteration (`train.log_every`: loss terms, lr, images/s, s/iter with the
     loader's share, ETA, peak memory), per periodic evaluation and for the final one. Both show the
-    published training event's rates (`LogHook`: loader waits included) and `eta_s`."""
+    published training event's rates (`LogHook`: loader waits included) and `eta_s`.
+
+    An evaluation published after the final one (`state.final` is written) is the final evaluation's
+    numbers taken over by the periodic evaluation at the last iteration: the "final eval" line says it."""
 
     priority = Priority.HIGH
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
     def before_train(self, trainer):
-        self.live = self.enabled and console.is_terminal
-        self.lines = self.enabled and not self.live
+        self.live = trainer.show_progress and console.is_terminal
+        self.lines = trainer.show_progress and not self.live
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
                                  TextColumn("[cyan]{task.fields[eta]}"), TextColumn("{task.fields[terms]}"),
@@ -283,22 +284,23 @@ class ProgressHook(HookBase):
     def on_event(self, trainer, event):
         if "val" in event:
             val = event["val"]
-            final = trainer.state.final is not None and val["images"] == trainer.state.final.images
-            if self.lines and not final:  # at the last iteration the final evaluation's line says it
+            if self.lines and trainer.state.final is None:
                 self.write(progress_line(trainer, "eval", evaluation_text(val, val["images"])))
         elif "loss" in event:
             if self.lines:
                 self.write(progress_line(trainer, "iter", training_text(trainer, event)))
             terms = " ".join(f"{k}={event[k]:.4f}" for k in [*trainer.state.terms, *trainer.state.own_terms])
-            self.progress.update(self.task, terms=f"{terms} lr={event['lr']:.2e}", eta=eta_text(eta_s(trainer)),
+            self.progress.update(self.task, terms=f"{terms} lr={event['lr']:.2e}", eta=eta_text(eta_s(trainer.state)),
                                  rate=f"{1 / max(event['iter_s'], 1e-9):.2f} it/s")
 
-    def after_train(self, trainer):
-        self.progress.stop()
-        final = trainer.state.final  # FinalEvaluationHook's: lower priority, so it ran before in after_train
+    def after_final_evaluation(self, trainer):
+        final = trainer.state.final
         if self.lines and final is not None:
             scores = {**final.metrics["student"], **{k: v for k, v in final.metrics.items() if k != "student"}}
             self.write(progress_line(trainer, "final eval", evaluation_text(scores, final.images)))
+
+    def after_train(self, trainer):
+        self.progress.stop()
 
     @staticmethod
     def write(line: str) -> None:
@@ -321,7 +323,7 @@ class CheckpointHook(HookBase):
             trainer.save_checkpoint()
 
 
-def evaluation_entry(trainer: Any, metrics: dict[str, dict[str, Any]], images: int) -> Evaluation:
+def evaluation_entry(trainer: TrainerView, metrics: dict[str, dict[str, Any]], images: int) -> Evaluation:
     student = metrics["student"]
     return Evaluation(trainer.state.iteration, images, student["miou"], student["pixel_acc"],
                       dict(zip(trainer.class_names, student["per_class_iou"])),
@@ -335,44 +337,44 @@ class PeriodicEvaluationHook(HookBase):
 
     It leaves the training exactly as it was: the random-number state is restored after each
     evaluation (its data loader draws a seed from it) and so is every module's train/eval mode. At
-    the last iteration, when the periodic images are the final evaluation's, the final evaluation is
-    reused rather than run twice (it reads `state.final`, which `FinalEvaluationHook`, of lower priority,
-    wrote before this hook's `after_train`). Its priority is above `CheckpointHook`'s so that a checkpoint
-    written at an evaluated iteration holds that evaluation (resume keeps the history)."""
+    the last iteration, when its images are the final evaluation's (`final_images`), it takes the final
+    evaluation's numbers in `after_final_evaluation` rather than evaluating twice; otherwise it evaluates
+    its own images there after the step, as at any other iteration. Its priority is above
+    `CheckpointHook`'s so that a checkpoint written at an evaluated iteration holds that evaluation (resume
+    keeps the history)."""
 
     priority = Priority.NORMAL
 
-    def __init__(self, every: int | None):
-        self.every = every
-
-    def images(self, trainer: Any) -> int:
+    def images(self, trainer: TrainerView) -> int:
         limits = [len(trainer.eval_set), trainer.cfg.eval.max_images, trainer.cfg.eval.every_max_images]
         return min(n for n in limits if n is not None)
 
-    def due(self, trainer: Any) -> bool:
-        evaluated = trainer.state.history and trainer.state.history[-1].iteration == trainer.state.iteration
-        return bool(self.every) and trainer.state.iteration % self.every == 0 and not evaluated
+    def reuses_final(self, trainer: TrainerView) -> bool:
+        """At the last iteration, the final evaluation scores this hook's images: its numbers are reused."""
+        state = trainer.state
+        return state.iteration >= state.total_iters and self.images(trainer) == final_images(trainer)
+
+    def due(self, trainer: TrainerView) -> bool:
+        state, every = trainer.state, trainer.cfg.eval.every
+        evaluated = state.history and state.history[-1].iteration == state.iteration
+        return bool(every) and (state.iteration % every == 0 or state.iteration >= state.total_iters) \
+            and not evaluated
 
     def before_train(self, trainer):
         # a run resumed from a checkpoint whose own evaluation a signal cut short evaluates it now
-        if trainer.state.start_iter and trainer.state.iteration < trainer.state.total_iters and self.due(trainer):
+        if trainer.state.start_iter and self.due(trainer) and not self.reuses_final(trainer):
             self.evaluate(trainer)
 
     def after_step(self, trainer):
-        if trainer.state.iteration < trainer.state.total_iters and self.due(trainer):
+        if self.due(trainer) and not self.reuses_final(trainer):
             self.evaluate(trainer)
 
-    def after_train(self, trainer):
-        state = trainer.state
-        done = state.history and state.history[-1].iteration == state.iteration
-        if not self.every or state.final is None or done:  # `final`: FinalEvaluationHook ran before it
-            return
-        if self.images(trainer) == state.final.images:
-            self.add(trainer, evaluation_entry(trainer, state.final.metrics, state.final.images))
-        else:
-            self.evaluate(trainer)
+    def after_final_evaluation(self, trainer):
+        final = trainer.state.final
+        if final is not None and self.due(trainer) and self.reuses_final(trainer):
+            self.add(trainer, evaluation_entry(trainer, final.metrics, final.images))
 
-    def evaluate(self, trainer: Any) -> None:
+    def evaluate(self, trainer: TrainerView) -> None:
         learner = trainer.learner
         device = learner.runtime.device
         modes = [(m, m.training) for m in learner.plain_unit.modules()]
@@ -387,7 +389,7 @@ class PeriodicEvaluationHook(HookBase):
         if metrics is not None:  # None: a signal arrived during the evaluation
             self.add(trainer, evaluation_entry(trainer, metrics, n))
 
-    def add(self, trainer: Any, entry: Evaluation) -> None:
+    def add(self, trainer: TrainerView, entry: Evaluation) -> None:
         trainer.state.history.append(entry)
         if trainer.cfg.train.keep_best and best_evaluation(trainer.state.history) is entry:  # the record's `best`
             trainer.save_best()
@@ -397,27 +399,26 @@ class PeriodicEvaluationHook(HookBase):
         trainer.publish({"iter": entry.iteration, "val": val})
 
 
-class FinalEvaluationHook(HookBase):
-    """Evaluates the finished schedule (the table metric), with the per-image counts a bootstrap
-    needs. A signal during the evaluation stops it: the run is then recorded as interrupted, and
-    `--resume` runs only the evaluation again."""
-
-    priority = Priority.LOWEST  # unwinding, it runs first: the hooks that read `final` come after it
-
-    def __init__(self, show_progress: bool):
-        self.show_progress = show_progress
-
-    def after_train(self, trainer):
-        if trainer.state.failed or trainer.state.stop_signal is not None or trainer.state.iteration < trainer.state.total_iters:
-            return
-        D.broadcast_state(trainer.learner.plain_unit)  # rank 0's BatchNorm statistics on every rank
-        view = EvalView(trainer.eval_set, trainer.cfg.eval.max_images)
-        metrics = run_evaluation(trainer, view, show_progress=self.show_progress, per_image=True)
-        if metrics is not None:  # None: a signal stopped the evaluation
-            trainer.state.final = FinalEvaluation(metrics, len(view))
+def final_view(trainer: TrainerView) -> EvalView:
+    """The images the final evaluation scores: the first `eval.max_images` of the evaluation set."""
+    return EvalView(trainer.eval_set, trainer.cfg.eval.max_images)
 
 
-def run_evaluation(trainer: Any, view: EvalView, **extra: Any) -> Any:
+def final_images(trainer: TrainerView) -> int:
+    return len(final_view(trainer))
+
+
+def final_evaluation(trainer: TrainerView) -> FinalEvaluation | None:
+    """The evaluation of the finished schedule (the table metric), with the per-image counts a bootstrap
+    needs; None when a signal stopped it (the run is then recorded as interrupted, and `--resume` runs only
+    the evaluation again)."""
+    D.broadcast_state(trainer.learner.plain_unit)  # rank 0's BatchNorm statistics on every rank
+    view = final_view(trainer)
+    metrics = run_evaluation(trainer, view, show_progress=trainer.show_progress, per_image=True)
+    return FinalEvaluation(metrics, len(view)) if metrics is not None else None
+
+
+def run_evaluation(trainer: TrainerView, view: EvalView, **extra: Any) -> Any:
     """`evaluate` of the run's model on `view` as its config asks (batch size, precision, eval scale or
     size, sliding windows, test-time augmentation, the absent-class convention, loader workers), timed into
     `trainer.state.timings.eval_s`; it stops early when a signal stops the run (None then)."""

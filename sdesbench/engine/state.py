@@ -1,16 +1,24 @@
 """What the training loop and its hooks share, typed: `TrainState` (iteration, loss terms, periodic
-evaluations, the final evaluation, what stopped the run) and the hook contract (`HookBase`, `Priority`).
+evaluations, the final evaluation, what stopped the run), `TrainerView` (what a hook may read and call) and
+the hook contract (`HookBase`, `Priority`, `Hooks`).
 
-The loop writes `iteration`, `terms`, `own_terms` and the step times; each hook reads and writes the fields
-its docstring names, so who depends on whom is in the types rather than in comments: the final
-evaluation is `TrainState.final`, written by `FinalEvaluationHook` and read by the periodic evaluation
-(which reuses it at the last iteration) and the progress lines.
+A hook receives a `TrainerView`, never the Trainer (as detectron2's `HookBase.trainer` and mmengine's
+`Hook(runner)`, narrowed to what a duty around the step needs): it reads the configuration, the output
+folder, the learner, the evaluation set and its class names, and writes only `view.state`'s fields (its
+docstring names who writes what); it acts through three calls, `save_checkpoint`, `save_best` and
+`publish`. It never changes the step itself, so a hook is never part of a run's identity.
 
-Order. Every hook declares a `priority` (lower first, as mmengine's `Hook.priority`): `before_train`
-and `after_step` run in that order, `after_train` in the reverse order, as nested context managers unwind
-(the signal handlers installed first are restored last, the writers opened early close after every
-hook that publishes, the final evaluation runs before the hooks that read it). Hooks of equal priority
-keep the order `Trainer.build_hooks` lists them in.
+The loop. `before_train`, then per iteration the step and `after_step`; once the schedule is complete
+(not stopped by a signal, not failed), the Trainer runs the final evaluation (the table's metric) itself,
+writes `state.final`, and calls `after_final_evaluation`, where hooks observe it (the periodic
+evaluation reuses it at the last iteration, the progress lines print it); `after_train` runs however the
+loop ended. Every stage is a method of `Hooks`, called directly.
+
+Order. Every hook declares a `priority` (lower first, as mmengine's `Hook.priority`): `before_train`,
+`after_step`, `after_final_evaluation` and `on_event` run in that order, `after_train` in the reverse order,
+as nested context managers unwind (the signal handlers installed first are restored last, the writers
+opened early close after every hook that publishes). Hooks of equal priority keep the order they were
+given in (`Trainer.build_hooks`: the built-in ones, then `train.hooks`).
 
 State. A hook that holds state across iterations offers `state_dict`/`load_state_dict` (as detectron2's
 `HookBase` does); the checkpoint carries them by hook name, so `--resume` continues each hook where it
@@ -22,11 +30,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import torch
 
+from sdesbench.config import RunConfig
+from sdesbench.data.base import SegDataset
 from sdesbench.engine.record import Evaluation, Timings
+from sdesbench.engine.step import Learner
 
 
 @dataclass
@@ -39,6 +51,9 @@ class FinalEvaluation:
 
 @dataclass
 class TrainState:
+    """What the loop and the hooks share. The loop writes `iteration`, `terms`, `own_terms`, the step times and
+    `final`; `SignalHook` writes `stop_signal`; `PeriodicEvaluationHook` appends to `history`."""
+
     total_iters: int
     start_iter: int = 0  # where this session started (a resumed run: its checkpoint's iteration)
     iteration: int = 0  # iterations done
@@ -51,15 +66,49 @@ class TrainState:
     failed: bool = False  # a NaN/Inf loss or a full disk stopped the run
     last_checkpoint_iter: int | None = None
     history: list[Evaluation] = field(default_factory=list)  # periodic evaluations (eval.every)
-    final: FinalEvaluation | None = None  # FinalEvaluationHook, once the schedule is complete
+    final: FinalEvaluation | None = None  # the Trainer's final evaluation, once the schedule is complete
 
     def at_interval(self, every: int) -> bool:
         """Whether the iteration just finished is a multiple of `every`, or the last one."""
         return self.iteration % every == 0 or self.iteration == self.total_iters
 
+    @property
+    def mean_iter_s(self) -> float | None:
+        """This session's mean iteration time, loader waits included (what an ETA extrapolates)."""
+        done = self.iteration - self.start_iter
+        return self.timings.train_s / done if done > 0 else None
+
+    @property
+    def schedule_complete(self) -> bool:
+        """Every iteration done, and nothing stopped the run: the final evaluation is due."""
+        return not self.failed and self.stop_signal is None and self.iteration >= self.total_iters
+
+
+@dataclass(frozen=True)
+class TrainerView:
+    """What a hook sees of the Trainer (module docstring): read the fields, write only `state`'s, act through
+    the three calls. The Trainer builds one after its setup and hands the same view to every hook."""
+
+    state: TrainState
+    cfg: RunConfig
+    out: Path  # the run's folder (`output.dir`)
+    learner: Learner  # student, method, teacher, optimizer, runtime (engine/step.py): read, never stepped
+    eval_set: SegDataset
+    class_names: list[str]
+    num_classes: int
+    show_progress: bool  # the progress bar or lines are wanted (on rank 0)
+    save_checkpoint: Callable[..., None]  # `checkpoints/last.pt`; keep_copy=True also `iter_<k>.pt`
+    save_best: Callable[[], None]  # `checkpoints/best.pt` (`train.keep_best`)
+    publish: Callable[[dict[str, Any]], None]  # a measurement to every hook's `on_event` (engine/hooks.py)
+
+    @property
+    def lr(self) -> float:
+        """The student's learning rate for the next step (its first parameter group's)."""
+        return self.learner.optimizer.param_groups[0]["lr"]
+
 
 class Priority(IntEnum):
-    """Hook priorities (lower runs first in `before_train`/`after_step`, last in `after_train`)."""
+    """Hook priorities (lower runs first, and last in `after_train`)."""
 
     HIGHEST = 0
     VERY_HIGH = 10
@@ -71,27 +120,32 @@ class Priority(IntEnum):
 
 
 class HookBase:
-    """A duty around the training step. It receives the `Trainer` (its `state`, `cfg`, `out`, `learner`,
-    datasets) and never changes the step itself."""
+    """A duty around the training step (module docstring). It receives the `TrainerView` and never changes
+    the step itself. A hook with options declares them as a dataclass `Options` and takes it in `__init__`
+    (`train.hooks: [{name: ..., <option>: ...}]`, validated as a method's options are)."""
 
     priority: ClassVar[int] = Priority.NORMAL
+    name: ClassVar[str]  # its registered name (`HOOKS.register`), where it has one
 
     @property
-    def name(self) -> str:
+    def state_key(self) -> str:
         """The key of this hook's state in a checkpoint."""
         return type(self).__name__
 
-    def before_train(self, trainer: Any) -> None:
+    def before_train(self, trainer: TrainerView) -> None:
         pass
 
-    def after_step(self, trainer: Any) -> None:
+    def after_step(self, trainer: TrainerView) -> None:
         pass
 
-    def after_train(self, trainer: Any) -> None:
+    def after_final_evaluation(self, trainer: TrainerView) -> None:
+        """The Trainer's final evaluation is in `trainer.state.final` (only a complete schedule gets here)."""
+
+    def after_train(self, trainer: TrainerView) -> None:
         """Runs however the loop ended (completed, stopped by a signal, failed)."""
 
-    def on_event(self, trainer: Any, event: dict[str, Any]) -> None:
-        """An event another hook published (`trainer.publish`)."""
+    def on_event(self, trainer: TrainerView, event: dict[str, Any]) -> None:
+        """An event a hook published (`trainer.publish`)."""
 
     def state_dict(self) -> dict[str, Any]:
         """What this hook must remember across a resume (plain values or tensors); {} for none."""
@@ -101,23 +155,49 @@ class HookBase:
         """Called before `before_train` on a resumed run, with what `state_dict` returned."""
 
 
-def ordered(hooks: list[HookBase]) -> list[HookBase]:
-    """`hooks` by priority, ties in their given order."""
-    return sorted(hooks, key=lambda h: h.priority)
+class Hooks:
+    """A run's hooks in the order they run (by priority, ties in the given order), with one method per
+    stage (module docstring)."""
 
+    def __init__(self, hooks: list[HookBase]):
+        self.hooks = sorted(hooks, key=lambda h: h.priority)
 
-def run_hooks(hooks: list[HookBase], stage: str, trainer: Any) -> None:
-    """Call `stage` on every hook by priority; after training in reverse, and every hook runs even when one
-    raises (the first error is re-raised once all have run: signal handlers are always restored)."""
-    if stage != "after_train":
-        for hook in ordered(hooks):
-            getattr(hook, stage)(trainer)
-        return
-    error: BaseException | None = None
-    for hook in reversed(ordered(hooks)):
-        try:
-            hook.after_train(trainer)
-        except BaseException as e:  # noqa: BLE001 - re-raised below, after the other hooks ran
-            error = error or e
-    if error is not None:
-        raise error
+    def __iter__(self):
+        return iter(self.hooks)
+
+    def before_train(self, view: TrainerView) -> None:
+        for hook in self.hooks:
+            hook.before_train(view)
+
+    def after_step(self, view: TrainerView) -> None:
+        for hook in self.hooks:
+            hook.after_step(view)
+
+    def after_final_evaluation(self, view: TrainerView) -> None:
+        for hook in self.hooks:
+            hook.after_final_evaluation(view)
+
+    def on_event(self, view: TrainerView, event: dict[str, Any]) -> None:
+        for hook in self.hooks:
+            hook.on_event(view, event)
+
+    def after_train(self, view: TrainerView) -> None:
+        """In reverse; every hook runs even when one raises (the first error is re-raised once all have run:
+        signal handlers are always restored)."""
+        error: BaseException | None = None
+        for hook in reversed(self.hooks):
+            try:
+                hook.after_train(view)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the other hooks ran
+                error = error or e
+        if error is not None:
+            raise error
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """Each hook's state that is not empty, by `state_key`."""
+        return {h.state_key: s for h in self.hooks if (s := h.state_dict())}
+
+    def load_state_dict(self, states: dict[str, dict[str, Any]]) -> None:
+        for hook in self.hooks:
+            if hook.state_key in states:
+                hook.load_state_dict(states[hook.state_key])

@@ -1,8 +1,9 @@
 """The one Trainer used by every method.
 
 Iteration-based SGD (or AdamW, `train.optimizer`) with poly decay (torch's PolynomialLR, stepped every iteration), a seeded and
-resumable data stream, and `step.train_step` for every iteration; checkpoints, the log, the
-progress bar, signal handling and the final evaluation are hooks (`engine/hooks.py`). Each run
+resumable data stream, and `step.train_step` for every iteration; once the schedule is complete, the final
+evaluation (the table's metric), which hooks then observe. Checkpoints, the log, the progress bar, signal
+handling and the periodic evaluation are hooks (`engine/hooks.py`; what they see: `state.TrainerView`). Each run
 ends with one atomic results record (`engine/record.py`), whose times the Trainer measures: the
 real wall time, the steps' own, and where the rest went (`record.Timings`), summed over resumes
 through the checkpoint.
@@ -54,14 +55,14 @@ from sdesbench.data.check import ensure_checked
 from sdesbench.engine import distributed as D
 from sdesbench.engine import step
 from sdesbench.console import err as console
-from sdesbench.engine.hooks import (CheckpointHook, FinalEvaluationHook, LogHook, PeriodicEvaluationHook, ProgressHook,
-                                    SignalHook, TensorBoardHook)
+from sdesbench.engine.hooks import (CheckpointHook, LogHook, PeriodicEvaluationHook, ProgressHook, SignalHook,
+                                    TensorBoardHook, final_evaluation)
 from sdesbench.engine.record import (Evaluation, ImageCounts, RunRecord, Scores, Timings, best_of, read_record,
                                      read_record_file, write_image_counts, write_record)
 from sdesbench.engine.restore import CLASS_COUNTS_KEY
 from sdesbench.engine.runtime import (RunLock, Runtime, peak_memory_mb, provenance, reset_peak_memory,
                                       set_determinism)
-from sdesbench.engine.state import HookBase, TrainState, run_hooks
+from sdesbench.engine.state import HookBase, Hooks, TrainerView, TrainState
 from sdesbench.errors import CheckpointError, Interrupted, NumericalFault, SdesbenchError, StorageError
 from sdesbench.io import check_writable, load_checkpoint, save_checkpoint, write_json, write_text
 from sdesbench.methods.base import StepInfo
@@ -86,7 +87,8 @@ class Trainer:
         self.wall_before = 0.0
         self.untimed_iters = 0  # iterations of sessions whose times are unknown (`_restore`)
         self.started = time.perf_counter()  # reset when `run` starts
-        self.hooks: list[HookBase] = []
+        self.hooks = Hooks([])
+        self._view: TrainerView | None = None  # what the hooks see, once set up
         self.hook_states: dict[str, dict[str, Any]] = {}  # from the checkpoint, for `load_state_dict`
         self.previous: RunRecord | None = None  # the record whose weights are being brought back
         self.class_counts: torch.Tensor | None = None  # the training split's, once a method asked for them
@@ -144,13 +146,18 @@ class Trainer:
 
     def build_hooks(self) -> list[HookBase]:
         """The run's hooks; each declares its priority (engine/hooks.py has the table of who runs when)."""
-        return [SignalHook(), LogHook(), TensorBoardHook(), ProgressHook(self.show_progress),
-                PeriodicEvaluationHook(self.cfg.eval.every), CheckpointHook(), FinalEvaluationHook(self.show_progress)]
+        return [SignalHook(), LogHook(), TensorBoardHook(), ProgressHook(), PeriodicEvaluationHook(), CheckpointHook()]
+
+    def view(self) -> TrainerView:
+        """What the hooks see of this Trainer (engine/state.py), once it is set up."""
+        return TrainerView(state=self.state, cfg=self.cfg, out=self.out, learner=self.learner, eval_set=self.eval_set,
+                           class_names=self.class_names, num_classes=self.num_classes,
+                           show_progress=self.show_progress, save_checkpoint=self.save_checkpoint,
+                           save_best=self.save_best, publish=self.publish)
 
     def publish(self, event: dict[str, Any]) -> None:
         """Hand a measurement (training scalars, an evaluation) to every hook's `on_event`."""
-        for hook in self.hooks:
-            hook.on_event(self, event)
+        self.hooks.on_event(self._view, event)
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
@@ -172,7 +179,7 @@ class Trainer:
             "wall_s": self.wall_time_s,
             "timings": dataclasses.asdict(self.total_timings),
             "history": [dataclasses.asdict(e) for e in self.state.history],
-            "hooks": {h.name: h.state_dict() for h in self.hooks if h.state_dict()},
+            "hooks": self.hooks.state_dict(),
             **({"method_optimizer": learner.method_optimizer.state_dict()} if learner.method_optimizer else {}),
             **({CLASS_COUNTS_KEY: self.class_counts} if self.class_counts is not None else {}),
         }
@@ -294,12 +301,6 @@ class Trainer:
     def total_timings(self) -> Timings:
         return self.timings_before.plus(self.state.timings)
 
-    @property
-    def mean_iter_s(self) -> float | None:
-        """This session's mean iteration time, loader waits included (what the ETA extrapolates)."""
-        done = self.state.iteration - self.state.start_iter
-        return self.state.timings.train_s / done if done > 0 else None
-
     # ------------------------------------------------------------------ record
     def _record(self, status: str, error: str | None = None) -> RunRecord:
         cfg, learner = self.cfg, self.learner
@@ -337,10 +338,6 @@ class Trainer:
         return [os.path.relpath(i, root) if root and os.path.isabs(i) else i for i in ids]
 
     # ------------------------------------------------------------------ loop
-    @property
-    def lr(self) -> float:
-        return self.learner.optimizer.param_groups[0]["lr"]
-
     def run(self) -> RunRecord:
         self.started = time.perf_counter()
         check_writable(self.out)
@@ -357,13 +354,16 @@ class Trainer:
         if D.is_main():
             write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         self.state.timings.setup_s = time.perf_counter() - self.started - self.state.timings.data_check_s
-        self.hooks = hooks = self.build_hooks()
-        for hook in hooks:  # a resumed run: each hook continues from its checkpointed state
-            if hook.name in self.hook_states:
-                hook.load_state_dict(self.hook_states[hook.name])
+        self.hooks = hooks = Hooks(self.build_hooks())
+        hooks.load_state_dict(self.hook_states)  # a resumed run: each hook continues from its checkpointed state
+        self._view = view = self.view()
         try:
-            run_hooks(hooks, "before_train", self)
-            self._loop(hooks)
+            hooks.before_train(view)
+            self._loop(hooks, view)
+            if self.state.schedule_complete:
+                self.state.final = final_evaluation(view)  # None: a signal stopped it
+                if self.state.final is not None:
+                    hooks.after_final_evaluation(view)
         except NumericalFault as e:
             self.state.failed = True
             error: SdesbenchError | None = e
@@ -373,7 +373,7 @@ class Trainer:
         else:
             error = None
         finally:
-            run_hooks(hooks, "after_train", self)
+            hooks.after_train(view)
         if error is not None:
             try:
                 self._record("failed", error=str(error))
@@ -410,7 +410,7 @@ class Trainer:
                 if self.state.last_checkpoint_iter is not None else "no checkpoint had been written yet")
         raise NumericalFault(f"non-finite loss term '{bad[0]}' at iteration {self.state.iteration + 1}; {kept}")
 
-    def _loop(self, hooks: list[HookBase]) -> None:
+    def _loop(self, hooks: Hooks, view: TrainerView) -> None:
         if self.state.iteration >= self.state.total_iters:
             return
         self.learner.unit.train()
@@ -426,7 +426,7 @@ class Trainer:
             self.state.last_data_s, self.state.last_step_s = t0 - ready, t1 - t0
             self.step_time_s += self.state.last_step_s
             self.state.timings.train_s += t1 - ready
-            run_hooks(hooks, "after_step", self)  # evaluations and checkpoints in here are timed apart
+            hooks.after_step(view)  # evaluations and checkpoints in here are timed apart
             if self.state.stop_signal is not None:
                 break
             ready = time.perf_counter()
