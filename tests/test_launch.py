@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from sdesbench.engine.configure import build_config
 from sdesbench.errors import ConfigError
-from sdesbench.experiments.plan import PlannedRun
+from sdesbench.experiments.plan import Dependency, PlannedRun
 from sdesbench.experiments.launch import job_graph, slurm_executor, submit
 
 HAS_SUBMITIT = importlib.util.find_spec("submitit") is not None
@@ -17,8 +17,9 @@ HAS_SUBMITIT = importlib.util.find_spec("submitit") is not None
 def planned(key: str, folder: Path, depends_on=()) -> PlannedRun:
     cfg = build_config({}, ["train.iters=2", "data.batch_size=2", "data.crop=32", "eval.max_images=2",
                             f"output.dir={folder}"])
-    return PlannedRun(key=key, group="g", row=key, seed=0, cfg=cfg, depends_on=[str(d) for d in depends_on],
-                      is_teacher=key.startswith("teacher"))
+    return PlannedRun(key=key, group="g", row=key, seed=0, cfg=cfg,
+                      dependencies=[Dependency("teacher", str(d)) for d in depends_on],
+                      role="teacher" if key.startswith("teacher") else "row")
 
 
 class RecordingExecutor:
@@ -46,14 +47,16 @@ def test_teachers_are_submitted_first_and_students_wait_for_them(tmp_path):
             planned("s-c", tmp_path / "sc", [done]), planned("teacher:1", t1), planned("teacher:2", t2)]
     jobs = job_graph(runs)
     order = [j.run.key for j in jobs]
-    assert order == ["teacher:1", "s-a", "teacher:2", "s-b", "s-c"]
-    assert [j.after for j in jobs] == [[], [0], [], [0, 2], []]
+    # the order one slot starts them in (plan.Schedule): s-c's teacher is done, so it is ready at once; s-a and
+    # s-b wait for teachers placed after them in the list
+    assert order == ["s-c", "teacher:1", "s-a", "teacher:2", "s-b"]
+    assert [j.after for j in jobs] == [[], [], [1], [], [1, 3]]
 
     ex = RecordingExecutor()
     ids = [h.job_id for h in submit(jobs, ex, extra_slurm={"account": "lab"})]
     assert ids == ["100", "101", "102", "103", "104"]
     deps = {Path(d).name: extra.get("dependency") for _, d, extra in ex.submitted}
-    assert deps == {"t1": None, "sa": "afterok:100", "t2": None, "sb": "afterok:100:102", "sc": None}
+    assert deps == {"sc": None, "t1": None, "sa": "afterok:101", "t2": None, "sb": "afterok:101:103"}
     assert all(extra["account"] == "lab" for _, _, extra in ex.submitted)
 
 
@@ -65,6 +68,8 @@ def test_a_dependency_neither_done_nor_planned_is_refused(tmp_path):
     (recorded / "results.json").write_text(json.dumps({"status": "completed"}))
     with pytest.raises(ConfigError, match="neither finished nor planned"):
         job_graph([planned("s", tmp_path / "s", [recorded])])
+    with pytest.raises(ConfigError, match="depends on itself through a -> b"):
+        job_graph([planned("a", tmp_path / "a", [tmp_path / "b"]), planned("b", tmp_path / "b", [tmp_path / "a"])])
 
 
 @pytest.mark.skipif(HAS_SUBMITIT, reason="checks the message shown when submitit is absent")

@@ -1,6 +1,7 @@
 """Concurrent local sweeps (`--gpus`, `--gpus-per-run`, `--workers`): slot assignment, the scheduling rule,
 the dispatcher's order and failure handling, a DDP group on CPU, and a parallel sweep that writes the
 records of the sequential one."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, cli_env, read_json, run_cli
+from conftest import assert_one_line_error, cli_env, read_json, run_cli
 from sdesbench.engine.configure import build_config
 from sdesbench.errors import ConfigError
-from sdesbench.experiments.parallel import (DONE, FAILED, WAITING, Slot, makespan, next_run, parse_gpus, plan_slots,
-                                            run_in_slot, train_concurrently, visible_devices)
-from sdesbench.experiments.plan import PlannedRun, Sweep
+from sdesbench.experiments.parallel import Slot, parse_gpus, plan_slots, run_in_slot, train_concurrently, visible_devices
+from sdesbench.experiments.plan import Dependency, PlannedRun, Schedule, Sweep, makespan, readiness
 
 
 def test_one_slot_per_gpu_with_its_share_of_the_cores():
@@ -62,27 +62,41 @@ def test_bad_gpu_lists_are_refused(text, needle):
         parse_gpus(text)
 
 
-def test_the_scheduling_rule_takes_the_first_ready_run_and_drops_the_dead():
-    queue = [("s1", ["t"]), ("s2", ["u"]), ("free", []), ("s3", ["t", "v"])]
-    state = {"t": WAITING, "u": FAILED, "v": DONE}
-    i, dead = next_run(queue, lambda r: r[1], state.get)
-    assert (i, dead) == (2, [1])  # s1 waits for t, s2's teacher failed, "free" can start
-    state["t"] = DONE
-    assert next_run(queue, lambda r: r[1], state.get) == (0, [1])
+def test_the_readiness_rule():
+    assert readiness([]) == "ready"
+    assert readiness(["completed", "completed"]) == "ready"
+    assert readiness(["completed", "running"]) == readiness(["waiting"]) == "waiting"
+    assert readiness(["running", "failed"]) == readiness(["completed", "blocked"]) == "blocked"
+
+
+def test_the_schedule_takes_the_first_ready_run_and_blocks_the_dependants_of_a_failure():
+    runs = [("s1", ["t"]), ("s2", ["u"]), ("free", []), ("s3", ["t", "v"]), ("s4", ["s2"])]
+    # t is planned (first in the queue), u failed before this sweep, v completed before it
+    schedule = Schedule([("t", [])] + runs, key=lambda r: r[0], deps=lambda r: r[1], finished={"v": True}.get)
+    assert schedule.take() == (("t", []), [("s2", ["u"]), ("s4", ["s2"])])  # s4 is blocked through s2
+    assert schedule.state("s4") == "blocked"
+    assert schedule.take() == (("free", []), [])  # s1 and s3 wait for t, which is running
+    assert schedule.take() == (None, [])
+    schedule.finish(("t", []), "completed")
+    assert schedule.take() == (("s1", ["t"]), [])
+    assert schedule.take() == (("s3", ["t", "v"]), [])
+    schedule.finish(("free", []), "locked")  # not completed: counts as failed for its dependants
+    assert schedule.state("free") == "failed" and schedule.queue == []
 
 
 def test_makespan_by_hand():
     # jobs: 0 teacher (3 h), 1 and 2 its students (2 h each), 3 independent (4 h); two slots.
     # t=0: teacher on A, job 3 on B (students wait); t=3: teacher done, student 1 on A;
     # t=4: job 3 done, student 2 on B; t=5: student 1 done; t=6: student 2 done.
-    assert makespan([3, 2, 2, 4], [[], [0], [0], []], 2) == 6
-    assert makespan([3, 2, 2, 4], [[], [0], [0], []], 1) == 11  # one slot: the sum
-    assert makespan([3, 2, 2, 4], [[], [0], [0], []], 8) == 5  # teacher + a student bounds it
+    deps = {0: [], 1: ["0"], 2: ["0"], 3: []}
+    for slots, hours in ((2, 6), (1, 11), (8, 5)):  # one slot: the sum; 8: teacher + a student bounds it
+        assert makespan([0, 1, 2, 3], [3, 2, 2, 4], slots, key=str, deps=deps.get) == hours
 
 
 def planned(key: str, folder: Path, depends_on=()) -> PlannedRun:
     cfg = build_config({}, ["train.iters=1", f"output.dir={folder}"])
-    return PlannedRun(key=key, group="g", row=key, seed=0, cfg=cfg, depends_on=[str(d) for d in depends_on])
+    return PlannedRun(key=key, group="g", row=key, seed=0, cfg=cfg,
+                      dependencies=[Dependency("teacher", str(d)) for d in depends_on])
 
 
 class FakeProcesses:
@@ -164,6 +178,29 @@ def test_a_signal_stops_new_runs_reaches_the_running_ones_and_raises_interrupted
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
+def test_a_run_stopped_by_its_own_trainer_stops_the_sequential_sweep(tmp_path, monkeypatch):
+    """One slot (the sequential launcher trains in this process, and its Trainer catches the signal): the run
+    ends `interrupted`, no other run starts, and the sweep raises Interrupted with that signal's status."""
+    import signal
+
+    from sdesbench.errors import Interrupted
+
+    monkeypatch.chdir(tmp_path)
+    plans = [planned(name, tmp_path / name) for name in ("a", "b", "c")]
+
+    class StoppedDuringB(FakeProcesses):
+        def task(self, slot, out):
+            if Path(out).name == "b":
+                return {"status": "interrupted", "error": "SIGTERM: checkpoint saved", "signal": signal.SIGTERM}
+            return super().task(slot, out)
+
+    fake = StoppedDuringB(seconds=0)
+    with pytest.raises(Interrupted) as e:
+        train_concurrently(plans, Sweep("table4", results=tmp_path), [Slot(0)], fake)
+    assert e.value.exit_code == 128 + signal.SIGTERM and "1 run(s) not started" in str(e.value)
+    assert [n for kind, n, _, _ in fake.log if kind == "start"] == ["a"] and not (tmp_path / "c").exists()
+
+
 def test_a_ddp_group_slot_trains_one_run_with_two_processes(tmp_path):
     """The `--gpus-per-run` path (torchrun's elastic launcher, static rendezvous on the slot's port),
     on CPU with gloo: one record, written by rank 0, with world size 2."""
@@ -191,25 +228,64 @@ def test_bad_combination_fails_before_planning(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_parallel_smoke_sweep_writes_the_records_of_the_sequential_one(tmp_path):
-    """Same records (metrics, per-class IoU, Ens-T bitwise) with 2 workers as one after another; each
-    run has one torch thread either way (CPU results depend on the thread count)."""
-    fast = ["--preset", "smoke", "--set", "train.iters=2", "--set", "data.crop=32", "--set", "eval.max_images=3",
-            "--no-progress"]
+# the smallest sweep with what every launcher must get right: a teacher before its student (KL*), an SDES row with
+# its extra prediction (Ens-T), on Table 4's network and SDES options (Table 4 itself has no teacher, and its
+# seven runs three times over cost 120 s of CPU)
+CHAIN = """title: a teacher chain on Table 4's network
+presets:
+  smoke:
+    data: {name: tiny, crop: [32, 32], batch_size: 2}
+    train: {iters: 2, checkpoint_every: 1000}
+    eval: {max_images: 3}
+options:
+  sdes: {tau: 5, n_experts: 2, expert: student}
+groups:
+  - name: EfficientNet-B0
+    model: deeplabv3_efficientnet_b0
+    rows: [{label: L_SS, method: student}, {label: Ours, method: sdes}, {label: KL*, method: kl, teacher: true}]
+"""
+
+
+def test_sequential_workers_and_submitit_jobs_write_the_same_records_in_dependency_order(tmp_path, monkeypatch):
+    """A smoke sweep with a teacher chain (`CHAIN`) trained one after another, with `--workers 2`, and as
+    submitit jobs (the Slurm job callable) on submitit's local executor: the same records (key, status, metrics
+    bitwise: one torch thread per run every time) and no run started (its config.yaml) before each run it
+    depends on completed (its results.json). Each sweep runs in a folder of its own with the same relative
+    results folder: the teacher's checkpoint path is part of its students' keys."""
+    spec = tmp_path / "chain.yaml"
+    spec.write_text(CHAIN)
+    sets: tuple[str, ...] = ()
     env = cli_env()
     env["OMP_NUM_THREADS"] = "1"
-
-    def run_table(*args):
-        proc = subprocess.run([sys.executable, "-m", "sdesbench", "run", "table4", *fast, *args], capture_output=True,
-                              text=True, timeout=900, env=env, cwd=ROOT)
+    for name, extra in (("seq", []), ("par", ["--workers", "2"])):
+        (tmp_path / name).mkdir()
+        proc = subprocess.run([sys.executable, "-m", "sdesbench", "run", str(spec), "--preset", "smoke",
+                               *(a for o in sets for a in ("--set", o)), "--results", "results", "--no-progress",
+                               *extra], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path / name)
         assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep = Sweep(str(spec), "smoke", (0,), Path("results"), sets)
+    launchers = ["seq", "par"]
+    if importlib.util.find_spec("submitit") is not None:
+        from sdesbench.experiments.launch import SubmititJobs, slurm_executor
 
-    run_table("--results", str(tmp_path / "seq"))
-    run_table("--results", str(tmp_path / "par"), "--workers", "2")
-    records = sorted((tmp_path / "seq" / "runs").rglob("results.json"))
-    assert len(records) == 5
-    for path in records:
-        a, b = read_json(path), read_json(tmp_path / "par" / path.relative_to(tmp_path / "seq"))
-        assert b["status"] == a["status"] == "completed"
-        for key in ("metrics", "per_class_iou", "extra_metrics", "iterations", "config_hash"):
-            assert a[key] == b[key], (path, key)
+        (tmp_path / "sub").mkdir()
+        monkeypatch.chdir(tmp_path / "sub")
+        for key in ("OMP_NUM_THREADS", "PYTHONPATH"):  # what each job's process inherits
+            monkeypatch.setenv(key, env[key])
+        executor, _ = slurm_executor(Path("results") / "slurm", None, 0, 10, [], cluster="local")
+        assert train_concurrently(sweep.plans(), sweep, plan_slots(workers=2), SubmititJobs(executor)) == 0
+        launchers.append("sub")
+    plans = {str(p.out): p for p in sweep.plans()}
+    assert any(read_json(tmp_path / "seq" / f / "results.json")["extra_metrics"] for f in plans)  # Ens-T compared
+    assert len(plans) == 4 and [p.needs("teacher") for p in plans.values() if p.key.endswith("KL*")] != [[]]
+    for folder, plan in plans.items():
+        a = read_json(tmp_path / "seq" / folder / "results.json")
+        for name in launchers[1:]:
+            b = read_json(tmp_path / name / folder / "results.json")
+            assert b["status"] == a["status"] == "completed"
+            for key in ("config_hash", "metrics", "per_class_iou", "extra_metrics", "iterations"):
+                assert a[key] == b[key], (name, folder, key)
+        for name in launchers:
+            started = (tmp_path / name / folder / "config.yaml").stat().st_mtime_ns
+            for dep in plan.depends_on:
+                assert (tmp_path / name / dep / "results.json").stat().st_mtime_ns <= started, (name, plan.key, dep)

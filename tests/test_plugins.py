@@ -249,7 +249,7 @@ def test_a_plugin_run_trains_as_a_submitit_job_and_from_its_own_config_yaml(trai
     of the run's config.yaml, in an empty folder and without --plugin, is how each torchrun rank starts."""
     from sdesbench.engine.configure import build_config
     from sdesbench.experiments.launch import job_graph, slurm_executor, submit
-    from sdesbench.experiments.plan import PlannedRun
+    from sdesbench.experiments.plan import Dependency, PlannedRun
 
     folder, results, res = trained
     assert res.returncode == 0, res.stderr
@@ -257,7 +257,7 @@ def test_a_plugin_run_trains_as_a_submitit_job_and_from_its_own_config_yaml(trai
     config = read_json(mine / "results.json")["config"]
     cfg = build_config({**config, "train": {**config["train"], "seed": 1}, "output": {"dir": str(tmp_path / "job")}})
     run = PlannedRun(key="ENet/MyKD", group="ENet", row="MyKD", seed=1, cfg=cfg,
-                     depends_on=[str(run_folder(results, "student"))])
+                     dependencies=[Dependency("teacher", str(run_folder(results, "student")))])
     executor, extra = slurm_executor(tmp_path / "slurm", None, 0, 5, [], cluster="local")
     (handle,) = submit(job_graph([run]), executor, extra)
     assert handle.result()["miou"] > 0

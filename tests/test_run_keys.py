@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 
 from conftest import ROOT, cli_env, read_json, run_cli
 from sdesbench.engine.configure import build_config
@@ -145,11 +147,12 @@ def test_teacher_seed_same_is_the_student_row_itself():
     assert kd.depends_on == [str(student.out)] and kd.protocol["teacher_seed"] == 0
 
 
-def test_dry_run_shows_the_teachers_seed():
+def test_dry_run_shows_the_teachers_seed_and_each_dependency_with_its_kind():
     proc = run_cli("run", "table3", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if "EfficientNet-B0/KL*" in ln)
     assert f"│ {TEACHER_SEED_OFFSET}" in line, line
+    assert "│ teacher: tiny/deeplabv3_efficientnet_b0/student/" in line, line
 
 
 def test_a_group_on_another_dataset_names_its_protocol_per_preset(tmp_path):
@@ -231,3 +234,65 @@ def test_train_optimizer_is_keyed_only_when_set_and_builds_adamw():
     assert type(opt).__name__ == "AdamW"
     assert (opt.defaults["lr"], opt.defaults["weight_decay"], opt.defaults["betas"]) == (0.0002, 1e-4, (0.9, 0.999))
     assert type(make_optimizer(linear_unit(), base.train)).__name__ == "SGD"
+
+
+STAGED_SPEC = """title: staged
+presets:
+  smoke:
+    data: {name: tiny, crop: [32, 32], batch_size: 2}
+    train: {iters: 2}
+groups:
+  - name: ENet
+    model: enet
+    rows: [{label: Student, method: student}, {label: Staged, method: staged, teacher: true, options: {n_tokens: 8}}]
+"""
+
+
+def test_a_methods_stage_run_is_planned_between_its_teacher_and_its_student_and_keys_it(tmp_path, monkeypatch):
+    """A method declaring a `StageRun` (as MasKD's stage 1): one stage run with the row's teacher, shared option and
+    the stage's settings, depending on the teacher; the row depends on both (each with its kind), receives the
+    stage's checkpoint as its option, and a changed stage configuration changes the row's key but not what it
+    asked for, which is what marks its older record stale."""
+    from sdesbench.config import identity_changes
+    from sdesbench.errors import ConfigError
+    from sdesbench.experiments.plan import checkpoint_of, launch_order
+    from sdesbench.methods.base import StageRun, check_method
+    from sdesbench.methods.student import Student
+
+    class Tokens(Student):
+        @dataclasses.dataclass
+        class Options:
+            n_tokens: int = 4
+
+    class Staged(Student):
+        @dataclasses.dataclass
+        class Options:
+            n_tokens: int = 4
+            tokens: str | None = None
+
+        stage = StageRun(method="staged-tokens", artefact_option="tokens", shared_options=("n_tokens",),
+                         settings={"train": {"iters": 3}})
+
+    check_method("staged", Staged)
+    with pytest.raises(ConfigError, match="its stage names option 'count', which its Options lacks"):
+        check_method("staged", type("Bad", (Staged,), {"stage": StageRun("staged-tokens", "count")}))
+    monkeypatch.setitem(METHODS._entries, "staged-tokens", Tokens)
+    monkeypatch.setitem(METHODS._entries, "staged", Staged)
+    spec = tmp_path / "staged.yaml"
+    spec.write_text(STAGED_SPEC)
+    plans = Sweep(str(spec), "smoke", (0,), tmp_path / "results").plans()
+    assert [p.role for p in plans] == ["teacher", "stage", "row", "row"]
+    teacher, stage, _, row = plans
+    assert [(d.kind, d.folder) for d in stage.dependencies] == [("teacher", str(teacher.out))]
+    assert [(d.kind, d.folder) for d in row.dependencies] == [("teacher", str(teacher.out)), ("stage", str(stage.out))]
+    assert stage.cfg.method.name == "staged-tokens" and stage.cfg.method.options == {"n_tokens": 8}
+    assert stage.cfg.train.iters == 3 and stage.cfg.teacher == row.cfg.teacher and stage.needs_weights
+    assert row.cfg.method.options == {"n_tokens": 8, "tokens": str(checkpoint_of(stage.out))}
+    assert "method.options.tokens" not in row.cfg.request  # the planner's, as teacher.checkpoint
+    assert [p.key for p in launch_order(plans)] == [teacher.key, stage.key, "ENet/Student", "ENet/Staged"]
+
+    monkeypatch.setattr(Staged, "stage", dataclasses.replace(Staged.stage, settings={"train": {"iters": 4}}))
+    _, stage4, _, row4 = Sweep(str(spec), "smoke", (0,), tmp_path / "results").plans()
+    assert stage4.out != stage.out and row4.out != row.out and row4.cfg.request == row.cfg.request
+    assert identity_changes(row.cfg.identity(), row4.cfg.identity()) == [
+        ("method.options.tokens", str(checkpoint_of(stage.out)), str(checkpoint_of(stage4.out)))]

@@ -37,7 +37,8 @@ def make_sweep(table: str, preset: str, seeds: str, results: Path, sets: list[st
 
 
 def print_plan(plans: list[PlannedRun]) -> None:
-    """`--dry-run`: every run with its protocol, dependency (teacher) and status; trains nothing."""
+    """`--dry-run`: every run with its protocol, its dependencies (each with its kind: teacher, stage,
+    compute-matched) and status; trains nothing."""
     t = Table(title="planned runs", show_lines=False)
     cols = ("row", "seed", "model", "method", "dataset", "train/eval split", "iters", "crop", "batch", "lr",
             "temperature", "weights", "N", "expert", "teacher", "teacher seed", "depends on", "status")
@@ -46,7 +47,7 @@ def print_plan(plans: list[PlannedRun]) -> None:
     for p in plans:
         pr = p.protocol
         model = p.cfg.model.name if p.cfg else p.model
-        deps = ", ".join(d.split("/runs/")[-1] for d in p.depends_on)
+        deps = ", ".join(d.describe() for d in p.dependencies)  # kind: run folder below runs/
         status = p.status()
         t.add_row(p.key, str(p.seed), model, "student" if p.is_teacher else p.method, str(pr.get("dataset", "")),
                   f"{pr.get('train_split', '')}/{pr.get('eval_split', '')}", str(pr.get("iters", "")),

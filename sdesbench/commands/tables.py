@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
         err.print(f"{sweep.title}: {time.perf_counter() - t0:.0f} s")
         if failed:
             raise SdesbenchError(f"{failed} run(s) failed; the table shows them as failed")
-        unmeasured = sorted({p.key for p in plans if p.cfg is not None and not p.is_teacher and not p.recorded()})
+        unmeasured = sorted({p.key for p in plans if p.cfg is not None and p.is_row and not p.recorded()})
         if unmeasured:  # e.g. a run another process holds: the table is not complete yet
             raise SdesbenchError(f"{len(unmeasured)} row(s) hold no measured number yet ({', '.join(unmeasured)}); "
                                  f"rerun `{sweep.command('run')}` to finish them")

@@ -1,25 +1,29 @@
-"""Launching a table's runs: here, one after another (`local`), or as Slurm jobs (`slurm`); several at
-once here is `parallel.py` (`--gpus`, `--workers`).
+"""Launching a table's runs: what every launcher shares, and Slurm jobs (`slurm`). Training here, one run
+after another or several at once (`--gpus`, `--workers`), is `parallel.py`'s.
 
-Both launchers take the runs `plan.expand` made, skip the finished ones and train each distinct
-run folder once, teachers before their students; a rerun continues every unfinished run from its
-last checkpoint (`resume="auto"`).
+Every launcher takes the runs `plan.expand` made, skips the finished ones (`pending_runs`) and trains each
+distinct run folder once, in the order of the one rule of `plan.Schedule` (a run starts when what it depends
+on has completed); a rerun continues every unfinished run from its last checkpoint (`resume="auto"`). How one
+run ended, as its launcher reports it, is `run_outcome`'s mapping, in every process that trains a run.
 
-`slurm`: one submitit job per run still to do. A student whose teacher is still to be trained gets
-the Slurm dependency `afterok:<teacher job id>`, so it starts only once its teacher finished
-successfully (and never if it failed). A job with `--slurm-gpus N > 1` runs N tasks on one node,
-one per GPU; submitit's `TorchDistributedEnvironment` exports RANK/WORLD_SIZE/MASTER_ADDR, and
+`slurm`: one submitit job per run still to do, submitted in `plan.launch_order`. A run whose dependency (a
+teacher, a stage run) is still to be trained gets the Slurm dependency `afterok:<job ids>`, so it starts only
+once they finished successfully (and never if one failed). A job with `--slurm-gpus N > 1` runs N tasks on
+one node, one per GPU; submitit's `TorchDistributedEnvironment` exports RANK/WORLD_SIZE/MASTER_ADDR, and
 the Trainer runs DDP as under torchrun (`data.batch_size` is per GPU). On a time limit, submitit
 signals the job and requeues it (the callable is checkpointable); the requeued job resumes from
 the last checkpoint. submitit is an optional dependency (`pip install 'sdesbench[cluster]'`).
+`SubmititJobs` runs the same job callable through any submitit executor under the local scheduler's loop
+instead of `afterok` (submitit's local executor has no job dependencies): how the tests run Slurm's jobs.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -31,7 +35,7 @@ from sdesbench.engine.configure import build_config
 from sdesbench.engine.record import RunRecord
 from sdesbench.engine.trainer import train
 from sdesbench.errors import ConfigError, Interrupted, RunLocked, SdesbenchError
-from sdesbench.experiments.plan import PlannedRun, Sweep, dependency_finished
+from sdesbench.experiments.plan import PlannedRun, Sweep, launch_order
 from sdesbench.io import check_writable
 
 LAUNCHERS = ("local", "slurm")
@@ -73,31 +77,24 @@ def pending_runs(plans: Sequence[PlannedRun], sweep: Sweep, open_data: bool = Tr
     return unique
 
 
-def train_locally(plans: Sequence[PlannedRun], sweep: Sweep, progress: bool) -> int:
-    """Train the planned runs not done yet here, one after another (each distinct run folder once,
-    teachers first). Returns the number of runs that failed or could not start; skipped rows are
-    only listed. A run that another process is training (its lock is held) is left to that process.
-    SIGINT/SIGTERM stop the sweep after the current run saved its checkpoint; rerunning continues."""
-    unique = pending_runs(plans, sweep)
-    failed = 0
-    for i, p in enumerate(unique, 1):
-        console.print(f"[{i}/{len(unique)}] {p.key} seed {p.seed} -> {p.out}")
-        if not all(dependency_finished(d) for d in p.depends_on):
-            console.print(f"[red]skip[/red] {p.key}: its teacher did not finish")
-            failed += 1
-            continue
-        if torch.cuda.is_available():  # peak memory per run, not per process
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            train(p.cfg, resume="auto", show_progress=progress)
-        except Interrupted:
-            raise
-        except RunLocked as e:
-            console.print(f"[yellow]skip[/yellow] {p.key}: {e} (rerun `sdesbench run` when it has finished)")
-        except SdesbenchError as e:
-            console.print(f"[red]failed[/red] {p.key}: {e}")
-            failed += 1
-    return failed
+def run_outcome(train_run: Callable[[], RunRecord]) -> dict[str, Any]:
+    """Train one run (`train_run`) in this process and say how it ended, as a plain dict that crosses processes
+    (an exception would only travel as a traceback): `completed` (with its mIoU), `failed` (the one-line
+    error), `locked` (another process trains that folder) or `interrupted` (a signal stopped it after it saved
+    its checkpoint; with the signal's number). The peak-memory statistics restart first: a process that
+    trains several runs reports each run's own peak."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        rec = train_run()
+    except Interrupted as e:
+        return {"status": "interrupted", "error": str(e), "signal": e.exit_code - 128}
+    except RunLocked as e:
+        return {"status": "locked", "error": str(e)}
+    except SdesbenchError as e:
+        return {"status": "failed", "error": str(e)}
+    return {"status": rec.status, "miou": rec.metrics.miou if rec.metrics else None,
+            "error": "" if rec.status == "completed" else f"ended {rec.status}"}
 
 
 def check_launcher(launcher: str) -> None:
@@ -115,31 +112,12 @@ class Job:
 
 
 def job_graph(runs: Sequence[PlannedRun]) -> list[Job]:
-    """Jobs for the runs still to do, each teacher before its students.
+    """Jobs for the runs still to do in `plan.launch_order`, each after the jobs of its dependencies.
 
     `runs` holds one entry per output folder still to train. A dependency that is not among
     them must already be finished (its results.json completed); otherwise the plan is wrong.
     """
-    by_dir = {str(r.out): r for r in runs}
-    order: list[PlannedRun] = []
-    state: dict[str, str] = {}
-
-    def visit(r: PlannedRun, chain: tuple[str, ...]) -> None:
-        key = str(r.out)
-        if state.get(key) == "done":
-            return
-        if key in chain:
-            raise ConfigError(f"run {r.key} depends on itself through {' -> '.join(chain)}")
-        for dep in r.depends_on:
-            if dep in by_dir:
-                visit(by_dir[dep], chain + (key,))
-            elif not dependency_finished(dep):
-                raise ConfigError(f"run {r.key} needs {dep}, which is neither finished nor planned")
-        state[key] = "done"
-        order.append(r)
-
-    for r in runs:
-        visit(r, ())
+    order = launch_order(runs)
     index = {str(r.out): i for i, r in enumerate(order)}
     return [Job(r, [index[d] for d in r.depends_on if d in index]) for r in order]
 
@@ -180,6 +158,43 @@ class TrainJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainJob(), cfg_dict, cwd)
+
+
+class SubmititJobs:
+    """The runner of `parallel.train_concurrently` that trains each run as a submitit job (`TrainJob`, the Slurm
+    job callable) on `executor`, e.g. submitit's local executor: each job is a process of its own, started when
+    the scheduler's rule says so, since that executor has no `afterok`. A job that raises is a failed run."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self.waiting = ThreadPoolExecutor(8, thread_name_prefix="submitit-job")  # one thread waits on each job
+        self.jobs: dict[int, Any] = {}
+
+    def submit(self, slot: Any, cfg_dict: dict[str, Any], cwd: str) -> Future:
+        self.executor.update_parameters(name=f"sdes-{cfg_dict['output']['dir']}"[-100:])
+        job = self.executor.submit(TrainJob(), cfg_dict, cwd)
+        self.jobs[id(job)] = job
+        return self.waiting.submit(self._outcome, job)
+
+    def _outcome(self, job: Any) -> dict[str, Any]:
+        try:
+            result = job.result()
+        except Exception as e:  # noqa: BLE001 - submitit's FailedJobException and the like: the run failed
+            lines = [line for line in str(e).strip().splitlines() if line.strip()]
+            return {"status": "failed", "error": f"job {job.job_id}: {lines[-1] if lines else type(e).__name__}"}
+        finally:
+            self.jobs.pop(id(job), None)
+        return {"status": "completed", "miou": (result or {}).get("miou")}
+
+    def discard(self, slot: Any) -> None:
+        pass  # a job's process is its own: nothing of it is reused
+
+    def signal(self, signum: int) -> None:
+        for job in list(self.jobs.values()):
+            job.cancel(check=False)  # the local executor interrupts the job's process
+
+    def close(self) -> None:
+        self.waiting.shutdown(wait=True)
 
 
 def submit(jobs: Sequence[Job], executor: Executor, extra_slurm: dict[str, Any] | None = None,

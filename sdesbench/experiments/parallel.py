@@ -1,32 +1,35 @@
-"""Several runs of a table at once on this machine: one per GPU (`--gpus`), per GPU group under DDP
-(`--gpus-per-run`), or per CPU worker (`--workers`).
+"""Training a table's runs here: one after another (no flag), one per GPU (`--gpus`), per GPU group under DDP
+(`--gpus-per-run`), or per CPU worker (`--workers`): one loop, `train_concurrently`, over slots.
 
 Slots. `plan_slots` turns the flags into slots: each slot is where one run trains at a time, with the
 GPUs it sees (`CUDA_VISIBLE_DEVICES`, so every run addresses its GPU as `cuda:0`), the torch threads
 of each of its processes (the machine's cores shared evenly), and, for a group of several GPUs, the
 `MASTER_PORT` of its torchrun-style process group (`base_port + slot`, so two groups never meet).
+Without a flag there is one slot, and its runs train in this very process (`InThisProcess`): the
+sequential launcher is this loop with one slot.
 
-Order. `next_run` is the one scheduling rule, used by `train_concurrently` and by the wall-time
-estimate `makespan`: when a slot is free, the first run still to do (in plan order, teachers first)
-whose dependencies have all completed starts there; a run whose teacher failed never starts and
-counts as failed; every other run goes on regardless of failures.
+Order. `plan.Schedule` holds the one rule: when a slot is free, the first run still to do (in plan
+order, teachers and stage runs first) whose dependencies have all completed starts there; a run whose
+dependency failed (or was itself blocked) never starts and counts as failed; every other run goes on
+regardless of failures. How each run ended is `launch.run_outcome`'s mapping, printed by `report_outcome`.
 
 Runner. Each slot has one worker process, a one-process `concurrent.futures.ProcessPoolExecutor`
 started with the spawn method (no CUDA state or torch threads inherited from this process), whose
 initializer sets the slot's GPUs and threads before anything touches CUDA; the slot's runs train in
-it one after another, as `train_locally` trains them in one process (each run's peak memory,
-CUDA or resident set, restarts at its setup, as it does sequentially). A process is started
+it one after another (each run's peak memory, CUDA or resident set, restarts at its setup, as it does
+sequentially). A process is started
 once per slot, not per run: importing torch and the suite takes seconds, which a run of the smoke
 presets would feel. A process that dies (out of memory, a crash) fails its run and is replaced. A
 slot with several processes runs each run under `torch.distributed.launcher.elastic_launch`
 (torchrun's own library) with a static rendezvous at 127.0.0.1:`master_port`.
 
-submitit's `LocalExecutor` (the Slurm launcher's library) was considered and not used: it starts
+submitit's `LocalExecutor` (the Slurm launcher's library) was considered as the runner and not used: it starts
 every job the moment it is submitted (no limit of one run per GPU), gives each job the first
 `gpus_per_node` of `visible_gpus` (free GPUs would be tracked here anyway), has no dependencies
 between local jobs (`afterok` is a Slurm feature), kills a job after `timeout_min` (2 minutes unless
 set), starts one controller process per job, and it is an optional dependency; the standard
-library's executor needs none of that.
+library's executor needs none of that. (The tests run Slurm's job callable through it, scheduled by this
+loop: `launch.SubmititJobs`.)
 
 Interruption. SIGINT/SIGTERM stop starting runs; the signal is passed to the running runs, whose
 Trainers save a checkpoint and stop; the sweep then raises `Interrupted`, and rerunning the same
@@ -34,20 +37,21 @@ command continues every run from its checkpoint (the runs are trained with `resu
 """
 from __future__ import annotations
 
-import heapq
 import multiprocessing
 import os
 import signal
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
-from sdesbench.errors import ConfigError, Interrupted, RunLocked, SdesbenchError
-from sdesbench.experiments.launch import console, pending_runs, train_in_process_group, train_locally
-from sdesbench.experiments.plan import PlannedRun, Sweep, dependency_finished
+from sdesbench.engine.configure import build_config
+from sdesbench.engine.trainer import train
+from sdesbench.errors import ConfigError, Interrupted, SdesbenchError
+from sdesbench.experiments.launch import console, pending_runs, run_outcome, train_in_process_group
+from sdesbench.experiments.plan import PlannedRun, Schedule, Sweep
 
 BASE_PORT = 29500  # torchrun's default MASTER_PORT; slot i of a DDP group uses BASE_PORT + i
 
@@ -113,49 +117,6 @@ def check_gpus(gpus: Sequence[int]) -> None:
         raise ConfigError(f"--gpus: GPU {missing[0]} does not exist; this machine has {n} (0..{n - 1})")
 
 
-# ----------------------------------------------------------------------------- the scheduling rule
-
-WAITING, DONE, FAILED = "waiting", "done", "failed"
-
-
-def next_run(queue: Sequence[Any], deps: Callable[[Any], Sequence[str]],
-             status: Callable[[str], str]) -> tuple[int | None, list[int]]:
-    """(index in `queue` of the first entry whose dependencies are all DONE or None, indices of the
-    entries that can never start because a dependency FAILED)."""
-    dead = [i for i, r in enumerate(queue) if any(status(d) == FAILED for d in deps(r))]
-    for i, r in enumerate(queue):
-        if i not in dead and all(status(d) == DONE for d in deps(r)):
-            return i, dead
-    return None, dead
-
-
-def makespan(durations: Sequence[float], depends_on: Sequence[Sequence[int]], slots: int) -> float:
-    """Wall time of jobs with these durations and dependencies (indices of earlier jobs) on `slots`
-    parallel slots, scheduled by `next_run` as `train_concurrently` does (no failures)."""
-    queue = list(range(len(durations)))
-    finished_at: dict[int, float] = {}
-    running: list[tuple[float, int]] = []  # (end time, job)
-    free, now = slots, 0.0
-
-    def status(dep: str) -> str:
-        return DONE if int(dep) in finished_at else WAITING
-
-    while queue or running:
-        while free and queue:
-            i, _ = next_run(queue, lambda j: [str(d) for d in depends_on[j]], status)
-            if i is None:
-                break
-            job = queue.pop(i)
-            heapq.heappush(running, (now + durations[job], job))
-            free -= 1
-        if not running:
-            raise ConfigError("a job depends on one that is not planned before it")
-        now, job = heapq.heappop(running)
-        finished_at[job] = now
-        free += 1
-    return now
-
-
 # ----------------------------------------------------------------------------- running
 
 
@@ -179,19 +140,9 @@ def enter_slot(slot: Slot) -> None:
 
 
 def rank_main(cfg_dict: dict[str, Any], cwd: str, progress: bool = False) -> dict[str, Any]:
-    """One process of a run (its only one, or one rank of its process group): train, resuming, and
-    say how it ended as a plain dict (an exception would only travel as a traceback)."""
-    if torch.cuda.is_available():  # peak memory per run, not per process (a slot's process trains several)
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        rec = train_in_process_group(cfg_dict, cwd, progress)
-    except Interrupted as e:
-        return {"status": "interrupted", "error": str(e)}
-    except RunLocked as e:
-        return {"status": "locked", "error": str(e)}
-    except SdesbenchError as e:
-        return {"status": "failed", "error": str(e)}
-    return {"status": rec.status, "miou": rec.metrics.miou if rec.metrics else None}
+    """One process of a run (its only one, or one rank of its process group): train, resuming, and say how it
+    ended (`launch.run_outcome`)."""
+    return run_outcome(lambda: train_in_process_group(cfg_dict, cwd, progress))
 
 
 def run_in_slot(cfg_dict: dict[str, Any], cwd: str, slot: Slot, progress: bool = False) -> dict[str, Any]:
@@ -208,10 +159,41 @@ def run_in_slot(cfg_dict: dict[str, Any], cwd: str, slot: Slot, progress: bool =
     return results[0]  # rank 0 trained and wrote the record
 
 
-def _dep_status(folder: str, status: dict[str, str]) -> str:
-    if folder in status:
-        return status[folder]
-    return DONE if dependency_finished(folder) else FAILED  # not this sweep's work: finished earlier, or not at all
+class Runner(Protocol):
+    """Where `train_concurrently` trains a run: `submit` starts it in a slot and gives a future of its outcome
+    (`launch.run_outcome`'s dict); `discard` drops a slot's crashed process; `signal` passes a signal on to the
+    running runs; `close` waits for them."""
+
+    def submit(self, slot: Slot, cfg_dict: dict[str, Any], cwd: str) -> Future: ...
+
+    def discard(self, slot: Slot) -> None: ...
+
+    def signal(self, signum: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class InThisProcess:
+    """The sequential launcher's runner: the run trains in this process, as `submit` is called (its Trainer
+    handles SIGINT/SIGTERM itself, saving a checkpoint), with the live progress bar on a terminal."""
+
+    def __init__(self, progress: bool = False) -> None:
+        self.progress = progress
+
+    def submit(self, slot: Slot, cfg_dict: dict[str, Any], cwd: str) -> Future:
+        future: Future = Future()
+        future.set_result(run_outcome(lambda: train(build_config(cfg_dict), resume="auto",
+                                                    show_progress=self.progress)))
+        return future
+
+    def discard(self, slot: Slot) -> None:
+        pass
+
+    def signal(self, signum: int) -> None:
+        pass  # the run in progress has its own handler; between runs there is none to pass it to
+
+    def close(self) -> None:
+        pass
 
 
 class SlotProcesses:
@@ -247,14 +229,14 @@ class SlotProcesses:
 
 
 def train_concurrently(plans: Sequence[PlannedRun], sweep: Sweep, slots: Sequence[Slot],
-                       processes: SlotProcesses | None = None, progress: bool = False) -> int:
-    """Train the planned runs not done yet, one per slot at a time (module docstring). Returns the number
-    of runs that failed or could not start, like `launch.train_locally`; raises `Interrupted` after a
-    signal, once the running runs have saved their checkpoints. `processes` runs the tasks (default:
-    a spawned worker process per slot, printing progress lines with `progress`)."""
+                       processes: Runner | None = None, progress: bool = False) -> int:
+    """Train the planned runs not done yet, one per slot at a time, in the order of `plan.Schedule` (module
+    docstring). Returns the number of runs that failed or never started because a dependency did not complete;
+    raises `Interrupted` after a signal, once the running runs have saved their checkpoints. `processes` runs
+    the tasks (default: a spawned worker process per slot, printing progress lines with `progress`)."""
     queue = pending_runs(plans, sweep)
+    schedule = Schedule(queue)
     total = len(queue)
-    status: dict[str, str] = {str(r.out): WAITING for r in queue}
     free = sorted(slots, key=lambda s: s.index)
     running: dict[Future, tuple[PlannedRun, Slot]] = {}
     processes = processes or SlotProcesses(progress)
@@ -271,21 +253,19 @@ def train_concurrently(plans: Sequence[PlannedRun], sweep: Sweep, slots: Sequenc
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while queue or running:
-            while free and queue and not stop:
-                i, dead = next_run(queue, lambda r: r.depends_on, lambda d: _dep_status(d, status))
-                if dead:
-                    for j in reversed(dead):
-                        run = queue.pop(j)
-                        status[str(run.out)] = FAILED
-                        failed += 1
-                        console.print(f"[red]skip[/red] {run.key}: its teacher did not finish")
-                    continue
-                if i is None:
+        while schedule.queue or running:
+            while free and schedule.queue and not stop:
+                run, blocked = schedule.take()
+                for b in blocked:
+                    failed += 1
+                    kinds = sorted({d.kind for d in b.dependencies if schedule.state(d.folder) != "completed"})
+                    console.print(f"[red]skip[/red] {b.key}: its {' and '.join(kinds) or 'dependency'} did not finish")
+                if run is None:
                     break
-                run, slot = queue.pop(i), free.pop(0)
+                slot = free.pop(0)
                 started += 1
-                console.print(f"[{started}/{total}] {run.key} seed {run.seed} on {slot.describe()} -> {run.out}")
+                where = f" on {slot.describe()}" if len(slots) > 1 else ""
+                console.print(f"[{started}/{total}] {run.key} seed {run.seed}{where} -> {run.out}")
                 running[processes.submit(slot, run.cfg.to_dict(), cwd)] = (run, slot)
             if not running:
                 break  # stopped, or the rest waits on runs that can no longer finish (counted above)
@@ -296,15 +276,18 @@ def train_concurrently(plans: Sequence[PlannedRun], sweep: Sweep, slots: Sequenc
                 outcome = _outcome(future)
                 if outcome.pop("crashed", False):
                     processes.discard(slot)
-                status[str(run.out)] = DONE if outcome["status"] == "completed" else FAILED
+                schedule.finish(run, outcome["status"])
                 failed += report_outcome(run, outcome)
+                if outcome["status"] == "interrupted" and not stop:  # a signal its own Trainer caught
+                    stop.append(outcome.get("signal") or signal.SIGINT)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         processes.close()
     if stop:
-        raise Interrupted(f"{signal.Signals(stop[0]).name}: the sweep stopped; {len(queue)} run(s) not started, "
-                          "the stopped ones kept their checkpoints; rerun the same command to continue", stop[0])
+        raise Interrupted(f"{signal.Signals(stop[0]).name}: the sweep stopped; {len(schedule.queue)} run(s) not "
+                          "started, the stopped ones kept their checkpoints; rerun the same command to continue",
+                          stop[0])
     return failed
 
 
@@ -336,10 +319,10 @@ def _outcome(future: Future) -> dict[str, Any]:
 
 def train_here(plans: Sequence[PlannedRun], sweep: Sweep, progress: bool, gpus: Sequence[int] | None = None,
                gpus_per_run: int = 1, workers: int | None = None) -> int:
-    """`sdesbench run` / `ablate` with the local launcher: one run after another in this process (no
-    flag), or concurrently in slots (`--gpus`, `--gpus-per-run`, `--workers`). Returns the failures."""
+    """`sdesbench run` / `ablate` with the local launcher: one run after another in this process (no flag: one
+    slot), or concurrently in slots (`--gpus`, `--gpus-per-run`, `--workers`). Returns the failures."""
     if not gpus and workers is None and gpus_per_run == 1:
-        return train_locally(plans, sweep, progress)
+        return train_concurrently(plans, sweep, [Slot(0)], InThisProcess(progress))
     slots = plan_slots(gpus, gpus_per_run, workers)
     if gpus:
         check_gpus(gpus)

@@ -1,8 +1,15 @@
-"""A table's runs: expanding a spec at a preset and seeds into planned runs, teachers first.
+"""A table's runs: expanding a spec at a preset and seeds into planned runs, and the one rule that orders them.
 
 `Sweep` names what a command works on (table, preset, seeds, results folder, `--set` overrides);
-`expand` makes one `PlannedRun` per (row, seed), plus one teacher run per distinct teacher, placed
-before the students that need it. Run folders are keyed by the configuration hash
+`expand` makes one `PlannedRun` per (row, seed), plus one teacher run per distinct teacher and one stage run
+per distinct stage (a method's `stage`, e.g. MasKD's stage 1), placed before the runs that need them. Each
+run names what it needs as typed `Dependency`s (kind `teacher`, `stage` or `compute-matched`).
+
+Order (docs/performance.md, "One scheduler"): `readiness` is the rule every launcher follows, written once
+here: a run starts when every run it depends on has completed, never when one of them failed or was itself
+blocked, and waits otherwise. `Schedule` applies it to a sweep's runs in plan order (the local launchers, one
+slot or several, `bench`'s wall-time estimate `makespan`), and `launch_order` is the order one slot would
+start them in, which the Slurm launcher submits in, each job `afterok` on the jobs of its dependencies. Run folders are keyed by the configuration hash
 (`results/runs/<dataset>/<model>/<method>/<hash>`), so identical runs are done once (`Ens-T` is read
 from the `Ours` run, a teacher is shared by every student that names it) and a finished run is
 never redone. A row whose configuration is rejected (e.g. more experts than classes) is still
@@ -12,11 +19,12 @@ report show it as skipped, never as a number.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Generic, Iterable, Literal, Sequence, TypeVar
 
 from sdesbench.config import RunConfig, apply_overrides, merge, method_section, parse_config
 from sdesbench.identity import identity_changes
@@ -25,6 +33,8 @@ from sdesbench.engine.record import RunRecord, read_record
 from sdesbench.errors import ConfigError, StorageError
 from sdesbench.experiments.resolve import resolve
 from sdesbench.experiments.spec import Group, Row, Spec, load_spec, spec_name
+from sdesbench.methods import METHODS
+from sdesbench.methods.base import StageRun
 
 # method option -> protocol column shown by `--dry-run` and in reports
 PROTOCOL_OPTIONS = {"n_experts": "N", "expert": "expert"}
@@ -111,18 +121,42 @@ class Sweep:
         return dataclasses.replace(self, table=table)
 
 
+# what a run needs of another: its teacher's checkpoint; a stage run's artefact (a method's `StageRun`, MasKD's
+# tokens); the KD rows whose cost a compute-matched Student run is trained for (issue "Honest comparisons": the
+# kind and its place in the graph; no planner makes one yet)
+DependencyKind = Literal["teacher", "stage", "compute-matched"]
+DEPENDENCY_KINDS: tuple[str, ...] = DependencyKind.__args__
+Role = Literal["row", "teacher", "stage"]  # a table row, or a run that only serves rows
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """A run that must have completed before the dependant starts: its kind and its run folder."""
+
+    kind: DependencyKind
+    folder: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in DEPENDENCY_KINDS:
+            raise ConfigError(f"unknown dependency kind {self.kind!r}; choose {', '.join(DEPENDENCY_KINDS)}")
+
+    def describe(self) -> str:
+        """`teacher: <dataset>/<model>/<method>/<hash>` (the folder below `runs/`), for `--dry-run`."""
+        return f"{self.kind}: {self.folder.split('/runs/')[-1]}"
+
+
 @dataclass
 class PlannedRun:
-    key: str  # "<group>/<row>" or "teacher:<model>"
+    key: str  # "<group>/<row>", "teacher:<model>" or "stage:<method>:<group>"
     group: str
     row: str
     seed: int
     cfg: RunConfig | None
     paper: dict[str, float] = field(default_factory=dict)
     metric_source: str = "student"  # which evaluated prediction this row reports (student | ens_t)
-    depends_on: list[str] = field(default_factory=list)  # run dirs that must finish first
+    dependencies: list[Dependency] = field(default_factory=list)  # runs that must complete first
     skipped: str | None = None  # reason the row cannot run
-    is_teacher: bool = False
+    role: Role = "row"
     needs_weights: bool = False  # done only with its checkpoint (a teacher; every run under --restore-weights)
     model: str = ""
     method: str = "student"
@@ -135,6 +169,24 @@ class PlannedRun:
     @property
     def out(self) -> Path | None:
         return Path(self.cfg.output.dir) if self.cfg else None
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.role == "teacher"
+
+    @property
+    def is_row(self) -> bool:
+        """A row of the table (not a teacher or a stage run, which only serve rows)."""
+        return self.role == "row"
+
+    @property
+    def depends_on(self) -> list[str]:
+        """The run folders of its dependencies, every kind."""
+        return [d.folder for d in self.dependencies]
+
+    def needs(self, kind: DependencyKind) -> list[str]:
+        """The run folders of its dependencies of one kind."""
+        return [d.folder for d in self.dependencies if d.kind == kind]
 
     def record(self) -> RunRecord | None:
         return read_record(self.out)
@@ -180,6 +232,129 @@ def dependency_finished(folder: str | Path) -> bool:
     except StorageError:
         return False
     return rec is not None and rec.completed and has_weights(folder)
+
+
+# ----------------------------------------------------------------------------- the one scheduling rule
+
+RunState = Literal["waiting", "running", "completed", "failed", "blocked"]
+Readiness = Literal["ready", "waiting", "blocked"]
+T = TypeVar("T")
+
+
+def readiness(dependency_states: Iterable[RunState]) -> Readiness:
+    """The rule every launcher follows: a run is ready when every run it depends on has completed; it is blocked
+    (it never starts) when one of them failed or was itself blocked; otherwise it waits."""
+    states = list(dependency_states)
+    if any(s in ("failed", "blocked") for s in states):
+        return "blocked"
+    return "ready" if all(s == "completed" for s in states) else "waiting"
+
+
+def outcome_state(status: str) -> RunState:
+    """How a run's ending counts for its dependants: `completed` only when its record says so; any other
+    ending (failed, crashed, stopped by a signal, left to the process that holds its lock) is `failed`,
+    and its dependants are blocked."""
+    return "completed" if status == "completed" else "failed"
+
+
+class Schedule(Generic[T]):
+    """A sweep's runs still to do, in plan order, under `readiness`: `take` gives the first ready run (a slot
+    is free) and the runs found blocked, `finish` records how a run ended. The local launchers (one slot is
+    the sequential launcher), `launch_order` (Slurm) and `makespan` (bench) all step through one of these.
+
+    `key` names a run (its folder), `deps` the keys it depends on; a dependency that is not among the runs
+    is another sweep's or an earlier one's: completed when `finished` says so (a teacher with its record and
+    checkpoint), failed otherwise."""
+
+    def __init__(self, runs: Iterable[T], key: Callable[[T], str] = lambda r: str(r.out),
+                 deps: Callable[[T], Sequence[str]] = lambda r: r.depends_on,
+                 finished: Callable[[str], bool] | None = None) -> None:
+        self.queue: list[T] = list(runs)
+        self.key, self.deps = key, deps
+        self.finished = finished or dependency_finished
+        self.states: dict[str, RunState] = {key(r): "waiting" for r in self.queue}
+        self.outside: dict[str, RunState] = {}
+
+    def state(self, folder: str) -> RunState:
+        if folder in self.states:
+            return self.states[folder]
+        if folder not in self.outside:  # read once: a run outside the sweep does not change under it
+            self.outside[folder] = "completed" if self.finished(folder) else "failed"
+        return self.outside[folder]
+
+    def readiness(self, run: T) -> Readiness:
+        return readiness(self.state(d) for d in self.deps(run))
+
+    def take(self) -> tuple[T | None, list[T]]:
+        """(the first run in plan order that is ready, now `running` and out of the queue, or None; the runs
+        found blocked, out of the queue: a blocked run blocks its own dependants in turn)."""
+        blocked: list[T] = []
+        while True:
+            newly = [r for r in self.queue if self.readiness(r) == "blocked"]
+            if not newly:
+                break
+            for r in newly:
+                self.queue.remove(r)
+                self.states[self.key(r)] = "blocked"
+            blocked += newly
+        for i, r in enumerate(self.queue):
+            if self.readiness(r) == "ready":
+                self.states[self.key(r)] = "running"
+                return self.queue.pop(i), blocked
+        return None, blocked
+
+    def finish(self, run: T, status: str) -> RunState:
+        state = self.states[self.key(run)] = outcome_state(status)
+        return state
+
+    @property
+    def running(self) -> int:
+        return sum(1 for s in self.states.values() if s == "running")
+
+
+def launch_order(runs: Sequence["PlannedRun"]) -> list["PlannedRun"]:
+    """The runs in the order one slot starts them when every run completes: each after what it depends on.
+    A dependency neither planned nor finished, or a cycle, is a ConfigError naming the run."""
+    schedule = Schedule(runs)
+    order: list[PlannedRun] = []
+    while True:
+        run, blocked = schedule.take()
+        if blocked:
+            missing = next(d for d in blocked[0].depends_on if schedule.state(d) != "completed")
+            raise ConfigError(f"run {blocked[0].key} needs {missing}, which is neither finished nor planned")
+        if run is None:
+            break
+        schedule.finish(run, "completed")
+        order.append(run)
+    if schedule.queue:
+        raise ConfigError(f"run {schedule.queue[0].key} depends on itself through "
+                          + " -> ".join(r.key for r in schedule.queue))
+    return order
+
+
+def makespan(runs: Sequence[T], durations: Sequence[float], slots: int, key: Callable[[T], str] = lambda r: str(r.out),
+             deps: Callable[[T], Sequence[str]] = lambda r: r.depends_on) -> float:
+    """Wall time of `runs` taking `durations` on `slots` slots, scheduled by `Schedule` as the local launchers
+    schedule them, none failing (a dependency outside `runs` counts as done)."""
+    schedule = Schedule(runs, key, deps, finished=lambda _: True)
+    duration = {key(r): d for r, d in zip(runs, durations)}
+    running: list[tuple[float, int, T]] = []  # (end time, tie-break, run)
+    free, now, n = slots, 0.0, 0
+    while schedule.queue or running:
+        while free:
+            run, blocked = schedule.take()
+            if blocked:
+                raise ConfigError(f"{key(blocked[0])} depends on a run that cannot complete")
+            if run is None:
+                break
+            heapq.heappush(running, (now + duration[key(run)], n, run))
+            free, n = free - 1, n + 1
+        if not running:
+            raise ConfigError(f"{key(schedule.queue[0])} depends on itself")
+        now, _, run = heapq.heappop(running)
+        schedule.finish(run, "completed")
+        free += 1
+    return now
 
 
 def run_dir(results: Path, cfg: RunConfig) -> Path:
@@ -242,14 +417,15 @@ class RecordIndex:
 
 
 def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
-    """All runs of a table for a preset: teachers first, then rows x seeds (skips explained), each from the
-    spec's rows resolved once (`resolve`)."""
+    """All runs of a table for a preset: teachers first, then stage runs, then rows x seeds (skips explained),
+    each from the spec's rows resolved once (`resolve`)."""
     overrides = list(sweep.overrides)
     teachers: dict[str, PlannedRun] = {}
+    stages: dict[str, PlannedRun] = {}
     planned: list[PlannedRun] = []
     records = RecordIndex()
 
-    def configure(pr: PlannedRun, data: dict[str, Any], sets: list[str]) -> None:
+    def configure(pr: PlannedRun, data: dict[str, Any], sets: list[str], planned_keys: tuple[str, ...] = ()) -> None:
         pr.protocol = protocol_of(data, sets)
         if pr.skipped:
             return
@@ -258,20 +434,43 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
         except ConfigError as e:
             pr.skipped = f"invalid configuration: {e}"
             return
+        for k in planned_keys:  # set by the planner, never asked for (as `teacher.checkpoint`, PLANNED_KEYS)
+            cfg.request.pop(k, None)
         cfg.output.dir = str(run_dir(sweep.results, cfg))
         pr.cfg = cfg
         pr.protocol["temperature"], pr.protocol["weights"] = temperatures_and_weights(cfg.method.options)
         if not pr.recorded():
             pr.stale = records.stale_record(pr)
 
+    def shared(pr: PlannedRun, index: dict[str, PlannedRun]) -> PlannedRun:
+        """One planned run per run folder (a teacher or stage several rows need); skipped ones by protocol."""
+        ident = str(pr.out) if pr.cfg else f"{pr.key}:{pr.seed}:{json.dumps(pr.protocol, sort_keys=True)}"
+        return index.setdefault(ident, pr)
+
     def teacher_run(name: str, group_base: dict[str, Any], seed: int) -> PlannedRun:
         data = merge(group_base, {"model": {"name": name}, "method": {"name": "student"}, "train": {"seed": seed}})
-        pr = PlannedRun(key=f"teacher:{name}", group="teacher", row=name, seed=seed, cfg=None, is_teacher=True,
+        pr = PlannedRun(key=f"teacher:{name}", group="teacher", row=name, seed=seed, cfg=None, role="teacher",
                         needs_weights=True, model=name)
         # the spec's and the user's settings apply to the teacher too, except method options
         configure(pr, data, [o for o in overrides if not o.startswith("method.")])
-        ident = str(pr.out) if pr.cfg else f"{pr.key}:{seed}:{json.dumps(pr.protocol, sort_keys=True)}"
-        return teachers.setdefault(ident, pr)
+        return shared(pr, teachers)
+
+    def stage_run(stage: StageRun, row: PlannedRun, data: dict[str, Any]) -> PlannedRun:
+        """The row's configuration (teacher included) with the stage's method, the row's shared options and
+        the stage's settings: its artefact is its checkpoint."""
+        options = {}
+        try:  # the row's resolved values (defaults included) of the options the stage shares
+            resolved = build_config(data, overrides).method.options
+            options = {k: resolved[k] for k in stage.shared_options}
+        except ConfigError:
+            pass  # the row itself reports its invalid configuration
+        base = {k: v for k, v in data.items() if k != "method"}
+        stage_data = merge(merge(base, {"method": {"name": stage.method, **options}}), stage.settings)
+        pr = PlannedRun(key=f"stage:{stage.method}:{row.group}", group="stage", row=stage.method, seed=row.seed,
+                        cfg=None, role="stage", needs_weights=True, model=row.model, method=stage.method,
+                        dependencies=list(row.dependencies))
+        configure(pr, stage_data, [o for o in overrides if not o.startswith("method.")])
+        return shared(pr, stages)
 
     for req in resolve(spec, sweep.preset):
         for seed in sweep.seeds:
@@ -285,14 +484,24 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
                 data = merge(data, {"teacher": {"model": tname}})
                 if t.cfg is not None:
                     data = merge(data, {"teacher": {"checkpoint": str(checkpoint_of(t.out))}})
-                    pr.depends_on.append(str(t.out))
+                    pr.dependencies.append(Dependency("teacher", str(t.out)))
                 else:
                     pr.skipped = f"teacher {tname}: {t.skipped}"
-            configure(pr, data, overrides)
+            planned_keys: tuple[str, ...] = ()
+            stage = METHODS.get(req.method).stage if req.method in METHODS else None
+            if stage is not None and not pr.skipped:
+                st = stage_run(stage, pr, data)
+                if st.cfg is not None:
+                    data = merge(data, {"method": {stage.artefact_option: str(checkpoint_of(st.out))}})
+                    planned_keys = (f"method.options.{stage.artefact_option}",)
+                    pr.dependencies.append(Dependency("stage", str(st.out)))
+                else:
+                    pr.skipped = f"stage {stage.method}: {st.skipped}"
+            configure(pr, data, overrides, planned_keys)
             if req.teacher:
                 pr.protocol["teacher_seed"] = t.seed
             planned.append(pr)
-    return list(teachers.values()) + planned
+    return list(teachers.values()) + list(stages.values()) + planned
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:

@@ -37,8 +37,7 @@ from sdesbench.engine.configure import build_config
 from sdesbench.engine.runtime import Runtime
 from sdesbench.engine.step import random_learner
 from sdesbench.errors import ConfigError, SdesbenchError
-from sdesbench.experiments.parallel import makespan
-from sdesbench.experiments.plan import Sweep
+from sdesbench.experiments.plan import Sweep, makespan
 from sdesbench.experiments.spec import list_tables
 from sdesbench.measure.class_scaling import class_scaling, format_class_scaling
 from sdesbench.measure.step_cost import Clock, StepBench, interleaved_ratios
@@ -132,8 +131,6 @@ def estimate_tables(step_s: dict[str, float], batch: int, crop: int, model: str,
         if not runs:
             out.append({"table": table, "note": f"not estimated: none of its {skipped} rows can run"})
             continue
-        order = list(runs)
-        deps = [[order.index(d) for d in p.depends_on if d in runs] for p in runs.values()]
         notes = [f"models not measured costed as {model}" if per_model else f"every model costed as {model}"]
         if len(step_s) == 1:
             notes.append("every method costed as the student")
@@ -141,7 +138,7 @@ def estimate_tables(step_s: dict[str, float], batch: int, crop: int, model: str,
             notes.append(f"{', '.join(sorted(unmeasured))} costed as student")
         out.append({"table": table, "runs": len(runs), "iterations": sum(p.cfg.train.iters for p in runs.values()),
                     "hours": round(sum(durations) / 3600, 2), "slots": slots,
-                    "hours_on_slots": round(makespan(durations, deps, slots) / 3600, 2),
+                    "hours_on_slots": round(makespan(list(runs.values()), durations, slots) / 3600, 2),
                     "rows_not_runnable": skipped, "note": "; ".join(notes)})
     return out
 

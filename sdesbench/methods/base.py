@@ -11,7 +11,9 @@ Declared on the class (read by the Trainer, the CLI, the tests and the docs; not
   or None with `no_conformance_because` saying why there is none;
 - `option_prefix`: the prefix of the option names the method adds (`cwd_`, `kd_`), so that a composite
   can put several methods' options in one dataclass without a clash ("" only for older methods whose
-  names predate the rule).
+  names predate the rule);
+- `stage`: a `StageRun` when the method distils from the artefact of a run of its own that must finish
+  first (MasKD's stage-1 receptive tokens), which `sdesbench run` plans like a teacher (docs/extending.md).
 
 Inputs. `loss_terms(student_out, labels, step, teacher_out)`: `student_out` (and the frozen teacher's
 `teacher_out`, None unless `needs_teacher`) is the output dict of `sdesbench.models.base`: `logits`
@@ -83,6 +85,15 @@ def check_method(name: str, cls: Any) -> None:
     if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
         raise ConfigError(f"method {name!r}: its Options must be a dataclass (decorate it with @dataclass), "
                           f"got {getattr(options, '__qualname__', type(options).__name__)}")
+    stage = getattr(cls, "stage", None)
+    if stage is not None:
+        if not isinstance(stage, StageRun):
+            raise ConfigError(f"method {name!r}: its stage must be a sdesbench.methods.base.StageRun, got "
+                              f"{type(stage).__name__}")
+        names = {f.name for f in dataclasses.fields(options)}
+        for option in (stage.artefact_option, *stage.shared_options):
+            if option not in names:
+                raise ConfigError(f"method {name!r}: its stage names option {option!r}, which its Options lacks")
     for f in dataclasses.fields(options):
         if f.name in RESERVED_OPTION_NAMES:
             raise ConfigError(f"method {name!r}: option {f.name!r} collides with the method section's own key "
@@ -118,6 +129,23 @@ def method_seed(seed: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"sdesbench.method:{seed}:{rank}".encode()).digest()[:8], "little")
 
 
+@dataclass(frozen=True)
+class StageRun:
+    """A run a method's student run depends on (MasKD's stage 1: receptive tokens learnt on the frozen teacher).
+
+    `sdesbench run` plans it once per distinct configuration, after the row's teacher and before the row: its
+    configuration is the row's (network, data, protocol, teacher, seed) with `method` as its method, given the
+    row's values of the options named in `shared_options`, then `settings` merged over it (e.g.
+    `{"train": {"iters": 2000}}`). The row's option `artefact_option` receives the path of the stage run's
+    final checkpoint (`checkpoints/last.pt`), as `teacher.checkpoint` receives the teacher's; the path holds the
+    stage run's key, so a changed stage configuration is another student run and the older record is stale."""
+
+    method: str  # the registered method the stage run trains
+    artefact_option: str  # the dependant's option (a `str | None` path) that receives the stage's checkpoint
+    shared_options: tuple[str, ...] = ()  # the dependant's options the stage run is given too (same values)
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # merged over the stage run's configuration
+
+
 @dataclass
 class StepInfo:
     iteration: int  # 0-based index of the current iteration
@@ -132,6 +160,7 @@ class Method(nn.Module):
     conformance: ClassVar[str | None] = None  # its fixture under tests/conformance/, e.g. "kl.json"
     no_conformance_because: ClassVar[str] = ""  # why there is no fixture, when `conformance` is None
     option_prefix: ClassVar[str] = ""  # the prefix of the option names it adds, e.g. "cwd_"
+    stage: ClassVar[StageRun | None] = None  # a run of its own this method's run depends on (StageRun)
 
     @dataclass
     class Options:

@@ -82,16 +82,18 @@ def completed(plan: PlannedRun) -> RunRecord | None:
 def curve_lines(plans: list[PlannedRun]) -> list[Line]:
     """One line per table row (seeds pooled), per teacher that is not itself a row's run, and per extra
     prediction (Ens-T) a row's runs evaluated that no row of the table reports already."""
-    groups = {p.group for p in plans if not p.is_teacher}
-    row_runs = {str(p.out) for p in plans if not p.is_teacher and p.out is not None}
-    reported = {(str(p.out), p.metric_source) for p in plans if not p.is_teacher and p.out is not None}
+    groups = {p.group for p in plans if p.is_row}
+    row_runs = {str(p.out) for p in plans if p.is_row and p.out is not None}
+    reported = {(str(p.out), p.metric_source) for p in plans if p.is_row and p.out is not None}
     # runs that teach another network (Table 2's ResNet-50): dashed even where a row reports them; a
     # network's own trained Student that teaches its KL*/AT*/CWD* rows stays the Student line
     teaching = {str(t.out) for t in plans if t.is_teacher and t.cfg is not None
-                and any(str(t.out) in p.depends_on and p.cfg is not None and p.cfg.model.name != t.cfg.model.name
+                and any(str(t.out) in p.needs("teacher") and p.cfg is not None and p.cfg.model.name != t.cfg.model.name
                         for p in plans)}
     lines: dict[tuple[str, str], Line] = {}
     for p in plans:
+        if p.role == "stage":
+            continue  # a stage run's artefact serves its rows; it has no curve of its own to compare
         if p.is_teacher and str(p.out) in row_runs:
             continue  # the teacher is the Student row's own run (KL*, AT*, CWD*): drawn once
         rec = completed(p) if p.cfg is not None else None

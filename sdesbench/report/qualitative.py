@@ -123,7 +123,7 @@ def shown_plans(plans: list[PlannedRun], seed: int, rows: Sequence[str] = ()) ->
     key, as "EfficientNet-B0/Ours"), in the table's order, or by default each group's Student row (its
     reference) and its last row (a table's own method comes last), and the teachers. Rows reporting
     another prediction (Ens-T) are their run's: the grid draws a run's extra predictions beside it."""
-    rows_of = [p for p in plans if p.cfg is not None and p.seed == seed and not p.is_teacher]
+    rows_of = [p for p in plans if p.cfg is not None and p.seed == seed and p.is_row]
     if rows:
         known = {p.key for p in rows_of} | {p.row for p in rows_of}
         unknown = [r for r in rows if r not in known]
@@ -132,7 +132,7 @@ def shown_plans(plans: list[PlannedRun], seed: int, rows: Sequence[str] = ()) ->
                               f"its rows: {', '.join(dict.fromkeys(p.row for p in rows_of))}")
         chosen = [p for p in rows_of if p.key in rows or p.row in rows]
     else:
-        teaching = {d for p in rows_of for d in p.depends_on}  # the teachers of this seed's rows
+        teaching = {d for p in rows_of for d in p.needs("teacher")}  # the teachers of this seed's rows
         chosen = [p for p in plans if p.cfg is not None and p.is_teacher and str(p.out) in teaching]
         by_group: dict[str, list[PlannedRun]] = {}
         for p in rows_of:
@@ -151,7 +151,7 @@ def write_table_grid(sweep: Sweep, spec: Spec, images: int, rows: Sequence[str] 
     if spec.is_sweep:
         raise ConfigError(f"{sweep.table} is a sweep of one method; draw chosen runs with `sdesbench show RUN_DIR ...`")
     plans = shown_plans(sweep.plans(spec), sweep.seeds[0], rows)
-    groups = {p.group for p in plans if not p.is_teacher}
+    groups = {p.group for p in plans if p.is_row}
     runs, missing = [], []
     for p in plans:
         label = f"teacher {p.row}" if p.is_teacher else (p.row if len(groups) == 1 else f"{p.group} / {p.row}")

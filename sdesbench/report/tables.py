@@ -138,7 +138,7 @@ def collect(plans: list[PlannedRun], metrics: tuple[str, ...], extra: ExtraEvalu
     `extra`, each metric of the extra evaluation too (values under `extra_key(metric)`)."""
     by_key: dict[str, list[PlannedRun]] = {}
     for p in plans:
-        if not p.is_teacher:
+        if p.is_row:
             by_key.setdefault(p.key, []).append(p)
     rows = []
     for runs in by_key.values():
@@ -402,7 +402,7 @@ def wide_markdown(df: pd.DataFrame, metric: str, against: str | None = None) -> 
 
 def extra_column_label(plans: list[PlannedRun], extra: ExtraEvaluation | None) -> str:
     """What the extra evaluation's columns are called after their metric: `mIoU (MS+flip)`."""
-    cfg = next((p.cfg for p in plans if p.cfg is not None and not p.is_teacher), None)
+    cfg = next((p.cfg for p in plans if p.cfg is not None and p.is_row), None)
     return extra.label(cfg) if extra is not None and cfg is not None else ""
 
 
@@ -410,7 +410,7 @@ def evaluation_lines(plans: list[PlannedRun], extra: ExtraEvaluation | None = No
     """Every report's header says how its numbers were evaluated: the inference (whole image or sliding
     windows, scales, flip and the rule merging them) and the mIoU convention, of the table's runs and of the
     extra evaluation's columns."""
-    cfgs = [p.cfg for p in plans if p.cfg is not None and not p.is_teacher]
+    cfgs = [p.cfg for p in plans if p.cfg is not None and p.is_row]
     if not cfgs:
         return ""
     described = {f"{Inference.of(c.eval).describe()}; {miou_convention(c.eval.absent_classes)}" for c in cfgs}
@@ -423,7 +423,7 @@ def evaluation_lines(plans: list[PlannedRun], extra: ExtraEvaluation | None = No
 
 def protocol_line(plans: list[PlannedRun]) -> str:
     """The protocol every run of the table shares (dataset, splits, schedule, crop, batch)."""
-    protos = [p.protocol for p in plans if not p.is_teacher and p.protocol]
+    protos = [p.protocol for p in plans if p.is_row and p.protocol]
     if not protos:
         return ""
     first = protos[0]
