@@ -253,7 +253,7 @@ def test_a_methods_stage_run_is_planned_between_its_teacher_and_its_student_and_
     the stage's settings, depending on the teacher; the row depends on both (each with its kind), receives the
     stage's checkpoint as its option, and a changed stage configuration changes the row's key but not what it
     asked for, which is what marks its older record stale."""
-    from sdesbench.config import identity_changes
+    from sdesbench.identity import identity_changes
     from sdesbench.errors import ConfigError
     from sdesbench.experiments.plan import checkpoint_of, launch_order
     from sdesbench.methods.base import StageRun, check_method
