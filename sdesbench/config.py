@@ -98,6 +98,9 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = True
     sync_bn: bool = False  # SyncBatchNorm under DDP
+    # under torchrun: how long a collective may wait for the other ranks before the run fails (a rank that hangs
+    # or died); torch's own default. Not in the key: it changes no trained number (docs/performance.md)
+    dist_timeout_s: float = field(default=1800.0, metadata=rng(1.0, hash="never"))
 
 
 @dataclass

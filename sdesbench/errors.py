@@ -39,3 +39,11 @@ class RunLocked(SdesbenchError):
 
 class StorageError(SdesbenchError):
     """A file that cannot be written (disk full) or read back (truncated, not JSON)."""
+
+
+class DistributedFault(SdesbenchError):
+    """Under torchrun: a rank of the process group died or hung (a collective failed or timed out), or the
+    launcher ran out of restarts. The run is recorded as failed and keeps its last checkpoint; `--resume`
+    continues it (docs/performance.md, "Faults under torchrun")."""
+
+    exit_code = 4

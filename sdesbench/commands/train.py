@@ -52,24 +52,41 @@ def register(app: typer.Typer) -> None:
                                              "record but not its checkpoint (a fresh clone): train it again from "
                                              "its configuration (--config OUT/config.yaml) to bring its weights "
                                              "back, and say whether it reproduces the record."),
+        nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="Train on this many "
+                                                     "processes of this machine under DDP (one GPU each; gloo on "
+                                                     "CPU), started by torchrun's agent as `torchrun --standalone` "
+                                                     "would (docs/performance.md)."),
+        max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="With --nproc-per-node: restart the "
+                                         "process group this many times after a rank dies; it continues from the "
+                                         "last checkpoint. With none left the run is recorded failed."),
     ):
         """Train one run and evaluate it; writes OUT/results.json."""
         from sdesbench.engine import distributed as D
         from sdesbench.engine.trainer import train as run_train
-        from sdesbench.errors import ConfigError
+        from sdesbench.errors import ConfigError, SdesbenchError
 
         cfg = _train_config(config, {"model.name": model, "method.name": method, "data.name": dataset,
                                      "data.root": data_root, "train.iters": iters, "train.seed": seed,
                                      "output.dir": out_dir, "train.device": device}, sets)
-        D.init_from_env()
-        main = D.is_main()
-        try:
-            if resume and restore_weights:
-                raise ConfigError("--resume and --restore-weights exclude each other")
-            mode = "restore" if restore_weights else "required" if resume else "never"
-            rec = run_train(cfg, resume=mode, show_progress=progress)
-        finally:
-            D.cleanup()
+        if resume and restore_weights:
+            raise ConfigError("--resume and --restore-weights exclude each other")
+        if max_restarts and nproc_per_node is None:
+            raise ConfigError("--max-restarts needs --nproc-per-node (under torchrun, give torchrun --max-restarts)")
+        mode = "restore" if restore_weights else "required" if resume else "never"
+        if nproc_per_node is not None:
+            from sdesbench.engine.elastic import launch
+
+            rec, main = launch(cfg, nproc_per_node, max_restarts, mode, progress), True
+        else:
+            D.init_from_env(cfg.train.dist_timeout_s)
+            main = D.is_main()
+            try:
+                rec = run_train(cfg, resume=mode, show_progress=progress)
+            except SdesbenchError as e:  # under torchrun: its failure summary shows this line (engine/elastic.py)
+                D.write_error_file(str(e))
+                raise
+            finally:
+                D.cleanup()
         if main:
             m = rec.metrics
             extra = "".join(f"  {k}: mIoU {100 * v.miou:.2f}" for k, v in rec.extra_metrics.items())

@@ -319,7 +319,9 @@ class CheckpointHook(HookBase):
             trainer.save_checkpoint(keep_copy=bool(keep) and trainer.state.iteration % keep == 0)
 
     def after_train(self, trainer):
-        if trainer.state.stop_signal is not None and trainer.state.last_checkpoint_iter != trainer.state.iteration:
+        # not after a failure: the last good checkpoint stays (and under DDP a lost rank cannot join its save)
+        if trainer.state.stop_signal is not None and not trainer.state.failed \
+                and trainer.state.last_checkpoint_iter != trainer.state.iteration:
             trainer.save_checkpoint()
 
 

@@ -23,7 +23,11 @@ Output folder layout (`output.dir`):
 Starting a run in a folder that already holds one: a completed run is never overwritten; a
 checkpoint (an interrupted, failed or killed run) is continued only with `resume` ("required" from
 `sdesbench train --resume`, "auto" from `sdesbench run`), never silently retrained from zero;
-`--resume` into a folder without a checkpoint says there is nothing to resume.
+`--resume` into a folder without a checkpoint says there is nothing to resume. A process group that
+torchrun restarted after losing a rank (`--max-restarts`) continues the folder's checkpoint by itself
+("restart": as "auto", but a completed run is still never overwritten, and only a checkpoint of the same
+configuration is continued); a rank lost for good fails the run with one line (docs/performance.md,
+"Faults under torchrun").
 
 Bringing back the weights of a recorded run ("restore" from `sdesbench train --restore-weights`, or
 "auto" when `sdesbench run` needs a teacher whose record is here and whose checkpoint is not: a fresh
@@ -63,12 +67,13 @@ from sdesbench.engine.restore import CLASS_COUNTS_KEY
 from sdesbench.engine.runtime import (RunLock, Runtime, peak_memory_mb, provenance, reset_peak_memory,
                                       set_determinism)
 from sdesbench.engine.state import HookBase, Hooks, TrainerView, TrainState
-from sdesbench.errors import CheckpointError, Interrupted, NumericalFault, SdesbenchError, StorageError
+from sdesbench.errors import (CheckpointError, DistributedFault, Interrupted, NumericalFault, SdesbenchError,
+                              StorageError)
 from sdesbench.io import check_writable, load_checkpoint, save_checkpoint, write_json, write_text
 from sdesbench.methods.base import StepInfo
 from sdesbench.models import count_params
 
-Resume = Literal["never", "auto", "required", "restore"]
+Resume = Literal["never", "auto", "required", "restore", "restart"]
 PREVIOUS_RECORD = "results.previous.json"  # a recorded run's record while its weights are trained again
 
 
@@ -76,6 +81,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: Resume | bool = "never", show_progress: bool = True):
         self.cfg = cfg
         self.resume: Resume = {True: "required", False: "never"}.get(resume, resume)  # type: ignore[arg-type]
+        if self.resume == "never" and D.restart_count() > 0:  # torchrun restarted the group: continue (module doc)
+            self.resume = "restart"
         self.show_progress = show_progress and D.is_main()
         self.out = Path(cfg.output.dir)
         self.ckpt_path = self.out / "checkpoints" / "last.pt"
@@ -251,7 +258,7 @@ class Trainer:
             raise SdesbenchError(f"{self.out}: its record was made with another configuration than the one given "
                                  f"(hash {previous.config_hash}, given {self.cfg.identity_hash()}); restore it with "
                                  f"--config {self.out / 'config.yaml'}")
-        if previous is not None and previous.completed and self.resume == "never":
+        if previous is not None and previous.completed and self.resume in ("never", "restart"):
             raise SdesbenchError(f"{self.out} already holds a completed run; choose another --out "
                                  "(nothing was overwritten)")
         if self.resume == "never" and has_ckpt:
@@ -343,7 +350,13 @@ class Trainer:
         check_writable(self.out)
         # under torchrun the ranks share the folder: rank 0 holds the lock and writes the files
         with RunLock(self.out) if D.is_main() else nullcontext():
-            return self._run_locked()
+            try:
+                return self._run_locked()
+            except RuntimeError as e:  # a rank lost before the loop (setup's collectives): one line, nothing recorded
+                fault = D.collective_fault(e, self.state.iteration, self.cfg.train.dist_timeout_s)
+                if fault is None:
+                    raise
+                raise fault from None
 
     def _run_locked(self) -> RunRecord:
         self._check_existing()
@@ -370,6 +383,12 @@ class Trainer:
         except StorageError as e:  # disk full while writing a checkpoint or the log
             self.state.failed = True
             error = e
+        except RuntimeError as e:  # under torchrun, another rank died or hangs: a collective failed
+            fault = D.collective_fault(e, self.state.iteration, self.cfg.train.dist_timeout_s)
+            if fault is None:
+                raise
+            self.state.failed = True
+            error = DistributedFault(f"{fault}; {self._kept()}")
         else:
             error = None
         finally:
@@ -406,9 +425,14 @@ class Trainer:
         if D.all_true(bool(torch.isfinite(loss)), self.learner.runtime.device):
             return
         bad = [k for k, v in terms.items() if not bool(torch.isfinite(v))] or ["total"]
-        kept = (f"the last good checkpoint is kept (iteration {self.state.last_checkpoint_iter})"
-                if self.state.last_checkpoint_iter is not None else "no checkpoint had been written yet")
-        raise NumericalFault(f"non-finite loss term '{bad[0]}' at iteration {self.state.iteration + 1}; {kept}")
+        raise NumericalFault(f"non-finite loss term '{bad[0]}' at iteration {self.state.iteration + 1}; "
+                             f"{self._kept('good ')}")
+
+    def _kept(self, good: str = "") -> str:
+        """What a failed run leaves to continue from."""
+        if self.state.last_checkpoint_iter is None:
+            return "no checkpoint had been written yet"
+        return f"the last {good}checkpoint is kept (iteration {self.state.last_checkpoint_iter})"
 
     def _loop(self, hooks: Hooks, view: TrainerView) -> None:
         if self.state.iteration >= self.state.total_iters:

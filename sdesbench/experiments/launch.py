@@ -134,9 +134,10 @@ def train_in_process_group(cfg_dict: dict[str, Any], cwd: str, progress: bool = 
     `progress`: the Trainer's plain progress lines when this process's stderr is not a terminal (a
     Slurm log, a file); never its live bar, which the runs sharing a terminal could not share."""
     os.chdir(cwd)  # run folders and teacher checkpoints are relative to where the sweep was started
-    D.init_from_env()
+    cfg = build_config(cfg_dict)
+    D.init_from_env(cfg.train.dist_timeout_s)
     try:
-        return train(build_config(cfg_dict), resume="auto", show_progress=progress and not console.is_terminal)
+        return train(cfg, resume="auto", show_progress=progress and not console.is_terminal)
     finally:
         D.cleanup()
 
