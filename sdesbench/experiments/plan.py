@@ -307,10 +307,6 @@ class Schedule(Generic[T]):
         state = self.states[self.key(run)] = outcome_state(status)
         return state
 
-    @property
-    def running(self) -> int:
-        return sum(1 for s in self.states.values() if s == "running")
-
 
 def launch_order(runs: Sequence["PlannedRun"]) -> list["PlannedRun"]:
     """The runs in the order one slot starts them when every run completes: each after what it depends on.
