@@ -142,3 +142,17 @@ def test_median_interval_uses_the_binomial_order_statistics(n, k):
 def test_median_interval_with_few_values_is_the_range():
     low, high, coverage = median_interval([3.0, 1.0, 2.0])
     assert (low, high) == (1.0, 3.0) and coverage == pytest.approx(1 - 2 / 8)
+
+
+def test_bench_times_a_representative_handful_unless_asked_for_all():
+    from typer.testing import CliRunner
+
+    from sdesbench.cli import app
+    from sdesbench.measure.bench import DEFAULT_METHODS, bench_methods
+    from sdesbench.methods import METHODS
+
+    assert bench_methods(None) == list(DEFAULT_METHODS) and DEFAULT_METHODS[0] == "student"
+    assert bench_methods(["all"]) == ["student"] + [m for m in METHODS.names() if m != "student"]
+    assert bench_methods(["sdes", "kl"]) == ["student", "sdes", "kl"]
+    help_text = " ".join(CliRunner().invoke(app, ["bench", "--help"], terminal_width=400).output.split())
+    assert "`all` for every registered one" in help_text and ", ".join(DEFAULT_METHODS) in help_text, help_text

@@ -11,7 +11,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
         model: str = typer.Option("deeplabv3_resnet18", help="Student (and random teacher) architecture."),
-        methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all; student is always in)."),
+        methods: Optional[str] = typer.Option(None, help="Comma-separated methods, or `all` for every registered "
+                                              "one (default: a representative handful: student, kl, at, cwd, cirkd, "
+                                              "sdes; student is always in)."),
         batch: Optional[int] = typer.Option(None, min=1, help="Batch size (default: 8 on CUDA, 4 on CPU)."),
         crop: Optional[int] = typer.Option(None, min=8, help="Square crop (default: 512 on CUDA, 128 on CPU)."),
         rounds: int = typer.Option(6, min=1, help="Interleaved timing rounds (student and method blocks alternate)."),

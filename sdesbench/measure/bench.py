@@ -3,7 +3,8 @@
 A benchmark, not a test. Everything runs in one process on one device, through the suite's own
 training step (`engine.step.train_step`) on learners built as the Trainer builds them:
 
-- **training step** of every registered method relative to `student`, measured interleaved over
+- **training step** of each method asked for (`DEFAULT_METHODS`, a representative handful, unless `methods`
+  names others or `all`) relative to `student`, measured interleaved over
   rounds, with the median ratio, its confidence interval and a "not distinguishable" flag
   (`measure/step_cost.py`). Methods that need a teacher get a random teacher of the student's
   architecture, built in memory.
@@ -59,6 +60,21 @@ PEAK_TFLOPS = [
 ]
 
 
+# what `bench` times with no `--methods`: one of each kind of cost (the student; logit KD; attention and channel
+# feature KD with their adapters; CIRKD's memory queues and pairwise relations; SDES's experts). Timing all
+# registered methods interleaved takes past 900 s on a loaded CPU: `--methods all` asks for it.
+DEFAULT_METHODS = ("student", "kl", "at", "cwd", "cirkd", "sdes")
+
+
+def bench_methods(asked: list[str] | None) -> list[str]:
+    """The methods to time, the student first: `DEFAULT_METHODS` (None), every registered one (`["all"]`), or
+    those named (each checked: one line with a did-you-mean)."""
+    names = list(DEFAULT_METHODS) if not asked else METHODS.names() if asked == ["all"] else asked
+    for m in names:
+        METHODS.get(m)
+    return ["student"] + [m for m in names if m != "student"]
+
+
 @dataclass
 class BenchSettings:
     model: str = "deeplabv3_resnet18"
@@ -68,7 +84,7 @@ class BenchSettings:
     steps: int = 2  # steps per timed block
     warmup: int = 2
     clock: Clock | None = None  # default: process CPU time on CPU, wall time on CUDA
-    methods: list[str] | None = None  # None: every registered method
+    methods: list[str] | None = None  # None: DEFAULT_METHODS; ["all"]: every registered method
     dataset: str = "tiny"
     data_root: str | None = None
     workers: int = 0
@@ -155,10 +171,7 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> 
     ds_cls = DATASETS.get(s.dataset)
     train_set = ds_cls(s.data_root, "train")
     eval_set = ds_cls(s.data_root, "val" if "val" in ds_cls.splits else ds_cls.splits[-1])
-    names = s.methods or METHODS.names()
-    for m in names:
-        METHODS.get(m)  # one-line error with a did-you-mean
-    names = ["student"] + [m for m in names if m != "student"]
+    names = bench_methods(s.methods)
     counts = class_pixel_counts(train_set)
     images, labels = fixed_batch(train_set, batch, crop)
 
@@ -213,6 +226,8 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> 
         "device": runtime.device_name if cuda else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "cpu_count": os.cpu_count()},
+        "methods_timed": (f"a representative handful ({len(names)} of {len(METHODS.names())}); `--methods all` "
+                          "times every one" if not s.methods else f"{len(names)} of {len(METHODS.names())}, as asked"),
         "settings": {"model": s.model, "dataset": s.dataset, "batch": batch, "crop": crop, "rounds": s.rounds,
                      "steps": s.steps, "warmup": s.warmup, "clock": clock, "amp": runtime.amp_name,
                      "memory_method": "torch.cuda allocator peak above the step's start + the method's live tensors"
@@ -235,7 +250,7 @@ def format_report(r: dict[str, Any]) -> str:
     peak = bool(r.get("peak_tflops"))
     lines = [f"device: {r['device']}; model {st['model']}, batch {st['batch']}, crop {st['crop']}, amp {st['amp']}; "
              f"time ratios: median over {st['rounds']} interleaved rounds of {st['steps']} steps ({st['clock']} clock), "
-             "[interval]; '~' = not distinguishable from the student", "",
+             "[interval]; '~' = not distinguishable from the student", f"methods: {r['methods_timed']}", "",
              "| method | step ms | time × student | peak MB | memory × student | img/s | GFLOP/step | TFLOP/s |"
              + (" % of peak |" if peak else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
