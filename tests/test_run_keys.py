@@ -18,7 +18,7 @@ from sdesbench.engine.configure import build_config
 from sdesbench.experiments.plan import TEACHER_SEED_OFFSET, Sweep
 from sdesbench.experiments.spec import load_spec
 from sdesbench.methods import METHODS
-from sdesbench.report.tables import collect
+from sdesbench.report.rows import collect
 
 SDES_VARIANTS = ("sdes", "sdes-no-dfed", "sdes-no-dped", "sdes-random-split")
 EVAL_SETTINGS_ADDED_LATER = ("mode", "crop", "stride", "scales", "flip", "tta_rule", "absent_classes", "resize",

@@ -22,7 +22,7 @@ from sdesbench.experiments.spec import load_spec
 from sdesbench.report import ReportOptions, build_report
 from sdesbench.report.curves import aggregate, curve_lines
 from sdesbench.report.latex import caption, escape
-from sdesbench.report.forest import forest_figure, forest_rows
+from sdesbench.report.forest import CLAIMED_LABEL, forest_figure, forest_rows
 from sdesbench.report.stats import (COVERS, miou_of_counts, paired_bootstrap, two_level_bootstrap, two_level_draws,
                                     welch)
 
@@ -330,15 +330,16 @@ def test_latex_table_has_the_papers_layout_and_compiles(results, tmp_path):
     assert (results / "table4-smoke-forest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(results / "table4-smoke-forest.png") in r.stderr
     tex = (results / "table4-smoke.tex").read_text()
-    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}{lcccrr}"):
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}{lcccrrrrl}"):
         assert rule in tex, rule
     # loss names set as the paper sets them, in the header (the `show` columns) and the row labels
     header = tex[tex.index(r"\toprule"):tex.index(r"\midrule")].splitlines()[1]
     assert header == (r"Method & $\mathcal{L}_{SS}$ & $\mathcal{L}_{DPED}$ & $\mathcal{L}_{DFED}$ & "
-                      r"mIoU & paper \\")
+                      r"mIoU & paper & gain & paper gain & verdict \\")
     body = tex[tex.index(r"\midrule"):tex.index(r"\bottomrule")]
     lines = [ln for ln in body.splitlines() if ln.endswith(r"\\")]
-    assert lines[0] == r"\multicolumn{6}{l}{\textit{EfficientNet-B0}} \\"
+    assert lines[0] == (r"\multicolumn{9}{l}{\textit{EfficientNet-B0 -- our Student is 1.87 higher than the paper's "
+                        r"(69.43 against 67.56 mIoU)}} \\")  # the gap of the baseline every gain is measured from
     cells = {ln.split(" & ")[0]: ln.split(" & ") for ln in lines[1:]}
     assert list(cells) == [r"$\mathcal{L}_{SS}$", r"$\mathcal{L}_{SS} + \mathcal{L}_{DPED}$",
                            r"$\mathcal{L}_{SS} + \mathcal{L}_{DFED}$",
@@ -347,8 +348,11 @@ def test_latex_table_has_the_papers_layout_and_compiles(results, tmp_path):
     assert r"L\_" not in tex  # no loss name left as text
     ours, student = cells[r"$\mathcal{L}_{SS} + \mathcal{L}_{DPED} + \mathcal{L}_{DFED}$"], cells[r"$\mathcal{L}_{SS}$"]
     assert ours[1:4] == [r"\checkmark{}"] * 3
-    assert ours[4] == r"\textbf{70.80 $\pm$ 0.66}" and ours[5] == r"68.74 \\"  # best of the network, bold
-    assert student[4] == r"69.43 $\pm$ 0.40" and student[5] == r"67.56 \\"
+    assert ours[4] == r"\textbf{70.80 $\pm$ 0.66}" and ours[5] == r"68.74"  # best of the network, bold
+    assert student[4] == r"69.43 $\pm$ 0.40" and student[5] == r"67.56"
+    # the gain (Welch interval), the paper's (68.74 - 67.56) and the verdict: the interval holds the claim
+    assert ours[6:] == [r"+1.37 {\scriptsize [+0.03, +2.71]}", "+1.18", r"\textit{reproduced} \\"]
+    assert student[6:] == ["ref", "ref", r" \\"]
     assert cells[r"$\mathcal{L}_{SS} + \mathcal{L}_{DFED}$"][4] == r"\textit{missing}"
     # the float numbers the table: the caption does not say "Table 4:" again
     (caption,) = [ln for ln in tex.splitlines() if ln.startswith(r"\caption{")]
@@ -405,14 +409,14 @@ def test_oracle_rows_are_marked_from_their_metric(tmp_path):
     header = written.md.split("|", 1)[0]
     assert header.count("† Oracle, not a deployable model") == 1 and "ground-truth class mask" in header
     assert "Experts" in list(written.df["Method"]) and "Experts †" not in (tmp_path / "table3-smoke.csv").read_text()
-    tex = latex_table(sweep, spec, written.df, written.entries)
+    tex = latex_table(sweep, spec, written.df, written.entries, written.gains)
     marked = [ln for ln in tex.splitlines() if r"$^\dagger$" in ln]
     assert len(marked) == 2 and marked[1].startswith(r"Experts $^\dagger$ & ")
     assert marked[0].startswith(r"\caption{") and r"$^\dagger$ Oracle, not a deployable model" in marked[0]
     plain = write_table(Sweep("table4", "smoke", (0,), tmp_path), load_spec("table4"))
     assert "†" not in plain.md and "Oracle" not in plain.md
     assert "dagger" not in latex_table(Sweep("table4", "smoke", (0,), tmp_path), load_spec("table4"), plain.df,
-                                       plain.entries)
+                                       plain.entries, plain.gains)
     # the prediction grid: the Ens-T column of a run says it is an oracle, the student's does not
     assert column_title("Ours\nsdes", "ens_t") == "Ours (Ens-T)\n(oracle: GT routing)\nsdes"
     assert column_title("Ours\nsdes", "student") == "Ours\nsdes"
@@ -456,7 +460,7 @@ def test_curves_are_the_mean_and_range_over_seeds(results):
     assert table3["EfficientNet-B0 / Student"] == "-" and not any(k.startswith("teacher") for k in table3)
     styles = {ln.label: ln.style for ln in curve_lines(Sweep("table2", "smoke", (0,), results).plans())}
     assert styles["DeepLabV3-ResNet-50 (teacher) / Teacher"] == "--"  # the KL/AT/CWD teacher's own row
-    assert styles["DeepLabV3-ResNet-18 / Ens-T (experts' ensemble)"] == ":"
+    assert styles["DeepLabV3-ResNet-18 / Ens-T (experts' ensemble) †"] == ":"  # an oracle: marked
     assert styles["DeepLabV3-ResNet-18 / Ours"] == styles["ERFNet / Student"] == "-"
     path = build_report(Sweep("table4", "smoke", (0, 1, 2), results), ReportOptions(curves=True)).files[-1]
     assert path.name == "table4-smoke-curves.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -525,7 +529,7 @@ def test_report_stars_only_what_covers_the_seeds_and_draws_the_forest_plot(noisy
     # the forest plot: one line per row compared with the Student row, in table order, the table's numbers
     path = res / "table4-smoke-forest.png"
     assert path in written.files and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    lines = forest_rows(written.entries, "miou")
+    lines = forest_rows(written.entries, written.gains, "miou")
     assert [r.label for r in lines] == ["L_SS + L_DPED", "L_SS + L_DFED", "L_SS + L_DPED + L_DFED",
                                         "Rand split + L_DFED"]
     by_label = {r.label: r for r in lines}
@@ -533,9 +537,9 @@ def test_report_stars_only_what_covers_the_seeds_and_draws_the_forest_plot(noisy
     assert by_label["L_SS + L_DPED + L_DFED"].intervals["two_level"].cell() == close[TWO_LEVEL]
     fig = forest_figure({"mIoU": lines}, "t")
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_yticklabels()] == [r.label for r in lines]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [r.tick for r in lines]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [COVERS["welch"], COVERS["two_level"],
-                                                                   COVERS["images"]]
+                                                                   COVERS["images"], CLAIMED_LABEL]
     assert any(list(ln.get_xdata()) == [0, 0] for ln in ax.get_lines())  # the vertical line at 0
     stars = [t.get_text() for t in ax.texts if t.get_text() == "*"]
     assert len(stars) == 2  # Welch and two-level of the far row; nothing else excludes 0 with a star

@@ -129,8 +129,8 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Replace a table even when it holds more measured cells "
                                    "than the new one."),
         columns: Optional[str] = typer.Option(None, "--columns", help="The metrics to show, comma-separated, of "
-                                              "miou, pa, macc (mean per-class accuracy), e.g. miou,pa,macc "
-                                              "(default: the table's own)."),
+                                              "miou, pa, macc (mean per-class accuracy), mdice, mfscore (mean Dice, "
+                                              "F-score), e.g. miou,pa,macc (default: the table's own)."),
         eval_sets: list[str] = typer.Option([], "--eval-set", help="Also show each metric of a second evaluation of "
                                             "every run under these eval settings (repeatable eval.key=value), e.g. "
                                             "'eval.scales=[0.5,0.75,1.0,1.25,1.5,1.75]' eval.flip=true: a column "

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 PRESETS = ("paper", "mini", "smoke")
-Metric = Literal["miou", "pa", "macc"]  # macc: mean per-class accuracy (no paper gives it)
+# macc: mean per-class accuracy; mdice, mfscore: mmsegmentation's mean Dice and F-score (no paper gives them)
+Metric = Literal["miou", "pa", "macc", "mdice", "mfscore"]
 # the teacher of a `teacher: true` row: trained with its own seed, derived from the row's (`separate`:
 # "another pre-trained student"), or with the row's seed (`same`: the table's Student row itself). A
 # `teacher: <model>` row always uses the row's seed: its teacher is the table's teacher network, whose

@@ -1,7 +1,8 @@
 """Reports: paper tables beside the measured numbers (`tables`, with size and cost `columns` and the
 significance tests of `stats`), the Figure 3 sweep plots (`figures`), the LaTeX table (`latex`),
 training curves (`curves`), the forest plot of the differences to the Student rows (`forest`) and grids
-of predictions (`qualitative`). `build_report` writes whichever a table's spec and the options ask for."""
+of predictions (`qualitative`). Every gain over a Student row, claimed and measured, with its intervals and
+verdict, is computed once (`gains`, from the rows `rows` reads) and read by the tables, LaTeX and forest plot. `build_report` writes whichever a table's spec and the options ask for."""
 from __future__ import annotations
 
 import dataclasses
@@ -34,14 +35,14 @@ def build_report(sweep: Sweep, options: ReportOptions | None = None) -> Written:
         written.notes.append(f"{sweep.table} is a figure: no LaTeX table")
     elif options.latex:
         tex = Path(sweep.results) / f"{sweep.name}-{sweep.preset}.tex"
-        write_text(tex, latex_table(sweep, spec, written.df, written.entries))
+        write_text(tex, latex_table(sweep, spec, written.df, written.entries, written.gains))
         written.files.append(tex)
     if options.curves:
         written.files.append(write_curves(sweep, spec))
     if options.plot and spec.is_sweep:
         written.notes.append(f"{sweep.table} is a figure: no forest plot")
     elif options.plot:
-        forest = write_forest(sweep, spec, written.entries)
+        forest = write_forest(sweep, spec, written.entries, written.gains)
         if forest is None:
             written.notes.append("no forest plot: no row has a difference to its Student row (that needs completed "
                                  "runs on both sides, and two or more seeds or --stats)")

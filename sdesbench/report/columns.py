@@ -1,4 +1,5 @@
-"""The report's optional columns: which metrics it shows (`report --columns miou,pa,macc`), the numbers of an
+"""The report's optional columns: which metrics it shows (`report --columns miou,pa,macc,mdice,mfscore`; mDice
+and mFscore from records of schema 6 on), the numbers of an
 extra evaluation of each run (`report --eval-set ...`, read from the records `sdesbench eval --record` writes),
 Params / FLOPs of each row's network (the spec's `profile:` setting: class count and input size of the paper's
 figures) and training cost from the run records."""
@@ -20,9 +21,9 @@ from sdesbench.measure.costs import CostCache, cached_profile, ensemble_profile,
 from sdesbench.report.numbers import fmt
 
 
-METRICS: tuple[str, ...] = typing.get_args(Metric)  # what `--columns` may name: miou, pa, macc
-METRIC_LABEL = {"miou": "mIoU", "pa": "PA", "macc": "mAcc"}
-RECORD_KEY = {"miou": "miou", "pa": "pixel_acc", "macc": "macc"}  # metric -> `Scores` field
+METRICS: tuple[str, ...] = typing.get_args(Metric)  # what `--columns` may name: miou, pa, macc, mdice, mfscore
+METRIC_LABEL = {"miou": "mIoU", "pa": "PA", "macc": "mAcc", "mdice": "mDice", "mfscore": "mFscore"}
+RECORD_KEY = {"miou": "miou", "pa": "pixel_acc", "macc": "macc", "mdice": "mdice", "mfscore": "mfscore"}  # -> `Scores`
 
 
 def metric_columns(text: str) -> tuple[str, ...]:

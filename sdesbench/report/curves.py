@@ -6,7 +6,8 @@ the iteration, for every row of the table: the mean over the completed seeds, wi
 their minimum to their maximum. A run without periodic evaluations shows its final mIoU as a point.
 Rows that report the student are solid lines; Ens-T (the experts' ensemble, read from the history of
 the same run: an Ens-T row, or the Ens-T of an SDES row in a table without one) is dotted; teachers
-are dashed and named "teacher: <model>". Everything
+are dashed and named "teacher: <model>". An oracle line (Ens-T, routed by the ground truth: SDES Eq. 4)
+carries `tables.ORACLE_MARK` in the legend, and a line under the plots says what it means. Everything
 comes from the small files kept in git, so a fresh clone draws the same plot.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sdesbench.errors import StorageError
 from sdesbench.experiments.plan import PlannedRun, Sweep
 from sdesbench.experiments.spec import Spec
 from sdesbench.io import write_file
+from sdesbench.report.tables import ORACLE_FIGURE_NOTE, ORACLE_MARK, ORACLE_PREDICTIONS
 
 Series = dict[int, float]  # iteration -> value
 EXTRA_NAMES = {"ens_t": "Ens-T"}
@@ -66,6 +68,7 @@ class Line:
     label: str
     style: str  # "-" student, ":" Ens-T, "--" teacher
     family: str = ""  # lines of one row (its student and its Ens-T) share a colour
+    oracle: bool = False  # an oracle prediction (ORACLE_PREDICTIONS): marked in the legend
     losses: list[Series] = field(default_factory=list)
     vals: list[Series] = field(default_factory=list)
     curve: bool = False
@@ -103,8 +106,9 @@ def curve_lines(plans: list[PlannedRun]) -> list[Line]:
             line = lines.setdefault((p.key, source), Line(f"teacher: {p.row}", "--", p.key))
         else:
             style = ("--" if str(p.out) in teaching else "-") if source == "student" else ":"
-            suffix = "" if source == "student" else " (experts' ensemble)"
-            line = lines.setdefault((p.key, source), Line(name + suffix, style, p.key))
+            oracle = source in ORACLE_PREDICTIONS
+            suffix = "" if source == "student" else " (experts' ensemble)" + (f" {ORACLE_MARK}" if oracle else "")
+            line = lines.setdefault((p.key, source), Line(name + suffix, style, p.key, oracle))
         if rec is None:
             continue
         if line.style != ":":  # an Ens-T row shares its run's loss with the Ours row
@@ -116,7 +120,9 @@ def curve_lines(plans: list[PlannedRun]) -> list[Line]:
             continue
         for extra in dict.fromkeys(k for e in rec.history for k in e.extra):
             if (str(p.out), extra) not in reported:  # e.g. the Ens-T of an SDES row, in a table without its row
-                ens = lines.setdefault((p.key, extra), Line(f"{name} ({EXTRA_NAMES.get(extra, extra)})", ":", p.key))
+                oracle = extra in ORACLE_PREDICTIONS
+                label = f"{name} ({EXTRA_NAMES.get(extra, extra)})" + (f" {ORACLE_MARK}" if oracle else "")
+                ens = lines.setdefault((p.key, extra), Line(label, ":", p.key, oracle))
                 ens.vals.append(val_series(rec, extra)[0])
                 ens.curve = True
     return list(lines.values())
@@ -173,6 +179,9 @@ def write_curves(sweep: Sweep, spec: Spec) -> Path:
                    title=f"mean over seeds {','.join(map(str, sweep.seeds))}; band = min..max", title_fontsize=8)
     fig.suptitle(f"{spec.title} (preset {sweep.preset})", fontsize=10)
     fig.tight_layout()
+    if any(ln.oracle and ln.vals for ln in lines):  # below the plots; savefig's tight box takes it in
+        fig.text(0.5, -0.01, ORACLE_FIGURE_NOTE.format(mark=ORACLE_MARK), ha="center", va="top", fontsize=8,
+                 color="0.3")
     path = Path(sweep.results) / f"{sweep.name}-{sweep.preset}-curves.png"
     write_file(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))  # atomic
     plt.close(fig)

@@ -1,5 +1,7 @@
 """Figure 3: one plot per swept hyper-parameter (mIoU and Ens-T against the value, the paper's choice
-marked), all of them side by side in one PNG, and the numbers as Markdown/CSV."""
+marked), all of them side by side in one PNG, and the numbers as Markdown/CSV. Ens-T, the experts' ensemble
+routed by the ground truth (SDES Eq. 4), is an oracle: its line, its column and the header carry
+`tables.ORACLE_MARK` and say so."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +16,12 @@ from sdesbench.experiments.spec import ParameterSweep, Spec
 from sdesbench.experiments.sweeps import sweep_spec, sweep_values
 from sdesbench.io import write_file
 from sdesbench.report.numbers import fmt, mean_or_none
-from sdesbench.report.tables import (ReportOptions, RowResults, Written, collect, evaluation_lines, short_status,
-                                     write_outputs)
+from sdesbench.report.rows import RowResults, collect
+from sdesbench.report.tables import (ORACLE_FIGURE_NOTE, ORACLE_MARK, ORACLE_NOTE, ORACLE_PREDICTIONS, ReportOptions,
+                                     Written, evaluation_lines, short_status, write_outputs)
+
+ENS_T = "ens_t"
+ENS_T_LABEL = f"Ens-T {ORACLE_MARK}"  # the oracle's line and column
 
 
 def saver(fig: Any, dpi: int):
@@ -33,6 +39,14 @@ def _mark_paper_choice(ax, best: Any) -> None:
         ax.axvline(best, color="tab:green", linestyle="--", label=f"paper: {best:g}")
 
 
+def lay_out(fig, oracle: bool) -> None:
+    """tight_layout, with a line under the plots saying what the Ens-T line's mark means when it is drawn."""
+    fig.tight_layout(rect=(0, 0.06, 1, 1) if oracle else None)
+    if oracle:
+        fig.text(0.5, 0.01, ORACLE_FIGURE_NOTE.format(mark=ORACLE_MARK), ha="center", va="bottom", fontsize=7,
+                 color="0.3")
+
+
 def write_sweep_figure(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) -> Written:
     """results/<table>-<preset>.md/.csv and one PNG per swept parameter (+ all of them in one PNG)."""
     import matplotlib
@@ -45,6 +59,7 @@ def write_sweep_figure(sweep: Sweep, spec: Spec, options: ReportOptions | None =
     frames = []
     all_plans = []
     figures: list[tuple[Path, Any, int]] = []
+    any_oracle = False
     fig_all, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.6), squeeze=False)
     for i, param in enumerate(params):
         sw = spec.sweeps[param]
@@ -53,7 +68,7 @@ def write_sweep_figure(sweep: Sweep, spec: Spec, options: ReportOptions | None =
         all_plans += plans
         entries = collect(plans, ("miou",))
         # the Ens-T line (the experts' ensemble) is drawn where the method reports it
-        ens = collect([dataclasses.replace(p, metric_source="ens_t") for p in plans], ("miou",))
+        ens = collect([dataclasses.replace(p, metric_source=ENS_T) for p in plans], ("miou",))
         ens_by_key = {e.plan.key: e.values["miou"] for e in ens}
         rows = []
         for v, e in zip(values, entries):
@@ -65,19 +80,21 @@ def write_sweep_figure(sweep: Sweep, spec: Spec, options: ReportOptions | None =
         frames.append(df)
         fig, ax = plt.subplots(figsize=(4.8, 3.6))
         for a in (ax, axes[0][i]):
-            _draw_sweep(a, param, sw, df, ens_by_key, entries)
-        fig.tight_layout()
+            oracle = _draw_sweep(a, param, sw, df, ens_by_key, entries)
+        any_oracle = any_oracle or oracle
+        lay_out(fig, oracle)
         figures.append((results / f"{sweep.name}-{sweep.preset}-{param}.png", fig, 110))
     fig_all.suptitle(f"{spec.title} (preset {sweep.preset})")
-    fig_all.tight_layout()
+    lay_out(fig_all, any_oracle)
     all_png = results / f"{sweep.name}-{sweep.preset}.png"
     figures.append((all_png, fig_all, 100))
     df = pd.concat(frames, ignore_index=True)
-    shown = df.drop(columns=["mean", "std"])
+    shown = df.drop(columns=["mean", "std"]).rename(columns={"Ens-T mIoU": f"{ENS_T_LABEL} mIoU"})  # the CSV: plain
     chosen = ", ".join(f"{p}: {spec.sweeps[p].best}" for p in params)
+    oracle = ORACLE_NOTE.format(mark=ORACLE_MARK, why=ORACLE_PREDICTIONS[ENS_T])
     md = (f"# {spec.title}\n\nPreset `{sweep.preset}`, seeds {','.join(map(str, sweep.seeds))}. mIoU in %, mean ± "
           "std over seeds. The paper gives curves, not numbers; its chosen values are marked on the plots "
-          f"({chosen}).\n\n{evaluation_lines(all_plans)}\n\n"
+          f"({chosen}).\n\n{evaluation_lines(all_plans)}\n\n{oracle}\n\n"
           f"![Figure 3]({all_png.name})\n\n{shown.to_markdown(index=False, disable_numparse=True)}\n")
     try:
         written = write_outputs(sweep, md, df, (options or ReportOptions()).force,
@@ -89,7 +106,9 @@ def write_sweep_figure(sweep: Sweep, spec: Spec, options: ReportOptions | None =
 
 
 def _draw_sweep(ax, param: str, sw: ParameterSweep, df: pd.DataFrame, ens_by_key: dict[str, list[float]],
-                entries: list[RowResults]) -> None:
+                entries: list[RowResults]) -> bool:
+    """Draw one parameter's sweep; whether it drew the Ens-T (oracle) line."""
+    drawn = False
     done = df[df["mean"].notna()]
     if sw.log:
         ax.set_xscale("log")
@@ -99,7 +118,8 @@ def _draw_sweep(ax, param: str, sw: ParameterSweep, df: pd.DataFrame, ens_by_key
         ens = [(v, mean_or_none(ens_by_key.get(e.plan.key, []))) for v, e in zip(df["value"], entries)]
         ens = [(v, m) for v, m in ens if m is not None]
         if ens:
-            ax.plot([v for v, _ in ens], [m for _, m in ens], marker="s", linestyle=":", label="Ens-T")
+            ax.plot([v for v, _ in ens], [m for _, m in ens], marker="s", linestyle=":", label=ENS_T_LABEL)
+            drawn = True
     missing = df[df["mean"].isna()]
     if len(missing):
         reasons = sorted({s.split(";")[0] for s in missing["status"]})
@@ -113,3 +133,4 @@ def _draw_sweep(ax, param: str, sw: ParameterSweep, df: pd.DataFrame, ens_by_key
     ax.set_ylabel("mIoU (%)")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
+    return drawn

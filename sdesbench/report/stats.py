@@ -123,7 +123,30 @@ def macc_of_counts(counts: np.ndarray) -> np.ndarray:
     return acc.sum(-1) / np.maximum(present.sum(-1), 1)
 
 
-METRICS_OF_COUNTS = {"miou": miou_of_counts, "pa": pixel_acc_of_counts, "macc": macc_of_counts}
+def dice_of_counts(counts: np.ndarray) -> np.ndarray:
+    """mDice from summed counts: per class 2 TP / (2 TP + FP + FN), averaged over the classes present in label or
+    prediction, as `engine.metrics.ConfusionMatrix.compute` does."""
+    tp, fp, fn = counts[..., 0, :], counts[..., 1, :], counts[..., 2, :]
+    both = 2 * tp + fp + fn
+    present = both > 0
+    dice = np.where(present, 2 * tp / np.maximum(both, 1), 0.0)
+    return dice.sum(-1) / np.maximum(present.sum(-1), 1)
+
+
+def fscore_of_counts(counts: np.ndarray) -> np.ndarray:
+    """mFscore from summed counts: per class 2 p r / (p + r) (p = TP / (TP + FP), r = TP / (TP + FN)), averaged over
+    the classes where it is defined (predicted and labelled, p + r > 0), as `engine.metrics.ConfusionMatrix.compute`
+    does: a class predicted or labelled but never right (TP = 0) is left out, not counted 0."""
+    tp, fp, fn = counts[..., 0, :], counts[..., 1, :], counts[..., 2, :]
+    defined = tp > 0  # TP > 0 makes p and r defined and p + r > 0; TP = 0 leaves p, r or p + r at 0
+    precision = tp / np.maximum(tp + fp, 1)
+    recall = tp / np.maximum(tp + fn, 1)
+    f = np.where(defined, 2 * precision * recall / np.where(defined, precision + recall, 1), 0.0)
+    return f.sum(-1) / np.maximum(defined.sum(-1), 1)
+
+
+METRICS_OF_COUNTS = {"miou": miou_of_counts, "pa": pixel_acc_of_counts, "macc": macc_of_counts,
+                     "mdice": dice_of_counts, "mfscore": fscore_of_counts}
 
 
 def multiplicities(rng: np.random.Generator, n: int, draws: int) -> np.ndarray:

@@ -7,11 +7,13 @@ never a number. Layouts follow the paper: `long` (one line per method: Tables 2-
 (networks as rows, methods as columns: Table 1). The CSV beside each Markdown file is always long
 (one line per row, machine-readable). Params/FLOPs and training cost come from `report/columns.py`.
 
-Significance (`report/stats.py`, docs/tables.md): with two or more seeds each row gets its difference
-to its group's Student row with a 95% interval and a p-value (Welch's t-test over seeds); with
+Gains (`report/gains.py`, which computes every comparison; this module only prints them): each row's gain
+over its group's Student row, claimed by the paper (`paper Δ Student`) and measured (`Δ Student`); with two or
+more seeds its 95% interval and p-value (Welch's t-test over seeds) and the verdict on the claim; with
 `stats`, from the runs' per-image counts, the two-level bootstrap over seeds and test images (two or more
 seeds) and the image-only bootstrap (test-set noise only: never starred; one seed suffices). Each
-column's name says what its interval covers (`COLUMNS`).
+column's name says what its interval covers (`COLUMNS`). The header states the verdicts' rules and, per
+group, how far our Student row lies from the paper's.
 
 A report never replaces a table that holds measured cells with one that holds fewer (a fresh clone
 without the runs, a narrower seed list), unless `force` is given; it says what it kept.
@@ -28,34 +30,35 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Callable, get_args
 
-import numpy as np
 import pandas as pd
 
 from sdesbench.engine.inference import Inference
 from sdesbench.engine.metrics import miou_convention
-from sdesbench.engine.record import RunRecord, Scores, best_evaluation, read_image_counts
-from sdesbench.errors import ConfigError, StorageError
+from sdesbench.engine.record import best_evaluation
+from sdesbench.errors import ConfigError
 from sdesbench.experiments.plan import PlannedRun, Sweep
 from sdesbench.experiments.spec import Spec
 from sdesbench.io import write_text
 from sdesbench.registry import did_you_mean
-from sdesbench.report.columns import (COST_COLUMNS, METRIC_LABEL, RECORD_KEY, ExtraEvaluation, SizeColumns,
-                                      cost_cells)
+from sdesbench.report.columns import COST_COLUMNS, METRIC_LABEL, ExtraEvaluation, SizeColumns, cost_cells
+from sdesbench.report.gains import STUDENT, VERDICTS, Comparison, Gains, against_label, compare
 from sdesbench.report.numbers import fmt, mean_or_none
-from sdesbench.report.stats import BOOTSTRAP_DRAWS, Difference, paired_bootstrap, two_level_bootstrap, welch
+from sdesbench.report.rows import Checkpoint, RowResults, collect, extra_key
+from sdesbench.report.stats import BOOTSTRAP_DRAWS
 
 MEASURED = re.compile(r"^-?\d+\.\d+( ± \d+\.\d+)?$")  # a measured cell: "m" or "m ± s"
-MEASURED_COLUMNS = ("mIoU", "PA", "mAcc", "Ens-T mIoU")
-Checkpoint = Literal["last", "best"]
-PAPER_METRICS = ("miou", "pa")  # the metrics a spec row holds the paper's numbers of (`spec.Row.paper`)  # the measured metric columns of tables and sweeps
+MEASURED_COLUMNS = ("mIoU", "PA", "mAcc", "mDice", "mFscore", "Ens-T mIoU")  # the measured metric columns
+PAPER_METRICS = ("miou", "pa")  # the metrics a spec row holds the paper's numbers of (`spec.Row.paper`)
 # Predictions that read the ground truth at test time: oracles, not models anyone can deploy. A row reporting one
 # (spec `metric:`) carries ORACLE_MARK wherever its number is shown, and the table's header says why.
 ORACLE_MARK = "†"
 ORACLE_PREDICTIONS = {"ens_t": "SDES's expert ensemble (the paper's Eq. 4), which routes each pixel to an expert by "
                                "its ground-truth class mask"}
 ORACLE_NOTE = "{mark} Oracle, not a deployable model: {why}. Compare it with no student as if it were one."
+# the same in a figure's note, where the mark stands beside a line or an interval
+ORACLE_FIGURE_NOTE = "{mark} oracle (not a deployable model): routes each pixel to an expert by its ground-truth class"
 NOT_SAME_SCALE = ("\nThe `{preset}` preset is a sanity check of the pipeline, not a reproduction: its numbers "
                   "are not comparable with the paper's.\n")
 
@@ -94,170 +97,11 @@ class ReportOptions:
         return tuple(self.columns) or tuple(spec.metrics)
 
 
-@dataclass
-class RowResults:
-    """One table row over seeds: the values per metric, the statuses, the completed records."""
-
-    plan: PlannedRun
-    runs: list[PlannedRun]
-    values: dict[str, list[float]]
-    status: list[str] = field(default_factory=list)
-    records: list[tuple[PlannedRun, RunRecord]] = field(default_factory=list)
-    # metric -> test (`COLUMNS` keys) -> the difference to the group's Student row (in points), None
-    # where a side lacks runs; empty on the Student row itself and in a group without one
-    differences: dict[str, dict[str, Difference | None]] = field(default_factory=dict)
-    is_reference: bool = False
-    # the same against the row `ReportOptions.against` names in the row's group (empty without one)
-    against_differences: dict[str, dict[str, Difference | None]] = field(default_factory=dict)
-    is_against: bool = False
-
-    def status_text(self) -> str:
-        parts = sorted(set(self.status))
-        text = "; ".join(parts) if parts else "ok"
-        if parts and self.records:
-            text = f"{len(self.records)} completed; {text}"
-        return text
-
-
-def extra_key(metric: str) -> str:
-    """`RowResults.values` key of a metric of the extra evaluation (`ExtraEvaluation`)."""
-    return f"extra:{metric}"
-
-
-def checkpoint_scores(rec: RunRecord, source: str, checkpoint: Checkpoint) -> Scores | None:
-    """The record's scores of `source` at the final iteration (`last`) or at its best periodic evaluation (`best`)."""
-    if checkpoint == "last":
-        return rec.scores(source)
-    best = best_evaluation(rec.history)
-    return best.scores(source) if best is not None else None
-
-
-def collect(plans: list[PlannedRun], metrics: tuple[str, ...], extra: ExtraEvaluation | None = None,
-            checkpoint: Checkpoint = "last") -> list[RowResults]:
-    """One entry per table row (teachers left out), in plan order, with the `checkpoint`'s numbers; with
-    `extra`, each metric of the extra evaluation too (values under `extra_key(metric)`)."""
-    by_key: dict[str, list[PlannedRun]] = {}
-    for p in plans:
-        if p.is_row:
-            by_key.setdefault(p.key, []).append(p)
-    rows = []
-    for runs in by_key.values():
-        entry = RowResults(runs[0], runs, {m: [] for m in metrics} | ({extra_key(m): [] for m in metrics} if extra else {}))
-        for p in runs:
-            if p.skipped:
-                entry.status.append(f"skipped: {p.skipped}")
-                continue
-            try:
-                rec = p.record()
-            except StorageError as e:
-                entry.status.append(f"unreadable: {e}")
-                continue
-            if rec is None and p.stale is not None:  # recorded under other defaults: never shown as current
-                entry.status.append(f"{p.stale.describe()}; the old record is kept in {p.stale.folder}")
-            elif rec is None:
-                entry.status.append("missing: not run yet")
-            elif not rec.completed:
-                entry.status.append(f"{rec.status}: {rec.error or 'no error recorded'}")
-            else:
-                entry.records.append((p, rec))
-                scores = checkpoint_scores(rec, p.metric_source, checkpoint)
-                for m in metrics:
-                    v = getattr(scores, RECORD_KEY.get(m, m), None) if scores else None
-                    if v is None and checkpoint == "best" and not rec.history:
-                        entry.status.append(f"missing: no periodic evaluation (eval.every) in {p.out}/results.json")
-                    elif v is None:
-                        before = " (recorded before sdesbench recorded mAcc)" if m == "macc" else ""
-                        where = " at the best periodic evaluation" if checkpoint == "best" else ""
-                        entry.status.append(f"missing: no {p.metric_source} {m}{where} in {p.out}/results.json{before}")
-                    else:
-                        entry.values[m].append(100.0 * v)
-                    if extra is not None:
-                        value, why = extra.value(p, rec, m, checkpoint)
-                        entry.values[extra_key(m)] += [value] if value is not None else []
-                        entry.status += [why] if why else []
-        entry.status = list(dict.fromkeys(entry.status))  # one line per reason (the extra's may repeat per metric)
-        rows.append(entry)
-    return rows
-
-
-def reference_rows(entries: list[RowResults]) -> dict[str, RowResults]:
-    """Each group's Student row: its first row training the plain student and reporting the student."""
-    refs: dict[str, RowResults] = {}
-    for e in entries:
-        if e.plan.method == "student" and e.plan.metric_source == "student":
-            refs.setdefault(e.plan.group, e)
-    return refs
-
-
-def named_rows(entries: list[RowResults], name: str) -> dict[str, RowResults]:
-    """Each group's row that `name` names: its label (`CIRKD`, in every group that has one) or its key
-    (`DeepLabV3-ResNet-18/CIRKD`, that group only)."""
-    return {e.plan.group: e for e in entries if name in (e.plan.row, e.plan.key)}
-
-
-def against_label(name: str) -> str:
-    """What the columns comparing with the `--against` row call it: its label."""
-    return name.rsplit("/", 1)[-1]
-
-
-def seed_counts(entry: RowResults, source: str) -> dict[int, tuple[list[str], np.ndarray]]:
-    """seed -> (image ids, images x 3 x C counts of prediction `source`) of the row's completed runs."""
-    out = {}
-    for plan, rec in entry.records:
-        try:
-            counts = read_image_counts(plan.out, rec)
-        except StorageError:
-            continue
-        if counts is not None and source in counts.counts:
-            out[plan.seed] = (counts.image_ids, counts.counts[source])
-    return out
-
-
-def shared_counts(entry: RowResults, ref: RowResults) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """seed -> counts of the row's and of the Student row's runs, those scored on the Student row's images
-    (the ids of its first seed with counts); a run scored on other images is left out."""
-    mine, theirs = seed_counts(entry, entry.plan.metric_source), seed_counts(ref, ref.plan.metric_source)
-    if not theirs:
-        return {}, {}
-    ids = theirs[min(theirs)][0]
-    return ({s: c for s, (i, c) in mine.items() if i == ids}, {s: c for s, (i, c) in theirs.items() if i == ids})
-
-
-def differences(entry: RowResults, ref: RowResults, metric: str, seeds: bool,
-                stats: bool) -> dict[str, Difference | None]:
-    """The row's difference to its group's Student row in points, per test: Welch over seeds (`seeds`);
-    with `stats`, the two-level bootstrap over all seeds of both rows (`seeds`) and the image-only one
-    over the seeds both rows have (seed s of the row against seed s of the Student row)."""
-    out: dict[str, Difference | None] = {}
-    if seeds:
-        out["welch"] = welch(entry.values[metric], ref.values[metric])
-    if not stats:
-        return out
-    mine, theirs = shared_counts(entry, ref)
-    if seeds:
-        two = two_level_bootstrap(list(mine.values()), list(theirs.values()), metric) if mine and theirs else None
-        out["two_level"] = two.scaled(100) if two else None
-    both = sorted(s for s in mine if s in theirs)
-    image = paired_bootstrap([mine[s] for s in both], [theirs[s] for s in both], metric) if both else None
-    out["images"] = image.scaled(100) if image else None
-    return out
-
-
-def compared_with(entry: RowResults, ref: RowResults | None, metrics: tuple[str, ...], seeds: bool,
-                  stats: bool) -> tuple[bool, dict[str, dict[str, Difference | None]]]:
-    """Whether the row is `ref` itself, and its `differences` to `ref` per metric (none on `ref` itself or
-    without one): the Student row's comparison and the `--against` row's are the same computation."""
-    if ref is None or ref is entry:
-        return ref is entry, {}
-    return False, {m: differences(entry, ref, m, seeds, stats) for m in metrics}
-
-
 # test -> (the interval's column, the p-value's column); `{m}` is the metric's label, `{v}` the row compared
 # with: `Student` (each group's Student row) or the `--against` row's label (its p-value columns say it too)
 VERSUS_COLUMNS = {"welch": ("vs {v} {m} (seeds: Welch 95% CI)", "Welch p{p} {m}"),
                   "two_level": ("vs {v} {m} (seeds + images: bootstrap 95% CI)", "seeds + images p{p} {m}"),
                   "images": ("vs {v} {m} (test images only: bootstrap 95% CI)", "images only p{p} {m}")}
-STUDENT = "Student"
 
 
 def versus_columns(versus: str = STUDENT) -> dict[str, tuple[str, str]]:
@@ -269,41 +113,32 @@ def versus_columns(versus: str = STUDENT) -> dict[str, tuple[str, str]]:
 COLUMNS = versus_columns()
 
 
-def comparison_tests(seeds: bool, stats: bool) -> list[str]:
-    """The tests a table shows: Welch with two or more seeds; with `stats` the two-level bootstrap (two
-    or more seeds) and the image-only one."""
-    return (["welch"] if seeds else []) + ((["two_level"] if seeds else []) + ["images"] if stats else [])
+def signed(value: float | None) -> str:
+    return f"{value:+.2f}" if value is not None else "—"
 
 
-def comparison_cells(entry: RowResults, metrics: tuple[str, ...], tests: list[str],
-                     versus: str = STUDENT) -> dict[str, str]:
-    """The row's difference to its group's Student row (`entry.differences`), or to the `--against` row
-    (`versus` its label: `entry.against_differences`), per metric and test: the interval cell and the p-value
-    cell; "ref" on that row itself, "—" where a side lacks runs."""
-    against = versus != STUDENT
-    diffs, is_ref = (entry.against_differences, entry.is_against) if against else (entry.differences, entry.is_reference)
+def gain_cells(comparison: Comparison, metrics: tuple[str, ...], tests: list[str], versus: str = STUDENT,
+               claims: tuple[str, ...] = ()) -> dict[str, str]:
+    """A row's comparison (`report/gains.py`) as cells, per metric: the claimed gain (`paper Δ Student`, for the
+    metrics in `claims`), the measured one (`Δ Student`), per test its interval and p-value, and with Welch
+    (for `claims` too) the verdict; "ref" on the row compared with itself, "—" where a side lacks runs."""
     out: dict[str, str] = {}
     for m in metrics:
         label = METRIC_LABEL.get(m, m)
+        g = comparison.gains.get(m)
+        ref = comparison.is_reference
+        if m in claims:
+            out[f"paper Δ {versus} {label}"] = "ref" if ref else signed(g.claimed if g else None)
+        out[f"Δ {versus} {label}"] = "ref" if ref else signed(g.measured if g else None)
         for test in tests:
-            diff = diffs.get(m, {}).get(test)
-            if is_ref:
-                cell, p = "ref", ""
-            else:
-                cell, p = (diff.cell(), diff.p_cell()) if diff else ("—", "—")
+            diff = g.tests.get(test) if g else None
+            cell, p = ("ref", "") if ref else (diff.cell(), diff.p_cell()) if diff else ("—", "—")
             ci_column, p_column = versus_columns(versus)[test]
             out[ci_column.format(m=label)] = cell
             out[p_column.format(m=label)] = p
+            if test == "welch" and m in claims:
+                out[f"verdict {label}"] = "" if ref else (g.verdict if g and g.verdict else "—")
     return out
-
-
-def point_difference(entry: RowResults, ref: RowResults | None, metric: str) -> str:
-    """The row's mean minus the reference row's, in points (any number of seeds): "ref" on the reference row,
-    "—" without one or without runs on a side."""
-    if ref is entry:
-        return "ref"
-    mine, theirs = (mean_or_none(entry.values[metric]), mean_or_none(ref.values[metric]) if ref else None)
-    return f"{mine - theirs:+.2f}" if mine is not None and theirs is not None else "—"
 
 
 def oracle_label(plan: PlannedRun) -> str:
@@ -319,20 +154,18 @@ def oracle_lines(plans: list[PlannedRun]) -> list[str]:
 
 def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = False,
                stats: bool = False, extra: ExtraEvaluation | None = None,
-               against: str | None = None, checkpoint: Checkpoint = "last") -> tuple[pd.DataFrame, list[str], list[RowResults]]:
-    """`table_frame` plus the rows' results (for the LaTeX table). A table that extends another, or one
-    compared `against` a named row, also gets each row's point difference to its group's Student row (and to
-    the named row: `Δ Student mIoU`, `Δ CIRKD mIoU`); `against` adds its intervals and p-values too."""
+               against: str | None = None, checkpoint: Checkpoint = "last",
+               ) -> tuple[pd.DataFrame, list[str], list[RowResults], Gains]:
+    """`table_frame` plus the rows' results and their gains (for the LaTeX table and the forest plot). In a table
+    with a Student row, each row's gain over it, claimed and measured (`paper Δ Student mIoU`, `Δ Student mIoU`),
+    with its tests and verdict; `against` adds the measured difference to the named row, with its tests too."""
     metrics = tuple(spec.metrics)
     sizes = SizeColumns(spec, results)
     entries = collect(plans, metrics, extra, checkpoint)
+    gains = compare(entries, metrics, stats, against)
     extra_label = extra_column_label(plans, extra)
-    with_paper = {m for m in metrics if m in PAPER_METRICS}
-    refs = reference_rows(entries)
-    named = named_rows(entries, against) if against else {}
+    with_paper = tuple(m for m in metrics if m in PAPER_METRICS)
     versus = against_label(against) if against else None
-    deltas = bool(spec.extends or against)
-    several_seeds = max((len(e.runs) for e in entries), default=0) >= 2
     shown = dict.fromkeys(k for e in entries for k in e.plan.show)  # a row without a display column (a row of
     lines = []                                                         # an extension) shows it blank
     for entry in entries:
@@ -350,19 +183,10 @@ def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = 
             for m in metrics:
                 line[f"{METRIC_LABEL.get(m, m)} ({extra_label})"] = fmt(entry.values[extra_key(m)]) or \
                     short_status(entry.status)
-        ref = refs.get(plan.group)
-        entry.is_reference, entry.differences = compared_with(entry, ref, metrics, several_seeds, stats)
-        if deltas:
-            for m in metrics:
-                label = METRIC_LABEL.get(m, m)
-                line[f"Δ {STUDENT} {label}"] = point_difference(entry, ref, m)
-                if versus:
-                    line[f"Δ {versus} {label}"] = point_difference(entry, named.get(plan.group), m)
-        line.update(comparison_cells(entry, metrics, comparison_tests(several_seeds, stats)))
+        if gains.has_student:
+            line.update(gain_cells(gains.of(entry), metrics, gains.tests, claims=with_paper))
         if versus:
-            entry.is_against, entry.against_differences = compared_with(entry, named.get(plan.group), metrics,
-                                                                        several_seeds, stats)
-            line.update(comparison_cells(entry, metrics, comparison_tests(several_seeds, stats), versus))
+            line.update(gain_cells(gains.of(entry, against=True), metrics, gains.tests, versus))
         line.update(sizes.cells(plan))
         if cost:
             line.update(cost_cells(entry.records, sizes.cache))
@@ -370,26 +194,29 @@ def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = 
         line["status"] = entry.status_text()
         lines.append(line)
     sizes.cache.save()
-    return pd.DataFrame(lines), sorted(sizes.notes), entries
+    return pd.DataFrame(lines), sorted(sizes.notes), entries, gains
 
 
 def table_frame(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = False,
                 stats: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """Long table: one line per row with measured, paper and Δ per metric (+ the difference to the
     group's Student row, sizes, cost, status)."""
-    df, notes, _ = table_rows(plans, spec, results, cost, stats)
+    df, notes, _, _ = table_rows(plans, spec, results, cost, stats)
     return df, notes
 
 
 def wide_markdown(df: pd.DataFrame, metric: str, against: str | None = None) -> str:
-    """Networks as rows and methods as columns (Table 1): measured, paper and Δ lines per network (and
-    the difference to the Student column, and to the `against` row, with its p-values when the table has them)."""
+    """Networks as rows and methods as columns (Table 1): measured, paper and Δ lines per network (and the gain
+    over the Student column, claimed and measured, and the difference to the `against` row, with the intervals,
+    p-values and verdicts when the table has them)."""
     label = METRIC_LABEL.get(metric, metric)
     methods = list(dict.fromkeys(df["Method"]))
     versus = [STUDENT] + ([against_label(against)] if against else [])
     kinds = [(what, col) for what, col in (("measured", label), ("paper", f"paper {label}"), ("Δ", f"Δ {label}"),
+                                           (f"paper Δ {STUDENT}", f"paper Δ {STUDENT} {label}"),
                                            *((f"Δ {v}", f"Δ {v} {label}") for v in versus)) if col in df.columns]
     comparison = {c.format(m=label) for v in versus for pair in versus_columns(v).values() for c in pair}
+    comparison.add(f"verdict {label}")
     kinds += [(c.replace(f" {label} (", " (").replace(f" {label}", ""), c) for c in df.columns if c in comparison]
     lines = []
     for net, part in df.groupby("Network", sort=False):
@@ -447,6 +274,31 @@ class Written:
     notes: list[str] = field(default_factory=list)  # what was asked for and could not be made, and why
     df: pd.DataFrame | None = None
     entries: list[RowResults] = field(default_factory=list)
+    gains: Gains | None = None
+
+
+GAINS_LINE = ("Gains over each group's Student row, in points: `paper Δ Student` = the paper's row − the paper's "
+              "Student row (the gain the paper claims); `Δ Student` = our row's mean − our Student row's (the gain "
+              "measured).")
+VERDICT_LINE = ("`verdict`, from the measured gain's Welch 95% interval over seeds (CI; both rows with 2+ seeds and "
+                "the paper's numbers for both, `—` otherwise): {rules}.")
+BASELINE_LINE = "Our Student rows against the paper's (a baseline above the paper's shrinks every gain measured from it):"
+
+
+def gains_lines(gains: Gains, metrics: tuple[str, ...]) -> str:
+    """The header's part on gains: what the gain columns hold, every verdict's rule (when the table has
+    verdicts), and per group how far our Student row lies from the paper's (the first thing to read)."""
+    if not gains.has_student:
+        return ""
+    text = GAINS_LINE
+    if gains.verdicts:
+        text += " " + VERDICT_LINE.format(rules="; ".join(f"`{v}`: {rule}" for v, rule in VERDICTS.items()))
+    claimed = [m for m in metrics if m in PAPER_METRICS] or list(metrics[:1])
+    text += "\n\n" + BASELINE_LINE + "\n\n"
+    for group, base in gains.baselines.items():
+        said = "; ".join(base.sentence(m, METRIC_LABEL.get(m, m)) for m in claimed)
+        text += f"- {group} (`{base.label}`): {said}.\n"
+    return text + "\n"
 
 
 COMPARISON_NOTE = ("\n`vs Student ...`: the row minus its group's Student row, in points, with a 95% interval and a "
@@ -469,15 +321,14 @@ TEST_NOTES = {
 
 AGAINST_NOTE = ("\n`Δ {v}` and `vs {v} ...`: the row minus the `{v}` row of its group (`--against {name}`), with "
                 "the same tests as against the Student row; `ref` is that row itself, `—` a group without one.\n")
-DELTA_NOTE = "\n`Δ Student`: the row's mean minus its group's Student row's, in points.\n"
 
 
 def comparison_note(df: pd.DataFrame, metrics: tuple[str, ...], against: str | None = None) -> str:
-    """The note under a table with `vs Student` (or `Δ Student`) columns: what each of its tests answers, and
-    what the `--against` columns compare; "" without any."""
+    """The note under a table with `vs Student` columns: what each of its tests answers, and what the `--against`
+    columns compare; "" without any."""
     label = METRIC_LABEL.get(metrics[0], metrics[0])
     tests = [t for t, (ci, _) in COLUMNS.items() if ci.format(m=label) in df.columns]
-    note = DELTA_NOTE if f"Δ {STUDENT} {label}" in df.columns else ""
+    note = ""
     if tests:
         note += COMPARISON_NOTE.format(tests=" ".join(TEST_NOTES[t].format(draws=BOOTSTRAP_DRAWS) for t in tests))
     if against:
@@ -534,7 +385,7 @@ def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) 
     plans = sweep.plans(spec)
     check_against(spec, options.against)
     check_checkpoint(options, spec)
-    df, notes, entries = table_rows(plans, spec, sweep.results, cost=spec.cost, stats=options.stats,
+    df, notes, entries, gains = table_rows(plans, spec, sweep.results, cost=spec.cost, stats=options.stats,
                                     extra=options.extra, against=options.against, checkpoint=options.checkpoint)
     units = "/".join(METRIC_LABEL.get(m, m) for m in spec.metrics) + " in %"
     md = (f"# {spec.title}\n\nPreset `{sweep.preset}`, seeds {','.join(map(str, sweep.seeds))}. "
@@ -547,6 +398,7 @@ def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) 
     if spec.extends:
         md += (f"Extends the table `{spec.extends}`: its rows, the same runs as its own table's, beside this spec's "
                "rows, under the same protocol.\n\n")
+    md += gains_lines(gains, tuple(spec.metrics))
     if spec.layout == "wide":
         for m in spec.metrics:
             md += wide_markdown(shown, m, options.against) + "\n\n"
@@ -566,7 +418,7 @@ def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) 
     for n in notes:
         md += f"\n{n}\n"
     written = write_outputs(sweep, md, df, options.force, suffix="-best" if options.checkpoint == "best" else "")
-    written.df, written.entries = df, entries
+    written.df, written.entries, written.gains = df, entries, gains
     return written
 
 
