@@ -112,3 +112,46 @@ def test_the_report_has_claimed_and_measured_gains_verdicts_and_the_baseline_gap
 def test_verdict_rules(claim, low, high, expected):
     assert verdict(claim, Difference((low + high) / 2, low, high, 0.01)) == expected
     assert verdict(None, Difference(0.5, low, high, 0.01)) is None and verdict(claim, None) is None
+
+
+def test_dice_and_fscore_of_counts_are_the_confusion_matrix_s():
+    """The bootstraps' mDice / mFscore of summed per-image counts equal the evaluation's (ConfusionMatrix),
+    with a class never predicted right (F-score left out), one absent everywhere and one only predicted."""
+    import numpy as np
+    import torch
+
+    from sdesbench.engine.metrics import ConfusionMatrix, image_counts
+    from sdesbench.report.stats import METRICS_OF_COUNTS
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 3, (4, 6, 6), generator=gen)
+    pred = torch.where(torch.rand(4, 6, 6, generator=gen) < 0.6, target, torch.randint(0, 5, (4, 6, 6), generator=gen))
+    pred[pred == 2] = 4  # class 2 labelled, never predicted right; class 4 only predicted; class 5 nowhere
+    target[0, 0, 0] = 255
+    mat = ConfusionMatrix(6)
+    mat.update(pred, target)
+    counts = image_counts(pred, target, 6).sum(0).numpy()
+    for metric in ("mdice", "mfscore", "miou", "macc"):
+        assert float(METRICS_OF_COUNTS[metric](counts)) == pytest.approx(mat.compute()[metric], abs=1e-12), metric
+    assert np.isfinite(METRICS_OF_COUNTS["mfscore"](np.zeros((3, 6))))  # nothing predicted right: 0, not NaN
+
+
+def test_mdice_and_mfscore_columns_where_the_records_have_them(report, tmp_path):
+    """A record of schema 6 gives mDice / mFscore columns (and their measured gains; no paper gives them); an
+    older record says why its cell is missing."""
+    sweep, spec, _ = report
+    res = tmp_path / "res"
+    for plan in sweep.plans(spec):
+        if plan.row in (STUDENT, "L_SS + L_DPED"):
+            rec = json.loads((plan.out / "results.json").read_text())
+            if plan.row == STUDENT or plan.seed == 0:  # seed 1 of the other row: a record before schema 6
+                rec["metrics"] |= {"mdice": 0.7 + plan.seed / 100, "mfscore": 0.6 + plan.seed / 100}
+            out = res / plan.out.relative_to(sweep.results)
+            out.mkdir(parents=True)
+            (out / "results.json").write_text(json.dumps(rec))
+    spec = dataclasses.replace(spec, metrics=["miou", "mdice", "mfscore"])
+    rows = rows_of(write_table(dataclasses.replace(sweep, results=res), spec).md)
+    assert rows[STUDENT]["mDice"] == "70.50 ± 0.71" and rows[STUDENT]["mFscore"] == "60.50 ± 0.71"
+    ours = rows["L_SS + L_DPED"]
+    assert ours["mDice"] == "70.00" and ours["Δ Student mDice"] == "-0.50" and "paper mDice" not in ours
+    assert "recorded before sdesbench recorded mDice: record schema 6" in ours["status"]
