@@ -93,14 +93,14 @@ def test_the_report_has_claimed_and_measured_gains_verdicts_and_the_baseline_gap
         assert f"`{word}`: " in header
     assert "`larger`: " in header
     gap = statistics.fmean(records[STUDENT]) - paper[STUDENT]
-    assert gap < 0 and (f"- EfficientNet-B0 (`L_SS`): our Student is {-gap:.2f} lower than the paper's "
+    assert gap < 0 and (f"- EfficientNet-B0: our L_SS is {-gap:.2f} lower than the paper's "
                         f"({statistics.fmean(records[STUDENT]):.2f} against {paper[STUDENT]:.2f} mIoU)." in header)
     # the forest plot and the LaTeX table read the same gains
     forest = {r.label: r for r in forest_rows(written.entries, written.gains, "miou")}
     assert {label: forest[label].verdict for label in EXPECTED} == EXPECTED
     assert forest["L_SS + L_DPED"].claimed == pytest.approx(paper["L_SS + L_DPED"] - paper[STUDENT])
     tex = latex_table(sweep, spec, written.df, written.entries, written.gains)
-    assert rf"& \textit{{{EXPECTED['L_SS + L_DFED']}}} \\" in tex and f"our Student is {-gap:.2f} lower" in tex
+    assert rf"& \textit{{{EXPECTED['L_SS + L_DFED']}}} \\" in tex and rf"our $\mathcal{{L}}_{{SS}}$ is {-gap:.2f} lower" in tex
 
 
 @pytest.mark.parametrize("claim, low, high, expected", [

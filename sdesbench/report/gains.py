@@ -99,15 +99,16 @@ class Baseline:
         return mine - theirs if mine is not None and theirs is not None else None
 
     def sentence(self, metric: str, label: str) -> str:
-        """'our Student is 1.90 higher than the paper's (76.11 against 74.21 mIoU)', or why there is no gap."""
+        """'our Baseline is 1.90 higher than the paper's (76.11 against 74.21 mIoU)' (the row's label), or why
+        there is no gap."""
         mine, theirs, gap = self.measured(metric), self.paper.get(metric), self.gap(metric)
         if mine is None:
-            return f"no completed run of our Student, the paper's is {theirs:.2f} {label}" if theirs is not None \
-                else "no completed run of our Student, no number in the paper"
+            return f"no completed run of our {self.label}, the paper's is {theirs:.2f} {label}" if theirs is not None \
+                else f"no completed run of our {self.label}, no number in the paper"
         if gap is None:
-            return f"our Student has {mine:.2f} {label}, the paper gives no number"
+            return f"our {self.label} has {mine:.2f} {label}, the paper gives no number"
         how = "equal to" if round(gap, 2) == 0 else f"{abs(gap):.2f} {'higher' if gap > 0 else 'lower'} than"
-        return f"our Student is {how} the paper's ({mine:.2f} against {theirs:.2f} {label})"
+        return f"our {self.label} is {how} the paper's ({mine:.2f} against {theirs:.2f} {label})"
 
 
 @dataclass

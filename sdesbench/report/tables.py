@@ -58,7 +58,7 @@ ORACLE_PREDICTIONS = {"ens_t": "SDES's expert ensemble (the paper's Eq. 4), whic
                                "its ground-truth class mask"}
 ORACLE_NOTE = "{mark} Oracle, not a deployable model: {why}. Compare it with no student as if it were one."
 # the same in a figure's note, where the mark stands beside a line or an interval
-ORACLE_FIGURE_NOTE = "{mark} oracle (not a deployable model): routes each pixel to an expert by its ground-truth class"
+ORACLE_FIGURE_NOTE = "{mark} oracle, not a deployable model: pixels routed to experts by their ground-truth class"
 NOT_SAME_SCALE = ("\nThe `{preset}` preset is a sanity check of the pipeline, not a reproduction: its numbers "
                   "are not comparable with the paper's.\n")
 
@@ -282,7 +282,8 @@ GAINS_LINE = ("Gains over each group's Student row, in points: `paper Δ Student
               "measured).")
 VERDICT_LINE = ("`verdict`, from the measured gain's Welch 95% interval over seeds (CI; both rows with 2+ seeds and "
                 "the paper's numbers for both, `—` otherwise): {rules}.")
-BASELINE_LINE = "Our Student rows against the paper's (a baseline above the paper's shrinks every gain measured from it):"
+BASELINE_LINE = ("Each group's Student row (the plain student every gain is measured from), ours against the paper's: "
+                 "a baseline above the paper's shrinks every gain measured from it.")
 
 
 def gains_lines(gains: Gains, metrics: tuple[str, ...]) -> str:
@@ -297,7 +298,7 @@ def gains_lines(gains: Gains, metrics: tuple[str, ...]) -> str:
     text += "\n\n" + BASELINE_LINE + "\n\n"
     for group, base in gains.baselines.items():
         said = "; ".join(base.sentence(m, METRIC_LABEL.get(m, m)) for m in claimed)
-        text += f"- {group} (`{base.label}`): {said}.\n"
+        text += f"- {group}: {said}.\n"
     return text + "\n"
 
 
