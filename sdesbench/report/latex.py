@@ -28,8 +28,7 @@ from sdesbench.experiments.plan import Sweep
 from sdesbench.experiments.spec import Spec
 from sdesbench.report.gains import VERDICTS, Comparison, Gains
 from sdesbench.report.rows import RowResults
-from sdesbench.report.tables import (GAINS_LINE, METRIC_LABEL, PAPER_METRICS, oracle_label, oracle_lines,
-                                     short_status)
+from sdesbench.report.tables import METRIC_LABEL, PAPER_METRICS, oracle_label, oracle_lines, short_status
 
 SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
            "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "✓": r"\checkmark{}",
@@ -120,8 +119,9 @@ def gains_caption(gains: Gains | None) -> str:
     """What the gain columns hold and, with verdicts, every verdict's rule."""
     if gains is None or not gains.has_student:
         return ""
-    text = (" Gain: " + GAINS_LINE.split(": ", 1)[1].replace("`paper Δ Student`", "paper gain")
-            .replace("`Δ Student`", "gain") + " With 2+ seeds the gain's Welch 95% interval over seeds (CI) follows it")
+    text = (" Gain: our row's mean − our Student row's, in points (the gain measured; with 2+ seeds its Welch 95% "
+            "interval over seeds, CI, follows it); paper gain: the paper's row − the paper's Student row (the gain "
+            "the paper claims)")
     if gains.verdicts:
         text += "; verdict: " + "; ".join(f"{v}: {rule}" for v, rule in VERDICTS.items())
     return escape(text + ".")
