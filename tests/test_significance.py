@@ -409,6 +409,10 @@ def test_oracle_rows_are_marked_from_their_metric(tmp_path):
     header = written.md.split("|", 1)[0]
     assert header.count("† Oracle, not a deployable model") == 1 and "ground-truth class mask" in header
     assert "Experts" in list(written.df["Method"]) and "Experts †" not in (tmp_path / "table3-smoke.csv").read_text()
+    oracles = [r.label for r in forest_rows(written.entries, written.gains, "miou") if r.oracle]
+    assert oracles == ["EfficientNet-B0 / Experts †"]  # the forest plot's line too, and its title's note
+    title = forest_figure({"mIoU": forest_rows(written.entries, written.gains, "miou")}, "t")._suptitle.get_text()
+    assert title == "t\n† oracle, not a deployable model: pixels routed to experts by their ground-truth class"
     tex = latex_table(sweep, spec, written.df, written.entries, written.gains)
     marked = [ln for ln in tex.splitlines() if r"$^\dagger$" in ln]
     assert len(marked) == 2 and marked[1].startswith(r"Experts $^\dagger$ & ")
