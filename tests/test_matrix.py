@@ -99,6 +99,7 @@ def test_every_method_trains_and_evaluates_with_model(model_name, counts):
         n_student = count_params(model)
         assert n_student <= MAX_STUDENT_PARAMS, f"{model_name} is teacher-size: list it in TEACHERS_ONLY"
         before = [p.detach().clone() for p in model.parameters()]
+        own_before = [p.detach().clone() for p in method.parameters()]
         # an early and a late step: warm-ups and staged losses (SAD, Tf-FD, RDD) take both paths;
         # RDD's late stage alone can be empty between two random networks (no pixel hard for just one)
         logged = set()
@@ -108,7 +109,12 @@ def test_every_method_trains_and_evaluates_with_model(model_name, counts):
             logged |= set(terms) | set(learner.own_terms)
         if not options:  # the terms a method declares it logs (with its defaults, on a model without aux head)
             assert logged == set(METHODS.get(method_name).logged_terms), (model_name, method_name, logged)
-        assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), method_name
+        if METHODS.get(method_name).student_is_teacher:  # its run trains the method's own parameters alone
+            assert all(torch.equal(b, p) for b, p in zip(before, model.parameters())), method_name
+            assert any(not torch.equal(b, p) for b, p in zip(own_before, method.parameters())), method_name
+            assert not model.training, method_name  # the frozen teacher stays in eval mode while the unit trains
+        else:
+            assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), method_name
         model.eval()
         method.eval()
         with torch.no_grad():

@@ -38,6 +38,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.model (and teacher.checkpoint)")
     if cfg.teacher.model:
         MODELS.get(cfg.teacher.model)
+    if method_cls.student_is_teacher and cfg.model.name != cfg.teacher.model:
+        raise ConfigError(f"method {cfg.method.name!r} trains on the teacher itself: model.name must be teacher.model "
+                          f"({cfg.teacher.model}), got {cfg.model.name}")
     record_plugins(cfg)
     return cfg
 

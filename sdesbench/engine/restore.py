@@ -86,7 +86,7 @@ def restore(path: str | Path, device: torch.device | str = "cpu", with_method: b
             else None
         ctx = MethodContext(model=model, num_classes=num_classes, total_iters=cfg.train.iters,
                             class_pixel_counts=lambda: stored_class_counts(state, cfg), teacher=teacher,
-                            seed=cfg.train.seed)
+                            seed=cfg.train.seed, read_artefacts=False)  # its state is the checkpoint's
         method = method_cls(method_cls.parse_options(cfg.method.options, num_classes), ctx)
         try:
             method.load_state_dict(state["method"])

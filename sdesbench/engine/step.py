@@ -44,6 +44,12 @@ class TrainUnit(nn.Module):
             return self.method.own_loss_terms(step)
         return self.method.loss_terms(self.model(images), labels, step, teacher_out)
 
+    def train(self, mode: bool = True) -> "TrainUnit":
+        super().train(mode)
+        if self.method.student_is_teacher:  # the frozen teacher keeps its running statistics
+            self.model.eval()
+        return self
+
 
 @dataclass
 class Learner:
@@ -158,17 +164,23 @@ def make_optimizer(unit: TrainUnit, train: TrainConfig, exclude: set[int] = froz
 
 def build_learner(model_cfg: ModelConfig, method_name: str, options: dict[str, Any], num_classes: int,
                   runtime: Runtime, train: TrainConfig, class_pixel_counts: Callable[[], torch.Tensor],
-                  make_teacher: Callable[[], SegmentationModel | None] = lambda: None) -> Learner:
+                  make_teacher: Callable[[], SegmentationModel | None] = lambda: None,
+                  read_artefacts: bool = True) -> Learner:
     """Student, teacher (from `make_teacher`, called between the student and the method so the
     random-number stream, hence every initial weight, is the same for every caller), method,
-    optimizer and scaler, on the runtime's device; DDP-wrapped under torchrun."""
-    model = build_model(model_cfg, num_classes)
+    optimizer and scaler, on the runtime's device; DDP-wrapped under torchrun. For a method whose run
+    trains on the teacher itself (`student_is_teacher`) the teacher is the run's network, and there is no
+    separate teacher. `read_artefacts`: whether the method may read the files its options name."""
     method_cls = METHODS.get(method_name)
-    teacher = make_teacher() if method_cls.needs_teacher else None
+    if method_cls.student_is_teacher:
+        model, teacher = make_teacher(), None
+    else:
+        model = build_model(model_cfg, num_classes)
+        teacher = make_teacher() if method_cls.needs_teacher else None
     opts = method_cls.parse_options(options, num_classes)
     ctx = MethodContext(model=model, num_classes=num_classes, total_iters=train.iters,
                         class_pixel_counts=class_pixel_counts, teacher=teacher, seed=train.seed,
-                        rank=D.rank())
+                        rank=D.rank(), read_artefacts=read_artefacts)
     unit = TrainUnit(model, method_cls(opts, ctx)).to(runtime.device)
     if teacher is not None:
         teacher.to(runtime.device)
@@ -190,9 +202,11 @@ def random_learner(model_name: str, method_name: str, num_classes: int, options:
     """A Learner built as the Trainer builds one, with random weights and a random frozen teacher
     of `teacher_model` (default: the student's architecture): for cost, not accuracy. Without
     class counts every class counts the same (a class split changes which classes an expert owns,
-    not its size)."""
+    not its size). The method reads no files its options name (a stage's checkpoint): it keeps its
+    own initial state, as random as the weights."""
     torch.manual_seed(0)
     counts = class_pixel_counts or (lambda: torch.ones(num_classes, dtype=torch.long))
     return build_learner(ModelConfig(name=model_name), method_name, options or {}, num_classes,
                          runtime or Runtime(torch.device("cpu")), train or TrainConfig(), counts,
-                         lambda: freeze(build_model(teacher_model or model_name, num_classes)))
+                         lambda: freeze(build_model(teacher_model or model_name, num_classes)),
+                         read_artefacts=False)

@@ -13,7 +13,10 @@ Declared on the class (read by the Trainer, the CLI, the tests and the docs; not
   can put several methods' options in one dataclass without a clash ("" only for older methods whose
   names predate the rule);
 - `stage`: a `StageRun` when the method distils from the artefact of a run of its own that must finish
-  first (MasKD's stage-1 receptive tokens), which `sdesbench run` plans like a teacher (docs/extending.md).
+  first (MasKD's stage-1 receptive tokens), which `sdesbench run` plans like a teacher (docs/extending.md);
+- `student_is_teacher`: the run's network is the trained teacher itself, frozen in eval mode, and the method's
+  own parameters are all that trains (MasKD's stage 1 learns its receptive tokens so): the run's `model` is
+  its `teacher.model`, loaded from `teacher.checkpoint`, and no second teacher forward runs.
 
 Inputs. `loss_terms(student_out, labels, step, teacher_out)`: `student_out` (and the frozen teacher's
 `teacher_out`, None unless `needs_teacher`) is the output dict of `sdesbench.models.base`: `logits`
@@ -121,6 +124,9 @@ class MethodContext:
     teacher: SegmentationModel | None = None
     seed: int = 0  # the run's seed (train.seed)
     rank: int = 0  # this process's rank under DDP (0 outside it)
+    # whether the method may read the files its options name (MasKD's stage-1 checkpoint): False where it is
+    # built with random weights for a cost measurement, or to receive a checkpoint's own state (a restore)
+    read_artefacts: bool = True
 
 
 def method_seed(seed: int, rank: int) -> int:
@@ -161,6 +167,7 @@ class Method(nn.Module):
     no_conformance_because: ClassVar[str] = ""  # why there is no fixture, when `conformance` is None
     option_prefix: ClassVar[str] = ""  # the prefix of the option names it adds, e.g. "cwd_"
     stage: ClassVar[StageRun | None] = None  # a run of its own this method's run depends on (StageRun)
+    student_is_teacher: ClassVar[bool] = False  # its run's network is the frozen teacher (module docstring)
 
     @dataclass
     class Options:
