@@ -451,9 +451,11 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
         configure(pr, data, [o for o in overrides if not o.startswith("method.")])
         return shared(pr, teachers)
 
-    def stage_run(stage: StageRun, row: PlannedRun, data: dict[str, Any]) -> PlannedRun:
+    def stage_run(stage: StageRun, row: PlannedRun, data: dict[str, Any], teacher: PlannedRun | None) -> PlannedRun:
         """The row's configuration (teacher included) with the stage's method, the row's shared options and
-        the stage's settings: its artefact is its checkpoint."""
+        the stage's settings: its artefact is its checkpoint. A stage method whose run trains on the teacher
+        itself (`student_is_teacher`, MasKD's tokens) has the teacher run's network for its own, so the rows of
+        every student of one teacher share it."""
         options = {}
         try:  # the row's resolved values (defaults included) of the options the stage shares
             resolved = build_config(data, overrides).method.options
@@ -461,9 +463,12 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
         except ConfigError:
             pass  # the row itself reports its invalid configuration
         base = {k: v for k, v in data.items() if k != "method"}
+        model = row.model
+        if METHODS.get(stage.method).student_is_teacher and teacher is not None and teacher.cfg is not None:
+            base["model"], model = dataclasses.asdict(teacher.cfg.model), teacher.cfg.model.name
         stage_data = merge(merge(base, {"method": {"name": stage.method, **options}}), stage.settings)
         pr = PlannedRun(key=f"stage:{stage.method}:{row.group}", group="stage", row=stage.method, seed=row.seed,
-                        cfg=None, role="stage", needs_weights=True, model=row.model, method=stage.method,
+                        cfg=None, role="stage", needs_weights=True, model=model, method=stage.method,
                         dependencies=list(row.dependencies))
         configure(pr, stage_data, [o for o in overrides if not o.startswith("method.")])
         return shared(pr, stages)
@@ -486,7 +491,7 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
             planned_keys: tuple[str, ...] = ()
             stage = METHODS.get(req.method).stage if req.method in METHODS else None
             if stage is not None and not pr.skipped:
-                st = stage_run(stage, pr, data)
+                st = stage_run(stage, pr, data, t if req.teacher else None)
                 if st.cfg is not None:
                     data = merge(data, {"method": {stage.artefact_option: str(checkpoint_of(st.out))}})
                     planned_keys = (f"method.options.{stage.artefact_option}",)

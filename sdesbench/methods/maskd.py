@@ -55,7 +55,7 @@ from torch import nn
 from sdesbench.config import rng
 from sdesbench.errors import CheckpointError, ConfigError
 from sdesbench.io import load_checkpoint
-from sdesbench.methods.base import METHODS, Method, MethodContext
+from sdesbench.methods.base import METHODS, Method, MethodContext, StageRun
 from sdesbench.methods.losses import fp32, full_precision, pixel_ce
 from sdesbench.methods.teacher_student import TeacherStudentMethod, TeacherStudentOptions
 
@@ -162,6 +162,10 @@ class MasKD(TeacherStudentMethod):
     logged_terms = ("ss", "maskd")
     conformance = "maskd.json"
     option_prefix = "maskd_"
+    # stage 1 is a run of its own on the row's teacher, at train_mask_module.py's lr 0.1 and weight decay 1e-3
+    stage = StageRun(method="maskd-tokens", artefact_option="maskd_tokens",
+                     shared_options=("maskd_num_tokens", "maskd_dice_weight"),
+                     settings={"train": {"lr": 0.1, "weight_decay": 1e-3}})
 
     Options = MasKDOptions
 
