@@ -29,8 +29,10 @@ tests/conformance/maskd.json holds their outputs on seeded inputs.
 The stage-1 run is a run of the one Trainer: its network is the trained teacher itself, frozen and in eval
 mode (`student_is_teacher`: the run's `model` is `teacher.model` and it loads `teacher.checkpoint`), and its
 only trainable parameters are the tokens, which its checkpoint holds in the method state (`tokens`). Its
-evaluation scores the teacher, and the logits rebuilt from the masks (`extra_metrics.tokens`). Stage 2 reads
-the tokens from that checkpoint (`maskd_tokens`), after checking it is a `maskd-tokens` run on the same teacher.
+evaluation scores the teacher. (The masked logits sum_t M_t . z^T are z^T scaled per pixel by the positive
+sum_t M_t: their argmax is the teacher's, so they are not scored; stage 1's CE only learns where the masks
+sharpen the teacher's prediction and where they flatten it.) Stage 2 reads the tokens from that checkpoint
+(`maskd_tokens`), after checking it is a `maskd-tokens` run on the same teacher.
 
 Choices (docs/methods-frontier.md lists every difference):
 - Which map: the logits (C = the classes), as the segmentation code does (`MaskModule(channels=19)` on
@@ -140,11 +142,6 @@ class MasKDTokens(Method):
     def loss_terms(self, student_out, labels, step, teacher_out=None):
         # the "student" output is the frozen teacher's (the run's network is the teacher)
         return token_loss_terms(self.tokens, student_out["logits"], labels, self.opts.maskd_dice_weight)
-
-    def eval_predictions(self, student_out, labels):
-        """`tokens`: the teacher's logits re-weighted by the masks, what stage 1's CE trains."""
-        z = student_out["logits"].float()
-        return {"tokens": masked_logits(z, receptive_masks(self.tokens.float(), z))}
 
 
 @dataclass
