@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
 import sys
 import uuid
 from pathlib import Path
@@ -68,12 +67,12 @@ def launch(cfg: RunConfig, nproc: int, max_restarts: int, resume: str, progress:
     # the agent's own log lines (a rank failed, which processes it stops) would repeat what `give_up` says
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    # the ranks are forked from one server process that imported the training code once, not each importing
-    # torch and the suite again (seconds each, at every restart too)
-    multiprocessing.set_forkserver_preload(["sdesbench.engine.elastic", "sdesbench.engine.trainer"])
+    # the ranks are forked from this process, which imports the training code once for all of them and every
+    # restart (seconds of CPU each); nothing here has started CUDA or torch's thread pools, which a fork breaks
+    import sdesbench.engine.trainer  # noqa: F401
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
                           rdzv_endpoint="127.0.0.1:0", run_id=f"sdesbench-{uuid.uuid4().hex[:8]}",
-                          max_restarts=max_restarts, monitor_interval=0.1, start_method="forkserver")
+                          max_restarts=max_restarts, monitor_interval=0.1, start_method="fork")
     try:
         results = elastic_launch(config, rank_main)(cfg.to_dict(), resume, progress)
     except ChildFailedError as e:
