@@ -53,10 +53,12 @@ class PyramidPooling(nn.Module):
     """The pyramid pooling module: the input concatenated with one pooled, reduced and upsampled map
     per bin (B x (C + len(bins) * C/reduction) x h x w)."""
 
-    def __init__(self, in_channels: int, bins: tuple[int, ...] = PSP_BINS, reduction: int = 4):
+    def __init__(self, in_channels: int, bins: tuple[int, ...] = PSP_BINS, reduction: int = 4,
+                 align_corners: bool = True):
         super().__init__()
         branch_channels = in_channels // reduction
         self.bins = tuple(bins)
+        self.align_corners = align_corners
         self.branches = nn.ModuleList(
             nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_channels, branch_channels, 1, bias=False),
                           nn.BatchNorm2d(branch_channels), nn.ReLU(inplace=True))
@@ -65,8 +67,9 @@ class PyramidPooling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        # align_corners=True as CIRKD's _PyramidPooling (and the original PSPNet's interp layer)
-        pooled = [F.interpolate(branch(x), size=size, mode="bilinear", align_corners=True)
+        # align_corners=True as CIRKD's _PyramidPooling (and the original PSPNet's interp layer); mmseg's
+        # PSPHead upsamples with False (`pspnet_r101_d8`)
+        pooled = [F.interpolate(branch(x), size=size, mode="bilinear", align_corners=self.align_corners)
                   for branch in self.branches]
         return torch.cat([x, *pooled], dim=1)
 
@@ -74,9 +77,10 @@ class PyramidPooling(nn.Module):
 class PSPDecoder(nn.Module):
     """Pyramid pooling, 3x3 conv + BN + ReLU + dropout (`decoder_feature`), 1x1 classifier."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 128, dropout: float = 0.1):
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 128, dropout: float = 0.1,
+                 align_corners: bool = True):
         super().__init__()
-        self.ppm = PyramidPooling(in_channels)
+        self.ppm = PyramidPooling(in_channels, align_corners=align_corners)
         self.body = nn.Sequential(
             nn.Conv2d(self.ppm.out_channels, channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Dropout(dropout))
