@@ -147,6 +147,49 @@ def test_param_groups_give_method_modules_their_learning_rate_under_the_schedule
     assert [g["lr"] for g in learner.optimizer.param_groups] == pytest.approx([0.01 * 0.75 ** 0.9, 0.1 * 0.75 ** 0.9])
 
 
+def test_declared_max_grad_norm_clips_the_group_by_hand():
+    """A group with `max_grad_norm` 15 whose gradients have norm sqrt(30^2 + 40^2 + 0^2 + 120^2) = 130 is scaled
+    by 15 / 130 (torch adds 1e-6 to the norm); a group under its limit and a group without one are untouched."""
+    big, small, free = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    big.grad, small.grad, free.grad = torch.tensor([30.0, 40.0, 0.0]), torch.tensor([3.0, 4.0]), torch.tensor([300.0, 0.0])
+    extra = nn.Parameter(torch.zeros(1))
+    extra.grad = torch.tensor([120.0])
+    opt = torch.optim.SGD([{"params": [free]}, {"params": [big, extra], "max_grad_norm": 15.0},
+                           {"params": [small], "max_grad_norm": 15.0}], lr=1.0)
+    step.clip_declared_grad_norms(opt, torch.amp.GradScaler("cuda", enabled=False))
+    factor = 15.0 / (130.0 + 1e-6)
+    torch.testing.assert_close(big.grad, torch.tensor([30.0, 40.0, 0.0]) * factor)
+    torch.testing.assert_close(extra.grad, torch.tensor([120.0]) * factor)
+    assert torch.equal(small.grad, torch.tensor([3.0, 4.0])) and torch.equal(free.grad, torch.tensor([300.0, 0.0]))
+
+
+def test_afdcd_step_clips_its_loss_module_before_the_update():
+    """Af-DCD through the one training step: with `afdcd_max_grad_norm` the align + projector gradients the step
+    applied are the unclipped run's scaled by min(1, max / norm), and the update used them (SGD lr 1, first step,
+    no weight decay: p_after = p_before - grad); the student's gradients are the same in both runs."""
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 3, (2, 32, 32), generator=torch.Generator().manual_seed(1))
+    grads, updates, student = {}, {}, {}
+    for limit in (0.0, 1e-3):
+        learner = step.random_learner("enet", "afdcd", 3, options={"afdcd_max_grad_norm": limit},
+                                      train=TrainConfig(iters=1, lr=1.0, weight_decay=0.0))
+        assert len(learner.optimizer.param_groups) == (2 if limit else 1)
+        block = list(learner.method.generator_block.parameters())
+        before = [p.detach().clone() for p in block]
+        step.train_step(learner, images, labels, StepInfo(0, 1))
+        grads[limit] = [p.grad.clone() for p in block]
+        updates[limit] = [(b - p.detach(), b.abs().max().item()) for b, p in zip(before, block)]
+        student[limit] = [p.grad.clone() for p in learner.model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads[0.0]])).item()
+    assert norm > 1e-3  # the limit bites
+    for raw, clipped, (update, scale) in zip(grads[0.0], grads[1e-3], updates[1e-3]):
+        torch.testing.assert_close(clipped, raw * (1e-3 / (norm + 1e-6)), rtol=1e-4, atol=1e-12)
+        # p_before - p_after in float32 is exact to an ulp of the weights (~6e-8 of their magnitude)
+        torch.testing.assert_close(update, clipped, rtol=1e-4, atol=1.2e-7 * scale)
+    for a, b in zip(student[0.0], student[1e-3]):
+        torch.testing.assert_close(a, b)
+
+
 
 # ----------------------------------------------------------------------------- pixel KD composites
 

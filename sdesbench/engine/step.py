@@ -100,6 +100,7 @@ def train_step(learner: Learner, images: torch.Tensor, labels: torch.Tensor, inf
         guard(terms, loss)
     learner.optimizer.zero_grad(set_to_none=True)
     learner.scaler.scale(loss).backward()
+    clip_declared_grad_norms(learner.optimizer, learner.scaler)
     learner.scaler.step(learner.optimizer)
     if learner.method_optimizer is not None:
         with rt.autocast():
@@ -109,10 +110,24 @@ def train_step(learner: Learner, images: torch.Tensor, labels: torch.Tensor, inf
             guard(own, own_loss)
         learner.method_optimizer.zero_grad(set_to_none=True)  # also drops what the student's loss gave them
         learner.scaler.scale(own_loss).backward()
+        clip_declared_grad_norms(learner.method_optimizer, learner.scaler)
         learner.scaler.step(learner.method_optimizer)
         learner.own_terms = own
     learner.scaler.update()
     return terms
+
+
+def clip_declared_grad_norms(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Clip the gradients of every parameter group that declares a `max_grad_norm` (`Method.param_groups`) to that
+    L2 norm, group by group, as the reference codes clip their loss modules before stepping. Under fp16 the
+    gradients are unscaled first (the scaler's step then does not unscale them again, and still skips a step
+    whose gradients are not finite)."""
+    clipped = [g for g in optimizer.param_groups if g.get("max_grad_norm")]
+    if not clipped:
+        return
+    scaler.unscale_(optimizer)
+    for group in clipped:
+        torch.nn.utils.clip_grad_norm_(group["params"], group["max_grad_norm"])
 
 
 # ----------------------------------------------------------------------------- building

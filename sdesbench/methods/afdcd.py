@@ -36,8 +36,11 @@ Choices (docs/methods-frontier.md lists every difference):
   window larger than the map shrinks to the map's smaller side, a patch larger than the pooled map shrinks
   to it, and the rows/columns beyond the last whole patch are left out of L_ocd (the reference raises). At Cityscapes'
   512 x 1024 crops (64 x 128 at stride 8, 16 x 32 pooled) nothing changes.
-- The reference clips the gradient norm of its loss module's parameters (align + projector) to 15 before each
-  step; the suite's one training step has no per-module clipping, so that is not done.
+- Gradient clipping: the reference clips the L2 norm of its loss module's gradients (align + projector) to 15
+  after the backward pass and before each step (`train_ocmgd.py`, `clip_grad_norm_(criterion_ocfd.parameters(),
+  max_norm=15)`). Here likewise (`afdcd_max_grad_norm`, default 15): those parameters are a parameter group of
+  their own carrying `max_grad_norm` (`param_groups`; same lr, momentum and weight decay as the student's, as
+  in the reference's one SGD), which the training step clips; `afdcd_max_grad_norm=0` turns it off.
 - Pixel KD: `kd_weight` 1, T 1 as the script; mean over labelled pixels (`kd_valid_only=false`: the
   script's `batchmean` over all pixels).
 - Camvid: the reference crops the maps to 44 x 44 instead of pooling when `--dataset camvid`; not offered
@@ -143,6 +146,9 @@ class AfDCD(TeacherStudentMethod):
         afdcd_mask_ratio: float = field(default=0.75, metadata=rng(0.0, 1.0, doc="masked share of positions"))
         afdcd_projector: ProjectorKind = "enhanced"
         afdcd_on: FeatureMap = "last_stage"
+        afdcd_max_grad_norm: float = field(default=15.0, metadata=rng(0.0, doc="clip the L2 norm of the align + "
+                                                                         "projector gradients to this before each "
+                                                                         "step (the reference's 15); 0: off"))
 
     def __init__(self, options, ctx: MethodContext):
         super().__init__(options, ctx)
@@ -155,6 +161,13 @@ class AfDCD(TeacherStudentMethod):
                               f"{t_ch} channels of {options.afdcd_on}")
         projector = EnhancedProjector(t_ch) if options.afdcd_projector == "enhanced" else None
         self.generator_block = AlignedGenerator(s_ch, t_ch, projector)
+
+    def param_groups(self, base_lr: float) -> list[dict]:
+        """The align + projector parameters in a group of their own whose gradient norm the step clips to
+        `afdcd_max_grad_norm` (at the base learning rate, as the reference's single SGD); none when it is 0."""
+        if not self.opts.afdcd_max_grad_norm:
+            return []
+        return [{"params": list(self.generator_block.parameters()), "max_grad_norm": self.opts.afdcd_max_grad_norm}]
 
     def keep_mask(self, batch: int, height: int, width: int, device) -> torch.Tensor:
         if self.opts.afdcd_mask == "center":

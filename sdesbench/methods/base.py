@@ -36,7 +36,10 @@ what must repeat a reference's draws (CIRKD's queues); it is saved too, but it i
 
 Method-owned modules. Trainable modules made in `__init__` (experts, adapters) are trained with the student
 by the one SGD optimizer and dropped at deployment (never in the student's state dict); `param_groups`
-gives those needing their own learning rate their groups. A method that updates parameters itself (SKD's
+gives those needing their own learning rate their groups. A group with a `max_grad_norm` entry has the L2 norm
+of its parameters' gradients clipped to it in every step (Af-DCD's loss module, clipped to 15 by its reference):
+the one training step applies `torch.nn.utils.clip_grad_norm_` per such group after the backward pass (on the
+unscaled gradients under fp16) and before the optimizer's step. A method that updates parameters itself (SKD's
 discriminator) returns their optimizer from `own_optimizer` and that update's terms from `own_loss_terms`.
 
 Under DDP the student and the method's modules are one DistributedDataParallel unit: gradients are
@@ -192,7 +195,9 @@ class Method(nn.Module):
     def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups for method-owned parameters that need their own settings, e.g.
         `[{"params": list(self.adapter.parameters()), "lr": 10 * base_lr}]` (`base_lr`: train.lr). Their
-        parameters leave the main group; every group follows the poly schedule. Default: none."""
+        parameters leave the main group; every group follows the poly schedule. A group may carry
+        `"max_grad_norm": x` (x > 0): the training step clips the L2 norm of that group's gradients to x before
+        each update (`engine/step.py`, `clip_declared_grad_norms`). Default: none."""
         return []
 
     @classmethod
