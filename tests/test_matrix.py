@@ -28,7 +28,7 @@ from sdesbench.methods import METHODS
 from sdesbench.methods.base import StepInfo
 from sdesbench.models import MODELS, count_params
 
-TEACHERS_ONLY = ("deeplabv3_resnet101", "deeplabv3_resnet101_cirkd", "segformer_mit_b4")  # teacher-size: never in the matrix
+TEACHERS_ONLY = ("deeplabv3_resnet101", "deeplabv3_resnet101_cirkd", "segformer_mit_b4", "pspnet_r101_d8")  # teacher-size: never in the matrix
 MAX_STUDENT_PARAMS = 45_000_000  # DeepLabV3-ResNet-50, the largest student of the paper's tables, has 39.6 M
 MODELS_UNDER_TEST = [m for m in MODELS.names() if m not in TEACHERS_ONLY]
 ON_EVERY_MODEL = [("student", {}), ("sdes", {}), ("sdes", {"expert": "student", "n_experts": 2})]

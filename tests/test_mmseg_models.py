@@ -92,6 +92,10 @@ def test_reproduces_mmseg_outputs_from_its_checkpoint(name, built, tmp_path):
         want = torch.tensor(want)
         torch.testing.assert_close(got.mean(dim=(2, 3)), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert out["decoder_feature"].shape[1] == model.decoder_channels == (512 if name.startswith("psp") else 128)
+    h, w = FIXTURE["input_shape"][-2:]  # the declared layout (docs/models.md) is what the stages are
+    assert [tuple(s.shape[1:]) for s in out["stages"]] == [
+        (c, h // r, w // r) for c, r in zip(model.stage_channels, model.stage_strides)]
+    assert model.stage_strides == [4, 8, 8, 8]
 
 
 def test_imagenet_v1c_file_and_wrong_files(tmp_path):
