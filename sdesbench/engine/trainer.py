@@ -10,42 +10,24 @@ through the checkpoint.
 
 Output folder layout (`output.dir`):
     config.yaml          the full resolved configuration
-    checkpoints/last.pt  model, method modules, optimizer, scheduler, RNG (the method's generator of every
-                         rank included), iteration
-    checkpoints/iter_<k>.pt  copies kept every `train.keep_checkpoints_every` iterations (off by default)
-    checkpoints/best.pt  with `train.keep_best`: the state at the best periodic evaluation (the record's `best`)
+    checkpoints/         last.pt (what --resume continues), iter_<k>.pt, best.pt (engine/checkpoint.py)
     log.jsonl            loss terms, lr, images/s, s/iter, loader wait, peak memory every `train.log_every`
                          iterations; periodic evaluations
     tensorboard/         the same scalars as TensorBoard event files (`output.tensorboard`)
     results.json         the results record (status completed | failed | interrupted), with `history`
     image_counts.npz     per-image TP/FP/FN counts of the final evaluation (engine/record.py)
 
-Starting a run in a folder that already holds one: a completed run is never overwritten; a
-checkpoint (an interrupted, failed or killed run) is continued only with `resume` ("required" from
-`sdesbench train --resume`, "auto" from `sdesbench run`), never silently retrained from zero;
-`--resume` into a folder without a checkpoint says there is nothing to resume. A process group that
-torchrun restarted after losing a rank (`--max-restarts`) continues the folder's checkpoint by itself
-("restart": as "auto", but a completed run is still never overwritten, and only a checkpoint of the same
-configuration is continued); a rank lost for good fails the run with one line (docs/performance.md,
-"Faults under torchrun").
-
-Bringing back the weights of a recorded run ("restore" from `sdesbench train --restore-weights`, or
-"auto" when `sdesbench run` needs a teacher whose record is here and whose checkpoint is not: a fresh
-clone keeps records in git, never checkpoints): the run is trained again from its configuration, its
-record set aside as `results.previous.json` first (so an interruption loses nothing). At the end the
-new metrics are compared with the recorded ones, and one line says whether they are the same; the
-record always describes the weights in the folder, and the previous one is kept when they differ.
+Whether a run may start in a folder that already holds one, what it continues and what it brings back:
+engine/run_folder.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import shutil
 import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
@@ -53,51 +35,42 @@ from torch.optim.lr_scheduler import PolynomialLR
 from torch.utils.data import DataLoader
 
 from sdesbench.config import RunConfig
-from sdesbench.validate import from_dict
 from sdesbench.data.base import IterationSampler, TrainView, build_dataset, class_pixel_counts
 from sdesbench.data.check import ensure_checked
 from sdesbench.engine import distributed as D
 from sdesbench.engine import step
-from sdesbench.console import err as console
+from sdesbench.engine.checkpoint import Checkpoints, Progress, check_free_space
 from sdesbench.engine.hooks import (CheckpointHook, LogHook, PeriodicEvaluationHook, ProgressHook, SignalHook,
                                     TensorBoardHook, final_evaluation)
-from sdesbench.engine.record import (Evaluation, ImageCounts, RunRecord, Scores, Timings, best_of, read_record,
-                                     read_record_file, write_image_counts, write_record)
-from sdesbench.engine.restore import CLASS_COUNTS_KEY
+from sdesbench.engine.record import ImageCounts, RunRecord, Scores, Timings, best_of, write_image_counts, write_record
+from sdesbench.engine.run_folder import Resume, RunFolder
 from sdesbench.engine.runtime import (RunLock, Runtime, peak_memory_mb, provenance, reset_peak_memory,
                                       set_determinism)
 from sdesbench.engine.state import HookBase, Hooks, TrainerView, TrainState
-from sdesbench.errors import (CheckpointError, DistributedFault, Interrupted, NumericalFault, SdesbenchError,
-                              StorageError)
-from sdesbench.io import check_writable, load_checkpoint, save_checkpoint, write_json, write_text
+from sdesbench.errors import DistributedFault, Interrupted, NumericalFault, SdesbenchError, StorageError
+from sdesbench.io import check_writable, write_text
 from sdesbench.methods.base import StepInfo
 from sdesbench.models import count_params
-
-Resume = Literal["never", "auto", "required", "restore", "restart"]
-PREVIOUS_RECORD = "results.previous.json"  # a recorded run's record while its weights are trained again
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: Resume | bool = "never", show_progress: bool = True):
         self.cfg = cfg
         self.resume: Resume = {True: "required", False: "never"}.get(resume, resume)  # type: ignore[arg-type]
-        if self.resume == "never" and D.restart_count() > 0:  # torchrun restarted the group: continue (module doc)
+        if self.resume == "never" and D.restart_count() > 0:  # torchrun restarted the group: continue (run_folder.py)
             self.resume = "restart"
         self.show_progress = show_progress and D.is_main()
         self.out = Path(cfg.output.dir)
-        self.ckpt_path = self.out / "checkpoints" / "last.pt"
+        self.checkpoints = Checkpoints(self.out)
+        self.folder = RunFolder(self.out, self.checkpoints.last, self.resume)
         self.state = TrainState(total_iters=cfg.train.iters)  # what the loop and the hooks share
         self.step_time_s = 0.0  # the steps alone, summed over resumes
-        # where the wall time went: in the sessions before this one (from the checkpoint); this one's is
-        # `state.timings`
-        self.timings_before = Timings()
-        self.wall_before = 0.0
-        self.untimed_iters = 0  # iterations of sessions whose times are unknown (`_restore`)
+        # the sessions before this one (from the checkpoint): how far they went, and their times; this one's
+        # are `state.timings`
+        self.before = Progress(iteration=0, step_time_s=0.0, wall_s=0.0, timings=Timings())
         self.started = time.perf_counter()  # reset when `run` starts
         self.hooks = Hooks([])
         self._view: TrainerView | None = None  # what the hooks see, once set up
-        self.hook_states: dict[str, dict[str, Any]] = {}  # from the checkpoint, for `load_state_dict`
-        self.previous: RunRecord | None = None  # the record whose weights are being brought back
         self.class_counts: torch.Tensor | None = None  # the training split's, once a method asked for them
 
     # ------------------------------------------------------------------ setup
@@ -129,7 +102,7 @@ class Trainer:
                                           cfg.train, self._class_counts, teacher)
         self.student_params = count_params(self.learner.model)
         self.scheduler = PolynomialLR(self.learner.optimizer, total_iters=cfg.train.iters, power=cfg.train.poly_power)
-        self._check_free_space()
+        check_free_space(self.out, self.learner, cfg.train.optimizer)
 
     def _class_counts(self) -> torch.Tensor:
         """The training split's per-class pixel counts (SDES's class split), kept for the checkpoint so
@@ -137,19 +110,6 @@ class Trainer:
         if self.class_counts is None:
             self.class_counts = class_pixel_counts(self.train_set, self.cache_dir)
         return self.class_counts
-
-    def _check_free_space(self) -> None:
-        """Fail before training when the output disk cannot hold a checkpoint (weights + optimizer state)."""
-        unit = self.learner.plain_unit
-        n = count_params(unit)
-        buffers = sum(b.numel() * b.element_size() for b in unit.buffers())  # e.g. CIRKD's memory queues
-        # fp32 weights + momentum (AdamW: two moments) + the buffers, twice during the atomic write, + margin
-        states = 2 if self.cfg.train.optimizer == "adamw" else 1
-        need = 2 * ((1 + states) * 4 * n + buffers) + 64 * 2**20
-        free = shutil.disk_usage(self.out).free
-        if free < need:
-            raise SdesbenchError(f"output folder {self.out} has {free / 2**20:.0f} MiB free; a checkpoint needs about "
-                                 f"{need / 2**20:.0f} MiB")
 
     def build_hooks(self) -> list[HookBase]:
         """The run's hooks; each declares its priority (engine/hooks.py has the table of who runs when)."""
@@ -166,152 +126,47 @@ class Trainer:
         """Hand a measurement (training scalars, an evaluation) to every hook's `on_event`."""
         self.hooks.on_event(self._view, event)
 
-    # ------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict[str, Any]:
-        learner = self.learner
-        return {
-            "iteration": self.state.iteration,
-            "model_name": self.cfg.model.name,
-            "num_classes": self.num_classes,
-            "config": self.cfg.to_dict(),
-            "config_hash": self.cfg.identity_hash(),
-            "model": learner.model.state_dict(),
-            "method": learner.method.state_dict(),
-            "optimizer": learner.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": learner.scaler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "elapsed": self.step_time_s,  # the key older checkpoints have
-            "wall_s": self.wall_time_s,
-            "timings": dataclasses.asdict(self.total_timings),
-            "history": [dataclasses.asdict(e) for e in self.state.history],
-            "hooks": self.hooks.state_dict(),
-            **({"method_optimizer": learner.method_optimizer.state_dict()} if learner.method_optimizer else {}),
-            **({CLASS_COUNTS_KEY: self.class_counts} if self.class_counts is not None else {}),
-        }
-
+    # ------------------------------------------------------------------ checkpoints (engine/checkpoint.py)
     def save_checkpoint(self, keep_copy: bool = False) -> None:
         """`checkpoints/last.pt` (and `iter_<k>.pt` with `keep_copy`)."""
-        self._write_checkpoints([self.ckpt_path] + ([self.ckpt_path.with_name(f"iter_{self.state.iteration}.pt")]
-                                                    if keep_copy else []))
+        self._write_checkpoints([self.checkpoints.last] + ([self.checkpoints.copy(self.state.iteration)]
+                                                           if keep_copy else []))
         self.state.last_checkpoint_iter = self.state.iteration
 
     def save_best(self) -> None:
-        """`checkpoints/best.pt` (`train.keep_best`): the state at the best periodic evaluation so far. Never
-        resumed from (resuming reads `last.pt`); its `iteration` is the evaluation's, the record's `best`."""
-        self._write_checkpoints([self.ckpt_path.with_name("best.pt")])
+        """`checkpoints/best.pt` (`train.keep_best`): the state at the best periodic evaluation so far."""
+        self._write_checkpoints([self.checkpoints.best])
 
     def _write_checkpoints(self, paths: list[Path]) -> None:
         t0 = time.perf_counter()
-        generators = D.all_objects(self.learner.method.generator.get_state())  # every rank's, in rank order
-        if D.is_main():
-            state = {**self._state(), "method_generators": generators}
-            for path in paths:
-                save_checkpoint(path, state)
-        D.barrier()
+        progress = Progress(self.state.iteration, self.step_time_s, self.wall_time_s, self.total_timings,
+                            self.state.history, self.hooks.state_dict())
+        self.checkpoints.write(paths, self.cfg, self.num_classes, self.learner, self.scheduler, progress,
+                               self.class_counts)
         self.state.timings.checkpoint_s += time.perf_counter() - t0
 
     def _restore(self) -> None:
-        state = load_checkpoint(self.ckpt_path, map_location="cpu")
-        if state.get("config_hash") != self.cfg.identity_hash():
-            raise CheckpointError(f"{self.ckpt_path} was written by a different configuration; "
-                                  "resume with the same settings or use another --out")
-        learner = self.learner
-        learner.model.load_state_dict(state["model"])
-        learner.method.load_state_dict(state["method"])
-        learner.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        learner.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.state.start_iter = self.state.iteration = self.state.last_checkpoint_iter = int(state["iteration"])
-        self.step_time_s = float(state["elapsed"])
-        # a checkpoint written before the record's schema 4 carries no times: its sessions count as 0 s,
-        # and its iterations are left out of iters_per_s
-        self.wall_before = float(state.get("wall_s", 0.0))
-        self.timings_before = from_dict(Timings, state.get("timings", {}), "checkpoint timings")
-        self.untimed_iters = 0 if "timings" in state else self.state.start_iter
-        self.state.history = [from_dict(Evaluation, e, "checkpoint history") for e in state.get("history", [])]
-        self.hook_states = dict(state.get("hooks", {}))
-        if learner.method_optimizer is not None:
-            learner.method_optimizer.load_state_dict(state["method_optimizer"])
-        generators = state.get("method_generators", [])  # absent before methods had a generator
-        if D.rank() < len(generators):  # this rank's; a rank the checkpoint did not have starts from its seed
-            learner.method.generator.set_state(generators[D.rank()])
-
-    def _check_existing(self) -> None:
-        """What the folder already holds decides whether this run may start (module docstring)."""
-        try:
-            previous = read_record(self.out)
-        except StorageError:
-            previous = None  # an unreadable record is replaced; the checkpoint rules below still apply
-        has_ckpt = self.ckpt_path.is_file()
-        if self.resume == "restore" and has_ckpt:
-            raise SdesbenchError(f"{self.out} has its checkpoint ({self.ckpt_path.relative_to(self.out)}); there are "
-                                 "no weights to bring back (nothing was changed)")
-        if self.resume == "restore" and not (previous is not None and previous.completed):
-            raise SdesbenchError(f"nothing to restore in {self.out}: it holds no completed run's record; train it "
-                                 "without --restore-weights")
-        if self.resume == "restore" and previous.config_hash != self.cfg.identity_hash():
-            raise SdesbenchError(f"{self.out}: its record was made with another configuration than the one given "
-                                 f"(hash {previous.config_hash}, given {self.cfg.identity_hash()}); restore it with "
-                                 f"--config {self.out / 'config.yaml'}")
-        if previous is not None and previous.completed and self.resume in ("never", "restart"):
-            raise SdesbenchError(f"{self.out} already holds a completed run; choose another --out "
-                                 "(nothing was overwritten)")
-        if self.resume == "never" and has_ckpt:
-            where = f"{previous.status} at iteration {previous.iterations}" if previous else "a checkpoint is there"
-            raise SdesbenchError(f"{self.out}: {where}: add --resume to continue, or choose another --out "
-                                 "(nothing was overwritten)")
-        if self.resume == "required" and not has_ckpt:
-            raise SdesbenchError(f"nothing to resume in {self.out} (no {self.ckpt_path.relative_to(self.out)}); "
-                                 "run without --resume to start fresh")
-        if previous is not None and previous.completed and not has_ckpt:  # "auto" or "restore": bring back weights
-            self.previous = previous
-        elif (self.out / PREVIOUS_RECORD).is_file() and has_ckpt:  # an interrupted restoration, resumed
-            try:
-                self.previous = read_record_file(self.out / PREVIOUS_RECORD)
-            except StorageError:
-                self.previous = None
-
-    def _set_previous_aside(self) -> None:
-        if self.previous is not None and D.is_main() and not (self.out / PREVIOUS_RECORD).is_file():
-            write_json(self.out / PREVIOUS_RECORD, self.previous.to_dict())
-
-    def _compare_with_previous(self, record: RunRecord) -> None:
-        """One line: whether the weights brought back score what their record said (module docstring)."""
-        if self.previous is None or not D.is_main():
-            return
-        before, after = self.previous, record
-        same = (before.metrics == after.metrics and before.per_class_iou == after.per_class_iou
-                and before.extra_metrics == after.extra_metrics)
-        if same:
-            (self.out / PREVIOUS_RECORD).unlink(missing_ok=True)
-            console.print(f"restored {self.out}: trained again, it reproduces its record exactly "
-                          f"(mIoU {100 * after.metrics.miou:.2f})", soft_wrap=True)
-            return
-        was = f"{100 * before.metrics.miou:.2f}" if before.metrics else "none"
-        console.print(f"[yellow]warning[/yellow]: {self.out} trained again to bring back its weights does not "
-                      f"reproduce its record: mIoU {100 * after.metrics.miou:.2f}, recorded {was}; the record now "
-                      f"describes the new weights, the old one is kept as {self.out / PREVIOUS_RECORD}", soft_wrap=True)
+        self.before = before = self.checkpoints.restore(self.cfg, self.learner, self.scheduler)
+        self.state.start_iter = self.state.iteration = self.state.last_checkpoint_iter = before.iteration
+        self.step_time_s = before.step_time_s
+        self.state.history = list(before.history)
 
     # ------------------------------------------------------------------ time
     @property
     def wall_time_s(self) -> float:
         """The run's wall time so far, summed over its sessions (as of their last checkpoint: the work
         a killed session did after it is redone, and its time is not counted)."""
-        return self.wall_before + time.perf_counter() - self.started
+        return self.before.wall_s + time.perf_counter() - self.started
 
     @property
     def total_timings(self) -> Timings:
-        return self.timings_before.plus(self.state.timings)
+        return self.before.timings.plus(self.state.timings)
 
     # ------------------------------------------------------------------ record
     def _record(self, status: str, error: str | None = None) -> RunRecord:
         cfg, learner = self.cfg, self.learner
         wall, timings = self.wall_time_s, self.total_timings
+        untimed = 0 if self.before.timed else self.before.iteration  # sessions whose times are unknown
         record = RunRecord(
             status=status, error=error, config=cfg.to_dict(), config_hash=cfg.identity_hash(),
             model=cfg.model.name, method=cfg.method.name, dataset=cfg.data.name, seed=cfg.train.seed,
@@ -319,8 +174,7 @@ class Trainer:
             params=self.student_params, params_m=round(self.student_params / 1e6, 4),
             pretrained=bool(getattr(learner.model, "pretrained", False)), wall_time_s=round(wall, 3),
             step_time_s=round(self.step_time_s, 3), timings=timings.rounded(),
-            iters_per_s=round((self.state.iteration - self.untimed_iters) / timings.train_s, 4) if timings.train_s > 0
-            else None,
+            iters_per_s=round((self.state.iteration - untimed) / timings.train_s, 4) if timings.train_s > 0 else None,
             peak_memory_mb=round(peak_memory_mb(learner.runtime.device), 1), device=learner.runtime.device_name,
             world_size=D.world_size(), amp=learner.runtime.amp_name, history=list(self.state.history),
             best=best_of(self.state.history), **provenance())
@@ -359,16 +213,16 @@ class Trainer:
                 raise fault from None
 
     def _run_locked(self) -> RunRecord:
-        self._check_existing()
+        self.folder.check(self.cfg.identity_hash())
         self.setup()
-        if self.resume != "never" and self.ckpt_path.is_file():
+        if self.folder.resumes:
             self._restore()
-        self._set_previous_aside()
+        self.folder.set_previous_aside()
         if D.is_main():
             write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         self.state.timings.setup_s = time.perf_counter() - self.started - self.state.timings.data_check_s
         self.hooks = hooks = Hooks(self.build_hooks())
-        hooks.load_state_dict(self.hook_states)  # a resumed run: each hook continues from its checkpointed state
+        hooks.load_state_dict(self.before.hooks)  # a resumed run: each hook continues from its checkpointed state
         self._view = view = self.view()
         try:
             hooks.before_train(view)
@@ -402,10 +256,10 @@ class Trainer:
         if self.state.stop_signal is not None:
             self._record("interrupted")
             name = signal.Signals(self.state.stop_signal).name
-            raise Interrupted(f"{name}: stopped at iteration {self.state.iteration}, checkpoint saved in {self.ckpt_path}; "
+            raise Interrupted(f"{name}: stopped at iteration {self.state.iteration}, checkpoint saved in {self.checkpoints.last}; "
                               "continue with --resume", self.state.stop_signal)
         record = self._record("completed")
-        self._compare_with_previous(record)
+        self.folder.compare_with_previous(record)
         return record
 
     def _loader(self) -> DataLoader:
