@@ -151,10 +151,39 @@ class EvalConfig:
         return self.scales is not None or self.flip
 
 
+LoggerName = Literal["jsonl", "tensorboard", "mlflow", "wandb"]  # where a run's measurements go (engine/loggers.py)
+
+
 @dataclass
 class OutputConfig:
     dir: str = "results/runs/default"
-    tensorboard: bool = True  # event files in <dir>/tensorboard (loss terms, lr, images/s, validation metrics)
+    # log.jsonl, TensorBoard event files, MLflow, Weights & Biases: each gets the scalars of every logged iteration
+    # and evaluation, the resolved configuration, the run's key and table/row, and the final metrics
+    loggers: list[LoggerName] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    # the table, preset and row ("<group>/<row>", "teacher:<model>") `sdesbench run` planned the run for
+    # (experiments/plan.py): the loggers' project, group and run name
+    table: str | None = None
+    preset: str | None = None
+    row: str | None = None
+
+
+def tensorboard_flag(data: dict[str, Any]) -> dict[str, Any]:
+    """`output.tensorboard`, which `output.loggers` replaced (every older config.yaml and record has it), read as
+    the loggers it meant: true the default ones, false the default without tensorboard."""
+    output = data.get("output")
+    if not isinstance(output, dict) or "tensorboard" not in output:
+        return data
+    output = dict(output)
+    flag = output.pop("tensorboard")
+    if not isinstance(flag, bool):
+        raise ConfigError(f"output.tensorboard: expected true/false, got {describe(flag)} (output.loggers replaces it)")
+    loggers = output.get("loggers")
+    if loggers is None:
+        output["loggers"] = [n for n in OutputConfig().loggers if flag or n != "tensorboard"]
+    elif not isinstance(loggers, list) or ("tensorboard" in loggers) != flag:
+        raise ConfigError(f"output.tensorboard={str(flag).lower()} contradicts output.loggers={loggers}: "
+                          "output.loggers replaces output.tensorboard, leave it out")
+    return {**data, "output": output}
 
 
 @dataclass
@@ -291,7 +320,7 @@ def parse_config(data: dict[str, Any] | None = None, overrides: list[str] | None
             raise ConfigError(f"{section}: expected a mapping, got {describe(value)}")
     if "method" in data:
         data["method"] = method_section(data["method"])
-    cfg = from_dict(RunConfig, apply_overrides(data, overrides))
+    cfg = from_dict(RunConfig, tensorboard_flag(apply_overrides(data, overrides)))
     if with_plugins:
         cfg.plugins = [p.target for p in load_plugins(cfg.plugins, relative_to)]
     if len(cfg.data.crop) != 2 or min(cfg.data.crop) < 8:

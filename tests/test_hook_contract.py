@@ -46,12 +46,12 @@ def test_hooks_run_by_priority_and_unwind_in_reverse():
 
 
 def test_the_builtin_hooks_declare_the_order_their_dependencies_need():
-    from sdesbench.engine.hooks import (CheckpointHook, LogHook, PeriodicEvaluationHook, ProgressHook, SignalHook,
-                                        TensorBoardHook)
+    from sdesbench.engine.hooks import CheckpointHook, LogHook, PeriodicEvaluationHook, ProgressHook, SignalHook
+    from sdesbench.engine.loggers import LoggersHook
 
-    p = {h: h.priority for h in (SignalHook, LogHook, TensorBoardHook, ProgressHook, PeriodicEvaluationHook,
+    p = {h: h.priority for h in (SignalHook, LogHook, LoggersHook, ProgressHook, PeriodicEvaluationHook,
                                  CheckpointHook)}
-    assert p[SignalHook] < p[LogHook] <= p[TensorBoardHook] < p[ProgressHook]  # writers open before publishers
+    assert p[SignalHook] < p[LogHook] <= p[LoggersHook] < p[ProgressHook]  # writers open before publishers
     assert p[PeriodicEvaluationHook] < p[CheckpointHook]  # a checkpoint holds its iteration's evaluation
 
 

@@ -126,6 +126,11 @@ def test_tensorboard_scalars_equal_the_log(runs):
                 if key != "iter" and value is not None:
                     expected[(f"train/{key}", step)] = value
     assert sum("val" in line for line in lines) == 4 and sum("loss" in line for line in lines) == 4
+    rec = runs["watched"][2]  # and the final metrics at the last iteration, as the record has them
+    expected.update({("final/miou", 4): rec.metrics.miou, ("final/pixel_acc", 4): rec.metrics.pixel_acc,
+                     ("final/images", 4): 3, ("final/ens_t/miou", 4): rec.extra_metrics["ens_t"].miou,
+                     ("final/ens_t/pixel_acc", 4): rec.extra_metrics["ens_t"].pixel_acc})
+    expected.update({(f"final/per_class_iou/{k}", 4): v for k, v in rec.per_class_iou.items() if v is not None})
     assert {"train/loss", "train/lr", "train/ss", "train/dped", "train/dfed", "train/images_per_s"} <= \
         {tag for tag, _ in expected}
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})

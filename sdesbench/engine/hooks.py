@@ -7,8 +7,8 @@ step and after the final evaluation, and in reverse after training:
 | hook | priority | does | reads / writes (`trainer.state`) |
 |---|---|---|---|
 | `SignalHook` | HIGHEST | SIGINT/SIGTERM stop the loop after the current step | writes `stop_signal` |
-| `LogHook` | VERY_HIGH | every `train.log_every` iterations publishes the training scalars (loss terms averaged over ranks, total, lr, images/s, iteration and loader-wait times, peak memory); writes every published event to `log.jsonl` | reads `terms`, `own_terms`, step times |
-| `TensorBoardHook` | VERY_HIGH | every published event as TensorBoard scalars in `<out>/tensorboard` | |
+| `LogHook` | VERY_HIGH | every `train.log_every` iterations publishes the training scalars (loss terms averaged over ranks, total, lr, images/s, iteration and loader-wait times, peak memory) | reads `terms`, `own_terms`, step times |
+| `LoggersHook` | VERY_HIGH | every published event, the configuration, the run's key and the final metrics to the loggers of `output.loggers`: `log.jsonl`, TensorBoard, MLflow, W&B (engine/loggers.py) | reads `final` |
 | `ProgressHook` | HIGH | rich's live bar on a terminal; elsewhere one plain line per published event and one for the final evaluation | reads `final` |
 | `PeriodicEvaluationHook` | NORMAL | with `eval.every`, validation every `eval.every` iterations and at the last one, without touching the training (at the last one it reuses the final evaluation when it would score the same images); with `train.keep_best`, `checkpoints/best.pt` at each new best | writes `history`; reads `final` |
 | `CheckpointHook` | LOW | `checkpoints/last.pt` every `train.checkpoint_every` iterations, at the end, and when a signal stops the run (after the periodic evaluation, so a checkpoint holds the evaluation of its iteration) | reads `history` through the checkpoint |
@@ -18,18 +18,15 @@ final evaluation is not a hook: the Trainer runs it once the schedule is complet
 `after_final_evaluation`, where every hook is still open.
 
 Events: a hook that measures something calls `trainer.publish(event)`, a dict with "iter" and either
-training scalars or a section ("val": {...}); every hook's `on_event` sees it (the writers: log.jsonl,
-TensorBoard). `event_scalars` names the TensorBoard tags: "train/<key>" for a training scalar,
-"<section>/<key>/..." for the numbers of a section (None, an absent class, is skipped).
+training scalars or a section ("val": {...}); every hook's `on_event` sees it (`LoggersHook` writes it to the
+loggers, which name its scalars with `loggers.event_scalars`).
 
 A new duty is a `HookBase` subclass with a `priority`, listed in `Trainer.build_hooks`; it reads the
 `TrainerView` it is given and never changes the step.
 """
 from __future__ import annotations
 
-import json
 import signal
-import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -45,25 +42,6 @@ from sdesbench.engine.inference import Inference
 from sdesbench.engine.record import Evaluation, Scores, best_evaluation
 from sdesbench.engine.runtime import peak_memory_mb
 from sdesbench.engine.state import FinalEvaluation, HookBase, Priority, TrainState, TrainerView
-from sdesbench.errors import SdesbenchError
-from sdesbench.io import append_bytes, disk_full_as_error, write_text
-
-
-def event_scalars(event: dict[str, Any]) -> dict[str, float]:
-    """TensorBoard tag -> value of an event (module docstring)."""
-    out: dict[str, float] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[prefix] = float(value)
-
-    for key, value in event.items():
-        if key != "iter":
-            walk(key if isinstance(value, dict) else f"train/{key}", value)
-    return out
 
 
 class SignalHook(HookBase):
@@ -92,10 +70,8 @@ TIMING_KEYS = ("images_per_s", "iter_s", "data_s", "peak_memory_mb")
 
 
 class LogHook(HookBase):
-    """`log.jsonl`: one line per event, i.e. per logged iteration ({"iter", "lr", "loss", <terms>,
-    "images_per_s", "iter_s", "data_s", "peak_memory_mb"}) and per periodic evaluation ({"iter",
-    "val": {...}}). A resumed run first drops the lines written after its checkpoint (a killed run
-    logged them, the resumed run logs them again); a fresh run starts an empty log.
+    """The training scalars, published every `train.log_every` iterations as one event {"iter", "lr", "loss",
+    <terms>, "images_per_s", "iter_s", "data_s", "peak_memory_mb"} (a line of `log.jsonl`: engine/loggers.py).
 
     The times are those of the iterations since the previous logged one, loader waits included:
     `iter_s` the mean iteration time (waiting for the batch + the step), `data_s` its mean wait for
@@ -108,7 +84,7 @@ class LogHook(HookBase):
     State: what it has accumulated since the last logged iteration, so the first line after a resume
     covers the same iterations as without the interruption."""
 
-    priority = Priority.VERY_HIGH  # open before anything publishes, closed after
+    priority = Priority.VERY_HIGH
 
     def __init__(self) -> None:
         self.images, self.iters = 0, 0
@@ -120,22 +96,6 @@ class LogHook(HookBase):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.images, self.iters = int(state["images"]), int(state["iters"])
         self.seconds, self.data_s = float(state["seconds"]), float(state["data_s"])
-
-    def before_train(self, trainer):
-        self.file = None
-        if not D.is_main():
-            return
-        path = trainer.out / "log.jsonl"
-        kept = []
-        if trainer.state.start_iter > 0 and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    if int(json.loads(line)["iter"]) <= trainer.state.start_iter:
-                        kept.append(line + "\n")
-                except (ValueError, KeyError, TypeError):  # a line cut by a kill: dropped
-                    continue
-        write_text(path, "".join(kept))
-        self.path, self.file = path, open(path, "ab", buffering=0)  # unbuffered: see io.append_bytes
 
     def after_step(self, trainer):
         self.images += trainer.cfg.data.batch_size * D.world_size()
@@ -151,64 +111,6 @@ class LogHook(HookBase):
                  "peak_memory_mb": round(peak_memory_mb(trainer.learner.runtime.device), 1)}
         self.images, self.iters, self.seconds, self.data_s = 0, 0, 0.0, 0.0
         trainer.publish({"iter": trainer.state.iteration, "lr": trainer.lr, "loss": total, **values, **times})
-
-    def on_event(self, trainer, event):
-        if self.file is not None:
-            append_bytes(self.file, (json.dumps(event) + "\n").encode(), self.path)
-
-    def after_train(self, trainer):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-class TensorBoardHook(HookBase):
-    """TensorBoard event files in `<out>/tensorboard` (`output.tensorboard`): the scalars of every
-    published event at its iteration. A resumed run purges what the killed run wrote after its
-    checkpoint (`purge_step`), as the log does. A full disk is one `StorageError` naming the folder:
-    the writer's background thread fails first, and its error is raised again by the writer's next
-    call in the main thread, so the thread's own traceback is not printed."""
-
-    priority = Priority.VERY_HIGH
-
-    def before_train(self, trainer):
-        self.writer = None
-        if not D.is_main() or not trainer.cfg.output.tensorboard:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # a third-party dependency, not the project's code
-            raise SdesbenchError("output.tensorboard=true needs the tensorboard package (pip install tensorboard), "
-                                 "or set output.tensorboard=false") from None
-        self.folder = trainer.out / "tensorboard"
-        self.thread_excepthook = threading.excepthook
-        threading.excepthook = self._quiet_writer_thread
-        with disk_full_as_error(self.folder):
-            self.writer = SummaryWriter(str(self.folder),
-                                        purge_step=trainer.state.start_iter + 1 if trainer.state.start_iter else None)
-
-    def _quiet_writer_thread(self, args) -> None:
-        if type(args.thread).__name__ != "_AsyncWriterThread":  # tensorboard's event-file writer thread
-            self.thread_excepthook(args)
-
-    def on_event(self, trainer, event):
-        if self.writer is None:
-            return
-        try:
-            with disk_full_as_error(self.folder):
-                for tag, value in event_scalars(event).items():
-                    self.writer.add_scalar(tag, value, event["iter"])
-        except BaseException:
-            self.writer = None  # its thread has stopped: closing it would raise the same error again
-            raise
-
-    def after_train(self, trainer):
-        if self.writer is not None:
-            writer, self.writer = self.writer, None
-            with disk_full_as_error(self.folder):
-                writer.close()
-        if hasattr(self, "thread_excepthook"):
-            threading.excepthook = self.thread_excepthook
 
 
 def run_name(trainer: TrainerView) -> str:

@@ -12,8 +12,10 @@ Output folder layout (`output.dir`):
     config.yaml          the full resolved configuration
     checkpoints/         last.pt (what --resume continues), iter_<k>.pt, best.pt (engine/checkpoint.py)
     log.jsonl            loss terms, lr, images/s, s/iter, loader wait, peak memory every `train.log_every`
-                         iterations; periodic evaluations
-    tensorboard/         the same scalars as TensorBoard event files (`output.tensorboard`)
+                         iterations; periodic evaluations (`output.loggers`: engine/loggers.py)
+    tensorboard/         the same scalars as TensorBoard event files
+    mlruns/, wandb/      the same scalars, configuration and final metrics for MLflow and W&B, when asked for
+    loggers.json         MLflow's and W&B's run ids, for a resumed run
     results.json         the results record (status completed | failed | interrupted), with `history`
     image_counts.npz     per-image TP/FP/FN counts of the final evaluation (engine/record.py)
 
@@ -41,7 +43,8 @@ from sdesbench.engine import distributed as D
 from sdesbench.engine import step
 from sdesbench.engine.checkpoint import Checkpoints, Progress, check_free_space
 from sdesbench.engine.hooks import (CheckpointHook, LogHook, PeriodicEvaluationHook, ProgressHook, SignalHook,
-                                    TensorBoardHook, final_evaluation)
+                                    final_evaluation)
+from sdesbench.engine.loggers import LoggersHook
 from sdesbench.engine.record import ImageCounts, RunRecord, Scores, Timings, best_of, write_image_counts, write_record
 from sdesbench.engine.run_folder import Resume, RunFolder
 from sdesbench.engine.runtime import (RunLock, Runtime, peak_memory_mb, provenance, reset_peak_memory,
@@ -113,7 +116,7 @@ class Trainer:
 
     def build_hooks(self) -> list[HookBase]:
         """The run's hooks; each declares its priority (engine/hooks.py has the table of who runs when)."""
-        return [SignalHook(), LogHook(), TensorBoardHook(), ProgressHook(), PeriodicEvaluationHook(), CheckpointHook()]
+        return [SignalHook(), LogHook(), LoggersHook(self.cfg), ProgressHook(), PeriodicEvaluationHook(), CheckpointHook()]
 
     def view(self) -> TrainerView:
         """What the hooks see of this Trainer (engine/state.py), once it is set up."""

@@ -433,6 +433,7 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
         for k in planned_keys:  # set by the planner, never asked for (as `teacher.checkpoint`, PLANNED_KEYS)
             cfg.request.pop(k, None)
         cfg.output.dir = str(run_dir(sweep.results, cfg))
+        cfg.output.table, cfg.output.preset, cfg.output.row = sweep.name, sweep.preset, pr.key  # the loggers' names
         pr.cfg = cfg
         pr.protocol["temperature"], pr.protocol["weights"] = temperatures_and_weights(cfg.method.options)
         if not pr.recorded():
