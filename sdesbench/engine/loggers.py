@@ -42,17 +42,17 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import yaml
 
 from sdesbench.config import RunConfig
-from sdesbench.identity import flatten
 from sdesbench.engine import distributed as D
 from sdesbench.engine.state import FinalEvaluation, HookBase, Priority, TrainerView
 from sdesbench.errors import SdesbenchError
+from sdesbench.identity import flatten
 from sdesbench.io import append_bytes, disk_full_as_error, write_json, write_text
 
 STATE_FILE = "loggers.json"  # the remote loggers' run ids and last iteration sent (module docstring)
@@ -99,13 +99,11 @@ class RunInfo:
     preset: str | None
     row: str | None  # "<group>/<row>" of the table, or "teacher:<model>"
     start_iter: int  # a resumed run: its checkpoint's iteration (0: a fresh run)
-    total_iters: int
 
     @classmethod
     def of(cls, cfg: RunConfig, start_iter: int) -> "RunInfo":
         out = cfg.output
-        return cls(cfg.identity_hash(), Path(out.dir), cfg.to_dict(), out.table, out.preset, out.row, start_iter,
-                   cfg.train.iters)
+        return cls(cfg.identity_hash(), Path(out.dir), cfg.to_dict(), out.table, out.preset, out.row, start_iter)
 
     @property
     def name(self) -> str:
