@@ -160,7 +160,7 @@ def test_the_step_exists_once(tmp_path, monkeypatch):
     from sdesbench.engine.configure import build_config
     from sdesbench.engine.trainer import train
     from sdesbench.measure.bench import BenchSettings, run_bench
-    from sdesbench.measure.costs import train_step_flops
+    from sdesbench.engine.cost import train_step_flops
 
     calls: list[str] = []
     original = step.train_step

@@ -28,12 +28,18 @@ GPUS_PER_RUN_OPTION = typer.Option(1, "--gpus-per-run", min=1, help="GPUs per ru
                                    "with DDP (torchrun-style process group, its own MASTER_PORT).")
 WORKERS_OPTION = typer.Option(None, "--workers", min=1, help="Train this many runs concurrently without --gpus (CPU: "
                               "each with cores/workers threads), each in its own process.")
+COMPUTE_MATCHED_OPTION = typer.Option(None, "--compute-matched", metavar="flops|time", help="Also train, per "
+                                      "group, a Student for as long as the group's KD rows cost (one run per cost "
+                                      "class, rounded to 5%; its iterations and LR schedule stretched): by counted "
+                                      "training FLOPs (flops) or by the rows' measured step time (time: after they ran). "
+                                      "The report then shows each row's gain against it too.")
 
 
-def make_sweep(table: str, preset: str, seeds: str, results: Path, sets: list[str]) -> Sweep:
+def make_sweep(table: str, preset: str, seeds: str, results: Path, sets: list[str],
+               compute_matched: str | None = None) -> Sweep:
     from sdesbench.experiments.plan import Sweep, parse_seeds
 
-    return Sweep(table, preset, parse_seeds(seeds), results, tuple(sets or ()))
+    return Sweep(table, preset, parse_seeds(seeds), results, tuple(sets or ()), compute_matched)
 
 
 def print_plan(plans: list[PlannedRun]) -> None:
@@ -48,6 +54,8 @@ def print_plan(plans: list[PlannedRun]) -> None:
         pr = p.protocol
         model = p.cfg.model.name if p.cfg else p.model
         deps = ", ".join(d.describe() for d in p.dependencies)  # kind: run folder below runs/
+        if p.matches is not None and not p.dependencies:  # by counted FLOPs: planned up front, waits for nothing
+            deps = f"compute-matched: flops ×{p.matches:.2f} (nothing to wait for)"
         status = p.status()
         t.add_row(p.key, str(p.seed), model, "student" if p.is_teacher else p.method, str(pr.get("dataset", "")),
                   f"{pr.get('train_split', '')}/{pr.get('eval_split', '')}", str(pr.get("iters", "")),

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sdesbench.commands._shared import (DRY_RUN_OPTION, GPUS_OPTION, GPUS_PER_RUN_OPTION, PRESET_OPTION,
+from sdesbench.commands._shared import (COMPUTE_MATCHED_OPTION, DRY_RUN_OPTION, GPUS_OPTION, GPUS_PER_RUN_OPTION, PRESET_OPTION,
                                        PROGRESS_OPTION, RESULTS_OPTION, SEEDS_OPTION, SETS_OPTION, WORKERS_OPTION, err,
                                        make_sweep, out, print_plan)
 from sdesbench.errors import SdesbenchError
@@ -61,6 +61,7 @@ def register(app: typer.Typer) -> None:
                                              "it reproduces its record."),
         against: Optional[str] = AGAINST_OPTION,
         checkpoint: str = CHECKPOINT_OPTION,
+        compute_matched: Optional[str] = COMPUTE_MATCHED_OPTION,
     ):
         """Run every row of a paper table (teachers first; finished runs are skipped), then print the table."""
         from sdesbench.experiments.launch import check_launcher, submit_to_slurm
@@ -75,7 +76,7 @@ def register(app: typer.Typer) -> None:
             if launcher != "local" and (gpus is not None or workers is not None or gpus_per_run > 1):
                 raise SdesbenchError("--gpus, --gpus-per-run and --workers apply to --launcher local")
             plan_slots(gpu_ids, gpus_per_run, workers)  # a bad combination fails before planning too
-        sweep = make_sweep(table, preset, seeds, results, sets)
+        sweep = make_sweep(table, preset, seeds, results, sets, compute_matched)
         spec = sweep.spec()
         check_against(spec, against)  # before anything trains
         check_checkpoint(report_options, spec)
@@ -93,6 +94,10 @@ def register(app: typer.Typer) -> None:
                       f"--results {results}")
             return
         failed = train_here(plans, sweep, progress, gpu_ids, gpus_per_run, workers)
+        if compute_matched == "time" and not failed and any(p.matches is None and p.skipped and p.dependencies
+                                                             for p in plans):
+            plans = sweep.plans(spec)  # the KD rows' step times are recorded now: their Students are planned
+            failed = train_here(plans, sweep, progress, gpu_ids, gpus_per_run, workers)
         print_written(build_report(sweep, report_options))
         err.print(f"{sweep.title}: {time.perf_counter() - t0:.0f} s")
         if failed:
@@ -137,6 +142,7 @@ def register(app: typer.Typer) -> None:
                                             "`mIoU (MS+flip)`, read from what `sdesbench eval --record` wrote."),
         against: Optional[str] = AGAINST_OPTION,
         checkpoint: str = CHECKPOINT_OPTION,
+        compute_matched: Optional[str] = COMPUTE_MATCHED_OPTION,
     ):
         """Write results/<table>-<preset>.md/.csv (fig3: PNG plots too): measured mean ± std beside the paper."""
         from sdesbench.experiments.spec import list_tables, load_spec
@@ -166,7 +172,7 @@ def register(app: typer.Typer) -> None:
             check_checkpoint(options, spec)  # every table's refusal before any is written
         check_writable(results)
         for table in names:
-            print_written(build_report(make_sweep(table, preset, seeds, results, sets), options))
+            print_written(build_report(make_sweep(table, preset, seeds, results, sets, compute_matched), options))
 
     @app.command("list")
     def list_cmd(what: str = typer.Argument("all", help="tables | models | datasets | methods | all")):

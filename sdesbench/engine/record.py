@@ -13,7 +13,10 @@ newer version than this code knows is refused with one line rather than misread.
 
 Version 5 added mAcc, the mean per-class accuracy, to every `Scores` (the final metrics, each extra
 prediction's) and to each periodic `Evaluation`; in an older record it loads as None. Version 6 added mDice and
-mFscore (mmsegmentation's `IoUMetric`) to every `Scores`; in an older record they load as None.
+mFscore (mmsegmentation's `IoUMetric`) to every `Scores`; in an older record they load as None. Version 7
+added `cost` (`RunCost`: device-hours and the images trained on, the run's total cost; its training
+FLOPs are those images x the counted FLOPs per image); an older record loads it as None, and `cost_of` derives
+it from the record's wall time, world size, device, iterations and batch size where it can.
 
 `evaluations/<key>.json` beside `results.json` holds `EvaluationRecord`s: the run's checkpoint evaluated
 again under other evaluation settings (`sdesbench eval --record`, e.g. multi-scale + flip), keyed by
@@ -41,7 +44,7 @@ from sdesbench.validate import from_dict
 from sdesbench.errors import ConfigError, StorageError
 from sdesbench.io import read_json, write_bytes, write_json
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 RECORD_FILE = "results.json"
 COUNTS_FILE = "image_counts.npz"
 Status = Literal["completed", "failed", "interrupted"]
@@ -117,6 +120,26 @@ class Timings:
 
 
 @dataclass
+class RunCost:
+    """A run's total cost (schema 7): its device time and the images it trained on; the FLOPs per image are
+    counted by `engine.cost.flops_per_image`."""
+
+    device_kind: str  # "GPU" (CUDA) or "CPU"
+    devices: int  # processes (world size): one GPU each on CUDA
+    device_hours: float  # wall time x devices / 3600
+    images: int  # training images seen: iterations x batch per process x processes
+
+    @classmethod
+    def of(cls, device: str, world_size: int, wall_time_s: float, iterations: int, batch_size: int) -> "RunCost":
+        kind = "CPU" if device == "cpu" or device.startswith("cpu") else "GPU"
+        return cls(kind, world_size, round(wall_time_s * world_size / 3600, 6), iterations * batch_size * world_size)
+
+    def train_flops(self, per_image: float) -> float:
+        """FLOPs x images: the run's training FLOPs given the counted FLOPs per image."""
+        return per_image * self.images
+
+
+@dataclass
 class RunRecord:
     status: Status
     error: str | None = None
@@ -151,6 +174,7 @@ class RunRecord:
     history: list[Evaluation] = field(default_factory=list)  # periodic evaluations, the last at the final iteration
     best: Best | None = None  # of `history`; the table metric stays `metrics` (the final iteration's)
     image_counts: str | None = None  # COUNTS_FILE beside results.json when the final evaluation wrote it
+    cost: RunCost | None = None  # total cost (schema 7); None in an older record (`cost_of` derives it)
     schema: int = SCHEMA_VERSION
 
     @property
@@ -179,8 +203,19 @@ class RunRecord:
             raise ConfigError(f"{where}: schema {version!r} is newer than this sdesbench reads ({SCHEMA_VERSION})")
         if version < 4:  # its wall_time_s summed the step times only; its real wall time is unknown
             data["step_time_s"], data["wall_time_s"] = data.get("wall_time_s"), None
-        data["schema"] = SCHEMA_VERSION  # versions 1 to 5 have a subset of the fields (the others default)
+        data["schema"] = SCHEMA_VERSION  # versions 1 to 6 have a subset of the fields (the others default)
         return from_dict(cls, data, where)
+
+
+def cost_of(record: RunRecord) -> RunCost | None:
+    """The record's total cost: its own (schema 7), else derived from what an older record holds (its wall
+    time, world size, device, iterations and batch size); None without a wall time (before schema 4)."""
+    if record.cost is not None:
+        return record.cost
+    batch = (record.config.get("data") or {}).get("batch_size")
+    if record.wall_time_s is None or not isinstance(batch, int):
+        return None
+    return RunCost.of(record.device, record.world_size, record.wall_time_s, record.iterations, batch)
 
 
 def record_path(folder: str | Path) -> Path:

@@ -45,7 +45,8 @@ from sdesbench.engine.checkpoint import Checkpoints, Progress, check_free_space
 from sdesbench.engine.hooks import (CheckpointHook, LogHook, PeriodicEvaluationHook, ProgressHook, SignalHook,
                                     final_evaluation)
 from sdesbench.engine.loggers import LoggersHook
-from sdesbench.engine.record import ImageCounts, RunRecord, Scores, Timings, best_of, write_image_counts, write_record
+from sdesbench.engine.record import (ImageCounts, RunRecord, Scores, Timings, best_of, cost_of, write_image_counts,
+                                     write_record)
 from sdesbench.engine.run_folder import Resume, RunFolder
 from sdesbench.engine.runtime import (RunLock, Runtime, peak_memory_mb, provenance, reset_peak_memory,
                                       set_determinism)
@@ -181,6 +182,7 @@ class Trainer:
             peak_memory_mb=round(peak_memory_mb(learner.runtime.device), 1), device=learner.runtime.device_name,
             world_size=D.world_size(), amp=learner.runtime.amp_name, history=list(self.state.history),
             best=best_of(self.state.history), **provenance())
+        record.cost = cost_of(record)  # device-hours and images trained on, from the fields above (engine/cost.py)
         final = self.state.final
         if status == "completed" and final is not None:
             student = final.metrics["student"]

@@ -29,6 +29,7 @@ from typing import Any, Callable, Generic, Iterable, Literal, Sequence, TypeVar
 from sdesbench.config import RunConfig, apply_overrides, merge, method_section, parse_config
 from sdesbench.identity import identity_changes
 from sdesbench.engine.configure import build_config
+from sdesbench.engine.cost import CostCache, cached_step_flops
 from sdesbench.engine.record import RunRecord, read_record
 from sdesbench.errors import ConfigError, StorageError
 from sdesbench.experiments.resolve import resolve
@@ -52,6 +53,11 @@ def temperatures_and_weights(options: dict[str, Any]) -> tuple[str, str]:
                         and not isinstance(v, bool) and k != "aux_weight"
                         and any(k == w or k.endswith(f"_{w}") for w in words))
     return named(TEMPERATURE_NAMES), named(WEIGHT_NAMES)
+# `run --compute-matched`: a Student trained for as long as a group's KD rows cost, by counted training FLOPs
+# (deterministic, planned up front) or by the rows' measured step time (planned once their records exist)
+ComputeMatch = Literal["flops", "time"]
+COMPUTE_MATCHES: tuple[str, ...] = ComputeMatch.__args__
+COST_CLASS_STEP = 0.05  # one compute-matched Student per cost class: the ratio to the Student rounded to 5%
 # the teacher of a `teacher: true` row ("another pre-trained student") gets its own seed, derived from the
 # row's: another training run, not the row's own baseline (docs/tables.md)
 TEACHER_SEED_OFFSET = 1000
@@ -90,6 +96,11 @@ class Sweep:
     seeds: tuple[int, ...] = (0,)
     results: Path = Path("results")
     overrides: tuple[str, ...] = ()
+    compute_matched: ComputeMatch | None = None  # also a Student per group and cost class (`--compute-matched`)
+
+    def __post_init__(self) -> None:
+        if self.compute_matched not in (None, *COMPUTE_MATCHES):
+            raise ConfigError(f"--compute-matched {self.compute_matched!r}: choose {' or '.join(COMPUTE_MATCHES)}")
 
     def spec(self) -> Spec:
         return load_spec(self.table)
@@ -115,6 +126,8 @@ class Sweep:
             words += ["--results", shlex.quote(str(self.results))]
         for o in self.overrides:
             words += ["--set", shlex.quote(o)]
+        if self.compute_matched:
+            words += ["--compute-matched", self.compute_matched]
         return " ".join(words + list(extra))
 
     def with_table(self, table: str) -> "Sweep":
@@ -122,8 +135,8 @@ class Sweep:
 
 
 # what a run needs of another: its teacher's checkpoint; a stage run's artefact (a method's `StageRun`, MasKD's
-# tokens); the KD rows whose cost a compute-matched Student run is trained for (issue "Honest comparisons": the
-# kind and its place in the graph; no planner makes one yet)
+# tokens); the KD rows (and the plain Student) whose measured step time a compute-matched Student run is trained
+# for (`run --compute-matched time`; by FLOPs it needs nothing: the count is deterministic)
 DependencyKind = Literal["teacher", "stage", "compute-matched"]
 DEPENDENCY_KINDS: tuple[str, ...] = DependencyKind.__args__
 Role = Literal["row", "teacher", "stage"]  # a table row, or a run that only serves rows
@@ -165,6 +178,10 @@ class PlannedRun:
     group_spec: Group | None = None
     row_spec: Row | None = None
     stale: StaleRecord | None = None  # an older record of this request under other resolved settings
+    # `--compute-matched`: a KD row's cost class (its training cost over its group's Student's, rounded to 5%), and
+    # on a compute-matched Student run the class it is trained for
+    cost_class: float | None = None
+    matches: float | None = None
 
     @property
     def out(self) -> Path | None:
@@ -420,6 +437,7 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
     stages: dict[str, PlannedRun] = {}
     planned: list[PlannedRun] = []
     records = RecordIndex()
+    settings: dict[int, dict[str, Any]] = {}  # id(planned row) -> its settings, for the compute-matched Students
 
     def configure(pr: PlannedRun, data: dict[str, Any], sets: list[str], planned_keys: tuple[str, ...] = ()) -> None:
         pr.protocol = protocol_of(data, sets)
@@ -503,7 +521,93 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
             if req.teacher:
                 pr.protocol["teacher_seed"] = t.seed
             planned.append(pr)
+            settings[id(pr)] = data
+
+    def matched_run(student: PlannedRun, cost: float, kd_rows: list[PlannedRun], measured: bool) -> PlannedRun:
+        """The group's Student of `student`'s seed trained for `cost` times its iterations (the poly schedule
+        decays over the new total)."""
+        iters = round(student.cfg.train.iters * cost)
+        label = f"Student (compute ×{cost:.2f})"
+        pr = PlannedRun(key=f"{student.group}/{label}", group=student.group, row=label, seed=student.seed, cfg=None,
+                        model=student.model, method="student", group_spec=student.group_spec,
+                        row_spec=student.row_spec, matches=cost)
+        if measured:  # its length comes from their step times: it waits for them (the graph's edge)
+            pr.dependencies = [Dependency("compute-matched", str(r.out)) for r in [student, *kd_rows]]
+        configure(pr, settings[id(student)], overrides + [f"train.iters={iters}"])
+        return pr
+
+    if sweep.compute_matched:
+        planned += plan_compute_matched(planned, sweep, matched_run)
     return list(teachers.values()) + list(stages.values()) + planned
+
+
+def step_time_per_image(plan: PlannedRun) -> float | None:
+    """Measured training seconds per image of a row's completed record (its step times over the images it
+    trained on), None until it has one."""
+    try:
+        rec = plan.record()
+    except StorageError:
+        return None
+    if rec is None or not rec.completed or rec.config_hash != plan.cfg.identity_hash() or not rec.step_time_s:
+        return None
+    images = rec.iterations * plan.cfg.data.batch_size * rec.world_size
+    return rec.step_time_s / images if images else None
+
+
+def cost_class(ratio: float) -> float:
+    """A training cost relative to the Student rounded to `COST_CLASS_STEP`: rows within 5% share one run."""
+    return round(round(ratio / COST_CLASS_STEP) * COST_CLASS_STEP, 2)
+
+
+def plan_compute_matched(planned: list[PlannedRun], sweep: Sweep,
+                         matched_run: Callable[[PlannedRun, float, list[PlannedRun], bool], PlannedRun]) -> list[PlannedRun]:
+    """Per group and seed, one Student per distinct cost class of the group's KD rows (`--compute-matched`).
+
+    A KD row's cost over its Student's is (iterations x batch x cost per image) over the Student's: the cost per
+    image is the counted training FLOPs (`engine.cost`, the report's `train FLOPs ×`) with `flops`, the
+    records' measured step time per image with `time` (until both records exist the row has no class yet,
+    and the Student waits, shown as skipped). Classes equal to 1.00 need no run: the plain Student is it."""
+    cache = CostCache(sweep.results)
+    extra: list[PlannedRun] = []
+    for (group, seed) in dict.fromkeys((p.group, p.seed) for p in planned if p.is_row):
+        rows = [p for p in planned if p.is_row and p.group == group and p.seed == seed and p.cfg is not None]
+        student = next((p for p in rows if p.method == "student" and p.metric_source == "student"
+                        and p.matches is None), None)
+        if student is None:
+            continue
+        kd_rows = [p for p in rows if p.method != "student" and p.model == student.model]
+
+        def per_image(p: PlannedRun) -> float | None:
+            if sweep.compute_matched == "time":
+                return step_time_per_image(p)
+            return cached_step_flops(p.cfg, cache)
+
+        base = per_image(student)
+        by_class: dict[float, list[PlannedRun]] = {}
+        waiting: list[PlannedRun] = []
+        for p in kd_rows:
+            mine = per_image(p)
+            if base is None or mine is None:
+                waiting.append(p)
+                continue
+            p.cost_class = cost_class(p.cfg.train.iters * p.cfg.data.batch_size * mine
+                                      / (student.cfg.train.iters * student.cfg.data.batch_size * base))
+            by_class.setdefault(p.cost_class, []).append(p)
+        for cost, members in sorted(by_class.items()):
+            if cost != 1.0:
+                extra.append(matched_run(student, cost, members, sweep.compute_matched == "time"))
+        if waiting:
+            label = "Student (compute-matched by time)"
+            pr = PlannedRun(key=f"{group}/{label}", group=group, row=label, seed=seed, cfg=None, model=student.model,
+                            method="student", group_spec=student.group_spec, row_spec=student.row_spec,
+                            protocol=dict(student.protocol),
+                            skipped="waiting for the step times of " + ", ".join(
+                                p.row for p in ([student] if base is None else []) + waiting)
+                            + ": planned once their records exist (run again)",
+                            dependencies=[Dependency("compute-matched", str(r.out)) for r in [student, *waiting]])
+            extra.append(pr)
+    cache.save()
+    return extra
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from sdesbench.engine import step
+from sdesbench.engine.cost import count_flops
 from sdesbench.engine.step import Learner
 from sdesbench.measure.memory import peak_bytes, tensor_bytes
 from sdesbench.methods.base import StepInfo
@@ -75,10 +75,7 @@ class StepBench:
         return peak_bytes(self.step, self.live_bytes(), self.learner.runtime.device)
 
     def flops(self) -> int:
-        counter = FlopCounterMode(display=False)
-        with counter:
-            self.step()
-        return counter.get_total_flops()
+        return count_flops(self.step)
 
 
 @dataclass

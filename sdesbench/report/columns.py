@@ -17,7 +17,8 @@ from sdesbench.engine.record import RunRecord, read_evaluation
 from sdesbench.errors import ConfigError, StorageError
 from sdesbench.experiments.plan import PlannedRun
 from sdesbench.experiments.spec import Metric, Spec
-from sdesbench.measure.costs import CostCache, cached_profile, ensemble_profile, train_flops_ratio
+from sdesbench.engine.cost import CostCache, train_flops_ratio
+from sdesbench.measure.costs import cached_profile, ensemble_profile
 from sdesbench.report.numbers import fmt
 
 

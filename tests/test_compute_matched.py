@@ -1,0 +1,78 @@
+"""`run --compute-matched`: a Student trained for as long as its group's KD rows cost (issue 28, section 2), and
+each run's recorded total cost (record schema 7)."""
+import json
+
+import pytest
+
+from conftest import run_cli
+from sdesbench.engine.configure import build_config
+from sdesbench.engine.cost import train_step_flops
+from sdesbench.engine.record import RunCost, RunRecord, cost_of, read_record
+from sdesbench.experiments.plan import Sweep
+
+ITERS = 6  # x 1.10 -> 7 iterations: another run than the Student
+SPEC = f"""title: equal compute on Table 4's network
+presets:
+  smoke:
+    data: {{name: tiny, crop: [32, 32], batch_size: 2}}
+    train: {{iters: {ITERS}, checkpoint_every: 1000}}
+    eval: {{max_images: 2}}
+options:
+  sdes: {{tau: 5, n_experts: 2, expert: student}}
+  sdes-no-dfed: {{tau: 5, n_experts: 2, expert: student}}
+groups:
+  - name: EfficientNet-B0
+    model: deeplabv3_efficientnet_b0
+    rows: [{{label: L_SS, method: student}}, {{label: Ours, method: sdes}}, {{label: DPED, method: sdes-no-dfed}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cm")
+    spec = tmp / "eq.yaml"
+    spec.write_text(SPEC)
+    proc = run_cli("run", str(spec), "--compute-matched", "flops", "--results", str(tmp / "results"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Sweep(str(spec), "smoke", (0,), tmp / "results", compute_matched="flops"), proc
+
+
+def test_compute_matched_student_trains_for_the_flops_ratio(swept):
+    sweep, proc = swept
+    plans = sweep.plans()
+    # independently: one step's FLOPs of each KD method over the plain student's, rounded to 5%
+    student = train_step_flops(build_config({"model": {"name": "deeplabv3_efficientnet_b0"}}))
+    classes = set()
+    for method in ("sdes", "sdes-no-dfed"):
+        kd = build_config({"model": {"name": "deeplabv3_efficientnet_b0"},
+                           "method": {"name": method, "tau": 5, "n_experts": 2, "expert": "student"}})
+        classes.add(round(train_step_flops(kd) / student * 20) / 20)
+    assert len(classes) == 1  # both rows cost the same within 5%: one run, not one per row
+    (cls,) = classes
+    assert cls > 1.0
+    matched = [p for p in plans if p.matches is not None]
+    assert [p.matches for p in matched] == [pytest.approx(cls)]
+    assert [p.cost_class for p in plans if p.method != "student"] == pytest.approx([cls, cls])
+    rec = read_record(matched[0].out)
+    assert rec.completed and rec.iterations == round(ITERS * cls) != ITERS
+    assert rec.config["train"]["iters"] == round(ITERS * cls)  # the poly schedule decays over the new total
+    assert rec.method == "student" and rec.config["model"]["name"] == "deeplabv3_efficientnet_b0"
+
+
+def test_each_run_records_its_total_cost(swept):
+    sweep, _ = swept
+    for p in sweep.plans():
+        rec = read_record(p.out)
+        assert rec.schema == 7 and rec.cost is not None
+        assert rec.cost.images == rec.iterations * 2 * rec.world_size
+        assert rec.cost.device_kind == "CPU" and rec.cost.devices == 1
+        assert rec.cost.device_hours == pytest.approx(rec.wall_time_s / 3600, abs=1e-6)
+
+
+def test_an_older_record_reads_and_its_cost_is_derived(tmp_path):
+    old = {"schema": 6, "status": "completed", "config": {"data": {"batch_size": 4}}, "iterations": 30,
+           "wall_time_s": 720.0, "world_size": 2, "device": "NVIDIA H100"}
+    rec = RunRecord.from_dict(json.loads(json.dumps(old)))
+    assert rec.cost is None and rec.schema == 7
+    assert cost_of(rec) == RunCost("GPU", 2, 0.4, 240)  # 720 s x 2 GPUs = 0.4 GPU-hours; 30 x 4 x 2 images
+    assert cost_of(RunRecord.from_dict({"schema": 3, "status": "completed", "wall_time_s": 5.0})) is None
