@@ -197,10 +197,11 @@ def test_a_version_1_record_still_loads(tmp_path):
     # its wall_time_s summed the step times (schema < 4): read as the step time, its wall time unknown
     assert rec.step_time_s == v1["wall_time_s"] == 17.468 and rec.wall_time_s is None and rec.timings is None
     # written back, it is the same record with its schema number and the fields later versions added, empty
-    assert rec.to_dict() == {"schema": SCHEMA_VERSION, **v1, **V3_FIELDS, **v4_fields(v1), **v5_fields(v1)}
+    assert rec.to_dict() == {"schema": SCHEMA_VERSION, **v1, **V3_FIELDS, **V7_FIELDS, **v4_fields(v1), **v5_fields(v1)}
 
 
 V3_FIELDS = {"history": [], "best": None, "image_counts": None}  # added by schema 3
+V7_FIELDS = {"cost": None}  # added by schema 7 (an older record's cost is derived by cost_of, never stored)
 
 
 def v4_fields(old: dict) -> dict:
@@ -220,7 +221,7 @@ def test_a_version_2_record_still_loads(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(v2))
     rec = read_record(tmp_path)
     assert rec.completed and rec.history == [] and rec.best is None and rec.image_counts is None
-    assert rec.to_dict() == {**v2, "schema": SCHEMA_VERSION, **V3_FIELDS, **v4_fields(v2), **v5_fields(v2)}
+    assert rec.to_dict() == {**v2, "schema": SCHEMA_VERSION, **V3_FIELDS, **V7_FIELDS, **v4_fields(v2), **v5_fields(v2)}
 
 
 def test_a_version_4_record_keeps_its_times(tmp_path):
@@ -230,7 +231,7 @@ def test_a_version_4_record_keeps_its_times(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(v4))
     rec = read_record(tmp_path)
     assert (rec.wall_time_s, rec.step_time_s, rec.timings.train_s) == (19.0, 10.0, 12.0)
-    assert rec.to_dict() == {**v4, **V3_FIELDS, "schema": SCHEMA_VERSION, **v5_fields(v4)}
+    assert rec.to_dict() == {**v4, **V3_FIELDS, **V7_FIELDS, "schema": SCHEMA_VERSION, **v5_fields(v4)}
 
 
 def test_records_round_trip_through_json(tmp_path):

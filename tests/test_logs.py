@@ -89,7 +89,7 @@ def test_a_piped_training_logs_plain_lines_that_agree_with_its_record(tmp_path):
 
     # the record's times: the real wall time holds the steps and every part of the breakdown
     t = record["timings"]
-    assert record["schema"] == 6
+    assert record["schema"] == 7
     assert record["step_time_s"] <= t["train_s"] <= record["wall_time_s"] < took
     assert sum(t.values()) <= record["wall_time_s"] + 0.01  # the parts do not overlap
     assert t["eval_s"] > 0 and t["checkpoint_s"] > 0 and t["setup_s"] > 0

@@ -68,7 +68,7 @@ def test_history_and_best_beside_the_final_metric(runs):
     assert read_record(out) == rec  # the record on disk is typed and complete
     # the table metric stays the final evaluation's on all 3 images, whatever `best` says
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["metrics"]["miou"] == runs["plain"][2].metrics.miou and on_disk["schema"] == 6
+    assert on_disk["metrics"]["miou"] == runs["plain"][2].metrics.miou and on_disk["schema"] == 7
     # with the same images, the last history entry is the final evaluation itself (not run twice)
     _, _, full = runs["full"]
     assert [e.iteration for e in full.history] == [2, 4]
