@@ -39,10 +39,23 @@ def test_hooks_run_by_priority_and_unwind_in_reverse():
 
     hooks = [hook("c", Priority.LOW), hook("a", Priority.HIGHEST), hook("b1", Priority.NORMAL),
              hook("b2", Priority.NORMAL)]
-    Hooks(hooks).before_train(None)
-    Hooks(hooks).after_train(None)
+    run = Hooks(hooks)
+    run.before_train(None)
+    run.after_train(None)
     assert calls == [("before", "a"), ("before", "b1"), ("before", "b2"), ("before", "c"),
                      ("after", "c"), ("after", "b2"), ("after", "b1"), ("after", "a")]
+    # a hook that fails to start (a logger's missing package): the ones before it are closed, the ones after it
+    # never started and are not, and its error is the one raised
+    calls.clear()
+    failing = hook("b1", Priority.NORMAL)
+    failing.before_train = lambda trainer: (_ for _ in ()).throw(RuntimeError("b1 cannot start"))
+    run = Hooks([hook("a", Priority.HIGHEST), failing, hook("c", Priority.LOW)])
+    with pytest.raises(RuntimeError, match="b1 cannot start"):
+        try:
+            run.before_train(None)
+        finally:
+            run.after_train(None)
+    assert calls == [("before", "a"), ("after", "a")]
 
 
 def test_the_builtin_hooks_declare_the_order_their_dependencies_need():

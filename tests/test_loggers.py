@@ -173,8 +173,8 @@ def test_missing_package_is_one_line_before_training(tmp_path):
 
 
 def test_a_tracking_server_that_does_not_answer_is_one_error(tmp_path, monkeypatch):
-    """Checked when the hooks are built, as the missing package above (the same path to the CLI's one line): a
-    server that refuses the connection is one SdesbenchError at once, not MLflow's retries."""
+    """Checked as the hooks start, as the missing package above (the same path to the CLI's one line): a server
+    that refuses the connection is one SdesbenchError at once, not MLflow's retries."""
     from sdesbench.engine.configure import build_config
     from sdesbench.engine.loggers import MlflowLogger
     from sdesbench.errors import SdesbenchError

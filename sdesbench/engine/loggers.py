@@ -30,8 +30,8 @@ MLflow run / W&B run id and sends only the events after that iteration (the kill
 iterations in between: with a deterministic run, the same losses). A run started afresh in the folder opens new
 ones (and marks the MLflow run it leaves KILLED).
 
-A logger whose package is missing, or whose tracking server does not answer, is one line when the run's hooks are
-built, before anything is trained (`check`), naming the extra to install (`pip install 'sdesbench[mlflow]'`).
+A logger whose package is missing, or whose tracking server does not answer, is one line as the hooks start, before
+the first step (`check`), naming the extra to install (`pip install 'sdesbench[mlflow]'`).
 """
 from __future__ import annotations
 
@@ -122,8 +122,8 @@ class RunInfo:
 
 
 class Logger:
-    """One destination of a run's measurements (module docstring). `check` runs when the run's hooks are built,
-    before anything is trained: a missing package or an unreachable server is one `SdesbenchError` line.
+    """One destination of a run's measurements (module docstring). `check` runs as the hooks start, before the
+    first step: a missing package or an unreachable server is one `SdesbenchError` line.
     `state` is what a resumed run needs to continue the same logged run (`loggers.json`); None for a logger
     that rewrites its own files from the checkpoint (jsonl, TensorBoard)."""
 
@@ -395,34 +395,38 @@ LOGGERS: dict[str, type[Logger]] = {c.name: c for c in (JsonlLogger, TensorBoard
 
 class LoggersHook(HookBase):
     """Every published event, and the final evaluation the Trainer observes hooks with, to the loggers of
-    `output.loggers` (rank 0's; module docstring). Their packages and servers are checked when it is built, before
-    any hook starts; it opens them before anything publishes and closes them after everything else: VERY_HIGH, as
-    `LogHook`, which publishes."""
+    `output.loggers` (rank 0's; module docstring). It checks their packages and servers first (before the first
+    step: a failure is one line, and the hooks after it never start), opens them before anything publishes and
+    closes them after everything else: VERY_HIGH, as `LogHook`, which publishes."""
 
     priority = Priority.VERY_HIGH
 
-    def __init__(self, cfg: RunConfig):
-        self.loggers = [LOGGERS[name]() for name in dict.fromkeys(cfg.output.loggers)]
-        for logger in self.loggers:  # on every rank: a package missing on one is missing on all, and all stop
-            logger.check(cfg)
+    def __init__(self) -> None:
         self.opened: list[Logger] = []
         self.sent: dict[str, dict[str, Any]] = {}
 
     def before_train(self, trainer: TrainerView) -> None:
+        loggers = [LOGGERS[name]() for name in dict.fromkeys(trainer.cfg.output.loggers)]
+        for logger in loggers:  # on every rank: a package missing on one is missing on all, and all stop
+            logger.check(trainer.cfg)
         if not D.is_main():
             return
         run = RunInfo.of(trainer.cfg, trainer.state.start_iter)
         self.state_path = run.out / STATE_FILE
         previous = self.read_state() if self.state_path.is_file() else {}
-        for logger in self.loggers:
-            state = logger.open(run, previous.get(logger.name))
-            self.opened.append(logger)
-            if state is not None:
-                before = previous.get(logger.name) or {}
-                resumed = run.start_iter > 0 and before.get("run_id") == state["run_id"]
-                self.sent[logger.name] = {**state, "last": before.get("last", [0, 0]) if resumed else [0, 0]}
-        if self.sent:
-            write_json(self.state_path, self.sent)
+        try:
+            for logger in loggers:
+                state = logger.open(run, previous.get(logger.name))
+                self.opened.append(logger)
+                if state is not None:
+                    before = previous.get(logger.name) or {}
+                    resumed = run.start_iter > 0 and before.get("run_id") == state["run_id"]
+                    self.sent[logger.name] = {**state, "last": before.get("last", [0, 0]) if resumed else [0, 0]}
+            if self.sent:
+                write_json(self.state_path, self.sent)
+        except BaseException:  # this hook's `after_train` will not run (it did not start): close what it opened
+            self.after_train(trainer)
+            raise
 
     def read_state(self) -> dict[str, Any]:
         try:

@@ -161,6 +161,7 @@ class Hooks:
 
     def __init__(self, hooks: list[HookBase]):
         self.hooks = sorted(hooks, key=lambda h: h.priority)
+        self.started: list[HookBase] = []  # those whose `before_train` completed: `after_train` closes them
 
     def __iter__(self):
         return iter(self.hooks)
@@ -168,6 +169,7 @@ class Hooks:
     def before_train(self, view: TrainerView) -> None:
         for hook in self.hooks:
             hook.before_train(view)
+            self.started.append(hook)
 
     def after_step(self, view: TrainerView) -> None:
         for hook in self.hooks:
@@ -182,10 +184,12 @@ class Hooks:
             hook.on_event(view, event)
 
     def after_train(self, view: TrainerView) -> None:
-        """In reverse; every hook runs even when one raises (the first error is re-raised once all have run:
-        signal handlers are always restored)."""
+        """In reverse, over the hooks whose `before_train` completed (as nested context managers unwind: a hook
+        that never started, because one before it raised, e.g. a logger's missing package, is not closed, and the
+        first error stays the one raised); every one runs even when one raises (the first error is re-raised once
+        all have run: signal handlers are always restored)."""
         error: BaseException | None = None
-        for hook in reversed(self.hooks):
+        for hook in reversed(self.started):
             try:
                 hook.after_train(view)
             except BaseException as e:  # noqa: BLE001 - re-raised below, after the other hooks ran

@@ -117,7 +117,7 @@ class Trainer:
 
     def build_hooks(self) -> list[HookBase]:
         """The run's hooks; each declares its priority (engine/hooks.py has the table of who runs when)."""
-        return [SignalHook(), LogHook(), LoggersHook(self.cfg), ProgressHook(), PeriodicEvaluationHook(), CheckpointHook()]
+        return [SignalHook(), LogHook(), LoggersHook(), ProgressHook(), PeriodicEvaluationHook(), CheckpointHook()]
 
     def view(self) -> TrainerView:
         """What the hooks see of this Trainer (engine/state.py), once it is set up."""
