@@ -113,3 +113,22 @@ def test_a_hanging_rank_ends_the_run_at_dist_timeout_s_in_one_line(tmp_path):
 
     assert build_config({"train": {"dist_timeout_s": 3}}).identity_hash() == build_config({}).identity_hash()
     assert build_config({}).train.dist_timeout_s == 1800
+
+
+def test_the_cause_of_a_lost_group_is_the_killed_rank_then_the_earliest_failed_one(tmp_path):
+    """`give_up` names the rank that brought the group down, not one the agent stopped (SIGTERM) or one that lost
+    its peer afterwards; torchrun's own ProcessFailure, as the agent builds it for a rank without an error file."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from sdesbench.engine.elastic import cause
+
+    def failure(rank: int, exitcode: int, timestamp: int) -> ProcessFailure:
+        f = ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(tmp_path / "none"))
+        f.timestamp = timestamp
+        return f
+
+    lost_peer, killed, stopped = 4, -9, -15  # DistributedFault's exit status, SIGKILL, the agent's SIGTERM
+    assert cause({0: failure(0, lost_peer, 10), 1: failure(1, killed, 11)})[0] == 1
+    assert cause({0: failure(0, stopped, 10), 1: failure(1, lost_peer, 11)})[0] == 1
+    assert cause({0: failure(0, lost_peer, 12), 1: failure(1, 2, 11), 2: failure(2, stopped, 10)})[0] == 1
+    assert cause({0: failure(0, killed, 12), 1: failure(1, killed, 11)})[0] == 1
