@@ -76,3 +76,22 @@ def test_an_older_record_reads_and_its_cost_is_derived(tmp_path):
     assert rec.cost is None and rec.schema == 7
     assert cost_of(rec) == RunCost("GPU", 2, 0.4, 240)  # 720 s x 2 GPUs = 0.4 GPU-hours; 30 x 4 x 2 images
     assert cost_of(RunRecord.from_dict({"schema": 3, "status": "completed", "wall_time_s": 5.0})) is None
+
+
+def test_report_shows_the_gain_against_both_students_and_the_total_cost(swept):
+    sweep, _ = swept
+    import pandas as pd
+
+    plans = {p.row: p for p in sweep.plans()}
+    matched = next(p for p in plans.values() if p.matches is not None)
+    miou = {row: 100 * read_record(plans[row].out).metrics.miou for row in ("L_SS", "Ours", "DPED")}
+    miou["matched"] = 100 * read_record(matched.out).metrics.miou
+    csv = pd.read_csv(sweep.results / "eq-smoke.csv", dtype=str).set_index("Method")
+    for row in ("Ours", "DPED"):
+        assert float(csv.loc[row, "Δ Student mIoU"]) == pytest.approx(miou[row] - miou["L_SS"], abs=0.006)
+        assert float(csv.loc[row, "Δ Student (equal compute) mIoU"]) == pytest.approx(miou[row] - miou["matched"],
+                                                                                      abs=0.006)
+    md = (sweep.results / "eq-smoke.md").read_text()
+    hours = sum(read_record(p.out).cost.device_hours for p in {str(p.out): p for p in plans.values()}.values())
+    assert f"Total cost of the table's 4 completed run(s) (teachers and stage runs included): {hours:.4g} CPU-hours" in md
+    assert "training FLOPs (FLOPs per image x images trained on)" in md

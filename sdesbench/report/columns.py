@@ -13,11 +13,11 @@ from typing import Any, Literal
 from sdesbench.config import RunConfig, apply_overrides, parse_config
 from sdesbench.engine.inference import Inference
 from sdesbench.engine.metrics import miou_convention
-from sdesbench.engine.record import RunRecord, read_evaluation
+from sdesbench.engine.record import RunRecord, cost_of, read_evaluation, read_record
 from sdesbench.errors import ConfigError, StorageError
 from sdesbench.experiments.plan import PlannedRun
 from sdesbench.experiments.spec import Metric, Spec
-from sdesbench.engine.cost import CostCache, train_flops_ratio
+from sdesbench.engine.cost import CostCache, flops_per_image, train_flops_ratio
 from sdesbench.measure.costs import cached_profile, ensemble_profile
 from sdesbench.report.numbers import fmt
 
@@ -150,3 +150,34 @@ def cost_cells(records: list[tuple[PlannedRun, RunRecord]], cache: CostCache) ->
     ratio = train_flops_ratio(records[0][0].cfg, cache)
     return {"step s/iter": fmt(per_iter, 3) or "—", "wall s": fmt(wall, 0) or "—", "peak MB": fmt(peak, 0) or "—",
             "train FLOPs ×": f"{ratio:.2f}"}
+
+
+def cost_total_line(plans: list[PlannedRun], cache: CostCache, flops: bool) -> str:
+    """The header's total cost of the table's completed runs (each run folder once, teachers and stage runs
+    included): device-hours per device kind from the records (`RunCost`), and with `flops` the training
+    FLOPs x images (each run's images x its counted FLOPs per image, `engine.cost`)."""
+    hours: dict[str, float] = {}
+    total_flops, runs, unknown = 0.0, 0, 0
+    for plan in {str(p.out): p for p in plans if p.cfg is not None}.values():
+        try:
+            rec = read_record(plan.out)
+        except StorageError:
+            continue
+        if rec is None or not rec.completed:
+            continue
+        runs += 1
+        cost = cost_of(rec)
+        if cost is None:
+            unknown += 1
+            continue
+        hours[cost.device_kind] = hours.get(cost.device_kind, 0.0) + cost.device_hours
+        if flops:
+            total_flops += cost.train_flops(flops_per_image(plan.cfg, cache))
+    if not runs:
+        return "Total cost: no completed run yet."
+    parts = [f"{h:.4g} {kind}-hours" for kind, h in sorted(hours.items())] or ["device time unknown"]
+    if flops:
+        parts.append(f"{total_flops:.3g} training FLOPs (FLOPs per image x images trained on)")
+    older = f"; {unknown} record(s) older than schema 4 without a wall time left out" if unknown else ""
+    return f"Total cost of the table's {runs} completed run(s) (teachers and stage runs included): " + \
+        ", ".join(parts) + older + "."

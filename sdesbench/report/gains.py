@@ -11,6 +11,9 @@ Student row (`reference_rows`) and, with `--against`, against the row that names
   seeds a side; with `--stats` the two-level and image-only bootstraps of the per-image counts);
 - a verdict (`verdict`, `VERDICTS`) comparing the two on the Welch interval, with two or more seeds on both
   rows and the paper's numbers for both;
+- with `run --compute-matched`, the measured gain against the Student of equal compute (`matched_rows`: the
+  group's Student trained for as long as the row's cost class; the plain Student for a class of 1.00), with
+  the same tests: a gain that vanishes there was bought with compute, not with distillation;
 - per group, the measured Student row against the paper's (`Baseline`): a baseline that trains higher than
   the paper's shrinks every gain measured from it, so it is the first thing a reader must know.
 
@@ -122,10 +125,18 @@ class Gains:
     baselines: dict[str, Baseline]
     against: str | None = None  # the `--against` name (label or group/label key)
     versus_against: dict[str, Comparison] = field(default_factory=dict)
+    versus_matched: dict[str, Comparison] = field(default_factory=dict)  # `--compute-matched`: rows with a cost class
 
-    def of(self, entry: RowResults, against: bool = False) -> Comparison:
-        """The row's comparison with its group's Student row, or (`against`) with the `--against` row."""
-        return (self.versus_against if against else self.student).get(entry.plan.key, Comparison())
+    def of(self, entry: RowResults, against: bool = False, matched: bool = False) -> Comparison:
+        """The row's comparison with its group's Student row, or (`against`) with the `--against` row, or
+        (`matched`) with the Student of equal compute."""
+        chosen = self.versus_matched if matched else self.versus_against if against else self.student
+        return chosen.get(entry.plan.key, Comparison())
+
+    @property
+    def compute_matched(self) -> bool:
+        """Whether the table has equal-compute comparisons (`run --compute-matched`)."""
+        return bool(self.versus_matched)
 
     @property
     def has_student(self) -> bool:
@@ -152,6 +163,16 @@ def named_rows(entries: list[RowResults], name: str) -> dict[str, RowResults]:
     """Each group's row that `name` names: its label (`CIRKD`, in every group that has one) or its key
     (`DeepLabV3-ResNet-18/CIRKD`, that group only)."""
     return {e.plan.group: e for e in entries if name in (e.plan.row, e.plan.key)}
+
+
+def matched_rows(entries: list[RowResults]) -> dict[tuple[str, float], RowResults]:
+    """(group, cost class) -> the group's Student of equal compute: a compute-matched Student row for a class
+    above or below 1.00, the group's Student row for 1.00 (it is the same run)."""
+    out = {(g, 1.0): e for g, e in reference_rows(entries).items()}
+    for e in entries:
+        if e.plan.matches is not None:
+            out.setdefault((e.plan.group, e.plan.matches), e)
+    return out
 
 
 def against_label(name: str) -> str:
@@ -240,4 +261,7 @@ def compare(entries: list[RowResults], metrics: tuple[str, ...], stats: bool = F
     named = named_rows(entries, against) if against else {}
     versus = {e.plan.key: compared_with(e, named.get(e.plan.group), metrics, tests) for e in entries} if against \
         else {}
-    return Gains(metrics, tests, student, baselines, against, versus)
+    equal = matched_rows(entries) if any(e.plan.matches is not None for e in entries) else {}
+    matched = {e.plan.key: compared_with(e, equal.get((e.plan.group, e.plan.cost_class)), metrics, tests)
+               for e in entries if e.plan.cost_class is not None}
+    return Gains(metrics, tests, student, baselines, against, versus, matched)

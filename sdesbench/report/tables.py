@@ -34,6 +34,7 @@ from typing import Any, Callable, get_args
 
 import pandas as pd
 
+from sdesbench.engine.cost import CostCache
 from sdesbench.engine.inference import Inference
 from sdesbench.engine.metrics import miou_convention
 from sdesbench.engine.record import best_evaluation
@@ -42,8 +43,11 @@ from sdesbench.experiments.plan import PlannedRun, Sweep
 from sdesbench.experiments.spec import Spec
 from sdesbench.io import write_text
 from sdesbench.registry import did_you_mean
-from sdesbench.report.columns import COST_COLUMNS, METRIC_LABEL, ExtraEvaluation, SizeColumns, cost_cells
+from sdesbench.report.columns import (COST_COLUMNS, METRIC_LABEL, ExtraEvaluation, SizeColumns, cost_cells,
+                                      cost_total_line)
 from sdesbench.report.gains import STUDENT, VERDICTS, Comparison, Gains, against_label, compare
+
+EQUAL_COMPUTE = "Student (equal compute)"  # what the columns comparing with the compute-matched Student call it
 from sdesbench.report.numbers import fmt, mean_or_none
 from sdesbench.report.rows import Checkpoint, RowResults, collect, extra_key
 from sdesbench.report.stats import BOOTSTRAP_DRAWS
@@ -187,6 +191,8 @@ def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = 
             line.update(gain_cells(gains.of(entry), metrics, gains.tests, claims=with_paper))
         if versus:
             line.update(gain_cells(gains.of(entry, against=True), metrics, gains.tests, versus))
+        if gains.compute_matched:
+            line.update(gain_cells(gains.of(entry, matched=True), metrics, gains.tests, EQUAL_COMPUTE))
         line.update(sizes.cells(plan))
         if cost:
             line.update(cost_cells(entry.records, sizes.cache))
@@ -205,13 +211,13 @@ def table_frame(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool =
     return df, notes
 
 
-def wide_markdown(df: pd.DataFrame, metric: str, against: str | None = None) -> str:
+def wide_markdown(df: pd.DataFrame, metric: str, against: str | None = None, matched: bool = False) -> str:
     """Networks as rows and methods as columns (Table 1): measured, paper and Δ lines per network (and the gain
     over the Student column, claimed and measured, and the difference to the `against` row, with the intervals,
     p-values and verdicts when the table has them)."""
     label = METRIC_LABEL.get(metric, metric)
     methods = list(dict.fromkeys(df["Method"]))
-    versus = [STUDENT] + ([against_label(against)] if against else [])
+    versus = [STUDENT] + ([against_label(against)] if against else []) + ([EQUAL_COMPUTE] if matched else [])
     kinds = [(what, col) for what, col in (("measured", label), ("paper", f"paper {label}"), ("Δ", f"Δ {label}"),
                                            (f"paper Δ {STUDENT}", f"paper Δ {STUDENT} {label}"),
                                            *((f"Δ {v}", f"Δ {v} {label}") for v in versus)) if col in df.columns]
@@ -324,6 +330,12 @@ AGAINST_NOTE = ("\n`Δ {v}` and `vs {v} ...`: the row minus the `{v}` row of its
                 "the same tests as against the Student row; `ref` is that row itself, `—` a group without one.\n")
 
 
+EQUAL_COMPUTE_NOTE = ("\n`Δ {v}` and `vs {v} ...` (`--compute-matched {by}`): the row minus the Student of its group "
+                      "trained for as long as the row costs (its cost class: the row's training cost over the "
+                      "Student's, rounded to 5%; the rows `Student (compute ×c)`), with the same tests as against "
+                      "the Student row; the plain Student row where the class is 1.00.\n")
+
+
 def comparison_note(df: pd.DataFrame, metrics: tuple[str, ...], against: str | None = None) -> str:
     """The note under a table with `vs Student` columns: what each of its tests answers, and what the `--against`
     columns compare; "" without any."""
@@ -395,6 +407,9 @@ def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) 
           f"{checkpoint_line(entries, options.checkpoint)}\n\n")
     for line in oracle_lines(plans):
         md += line + "\n\n"
+    cache = CostCache(sweep.results)  # FLOPs are totalled where the table counts them anyway (cost columns, matching)
+    md += cost_total_line(plans, cache, flops=spec.cost or sweep.compute_matched is not None) + "\n\n"
+    cache.save()
     shown = df.assign(Method=[oracle_label(e.plan) for e in entries]) if entries else df  # the CSV keeps the labels
     if spec.extends:
         md += (f"Extends the table `{spec.extends}`: its rows, the same runs as its own table's, beside this spec's "
@@ -402,13 +417,15 @@ def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) 
     md += gains_lines(gains, tuple(spec.metrics))
     if spec.layout == "wide":
         for m in spec.metrics:
-            md += wide_markdown(shown, m, options.against) + "\n\n"
+            md += wide_markdown(shown, m, options.against, gains.compute_matched) + "\n\n"
         md += "## Status and training cost per row\n\n"
         keep = ["Network", "Method"] + [c for c in (*COST_COLUMNS, "seeds", "status") if c in df.columns]
         md += shown[keep].to_markdown(index=False, disable_numparse=True) + "\n"
     else:
         md += shown.to_markdown(index=False, disable_numparse=True) + "\n"
     md += comparison_note(df, tuple(spec.metrics), options.against)
+    if gains.compute_matched:
+        md += EQUAL_COMPUTE_NOTE.format(v=EQUAL_COMPUTE, by=sweep.compute_matched)
     if spec.cost:
         md += ("\nTraining cost: `step s/iter` = the training steps' time / iterations (step_time_s: no loader "
                "waits, evaluations, checkpoints or setup); `wall s` = the run's real wall time, all of those "
