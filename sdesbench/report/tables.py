@@ -407,8 +407,10 @@ def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) 
           f"{checkpoint_line(entries, options.checkpoint)}\n\n")
     for line in oracle_lines(plans):
         md += line + "\n\n"
-    cache = CostCache(sweep.results)  # FLOPs are totalled where the table counts them anyway (cost columns, matching)
-    md += cost_total_line(plans, cache, flops=spec.cost or sweep.compute_matched is not None) + "\n\n"
+    # FLOPs are totalled with --compute-matched, which counts them anyway: elsewhere each teacher's and stage run's
+    # count would be a model build and a counted step more for every report
+    cache = CostCache(sweep.results)
+    md += cost_total_line(plans, cache, flops=sweep.compute_matched is not None) + "\n\n"
     cache.save()
     shown = df.assign(Method=[oracle_label(e.plan) for e in entries]) if entries else df  # the CSV keeps the labels
     if spec.extends:
