@@ -92,6 +92,9 @@ class TrainConfig:
     # which weights are kept (the training is bitwise the same with it, a test checks)
     keep_best: bool = field(default=False, metadata=NOT_HASHED)
     log_every: int = field(default=10, metadata=rng(1, hash="never"))
+    # hooks added to the built-in ones, by registered name (or {name: ..., <option>: ...}), checked and resolved by
+    # `engine.configure.build_config` (engine/hook_registry.py). Not in the key: a hook never changes the step
+    hooks: list[str | dict[str, Any]] = field(default_factory=list, metadata=NOT_HASHED)
     device: Device = field(default="auto", metadata=NOT_HASHED)
     amp: AmpMode = "off"  # CUDA only; auto = bf16 where supported, fp16 + GradScaler otherwise
     channels_last: bool = False

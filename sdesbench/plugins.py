@@ -1,4 +1,4 @@
-"""Plugins: methods, models and datasets from outside the package, registered with the decorators the
+"""Plugins: methods, models, datasets and training hooks from outside the package, registered with the decorators the
 built-ins use (`@METHODS.register("my_kd")`), without forking sdesbench.
 
 A plugin is a Python file (`my_kd.py`) or an importable module (`my_pkg.kd`). It is loaded (imported)
@@ -144,7 +144,7 @@ def _import(plugin: Plugin, do_import, own_files: list[str]) -> None:
         raise PluginError(f"plugin {plugin.source}: {import_failure(e, own_files)}") from None
     if not registered_by(plugin.target):
         unload(plugin)
-        raise PluginError(f"plugin {plugin.source} registers nothing: it must register a method, model or dataset "
+        raise PluginError(f"plugin {plugin.source} registers nothing: it must register a method, model, dataset or hook "
                           "(e.g. @METHODS.register(\"my_kd\") from sdesbench.methods)")
     _LOADED[plugin.target] = plugin
 

@@ -19,6 +19,8 @@ from sdesbench import plugins
 from sdesbench.cli import main
 
 MY_KD = ROOT / "tests" / "fixtures" / "plugins" / "my_kd.py"
+MY_HOOK = ROOT / "tests" / "fixtures" / "plugins" / "my_hook.py"  # a training hook (issue 29.1)
+HOOKS_SET = "train.hooks=[{name: final_note, file: note.json}]"
 SPEC = """title: "my table"
 teacher_seed: same
 presets:
@@ -96,6 +98,8 @@ BAD = {
                     "from sdesbench.methods.kl import KL\n\n\n@METHODS.register('mine')\nclass Mine(KL):\n"
                     "    @dataclass\n    class Options(KL.Options):\n        name: str = 'x'\n",
                     "option 'name' collides with the method section's own key method.name"),
+    "not_a_hook.py": ("from sdesbench.engine.hooks import HOOKS\n\n\n@HOOKS.register('mine')\nclass Mine:\n    pass\n",
+                      "hook 'mine': register a subclass of sdesbench.engine.state.HookBase"),
 }
 
 
@@ -172,6 +176,28 @@ def test_loading_twice_is_once_and_modules_and_entry_points_load_too(cli, tmp_pa
     assert by_label["epkd"].sha256 == sha256(ep_mod)
 
 
+def test_list_hooks_gives_each_priority_and_origin_and_a_bad_train_hooks_is_one_line(cli, tmp_path):
+    res = cli("--plugin", MY_HOOK, "list", "hooks")
+    assert res.returncode == 0, res.stderr
+    rows = [line.split("  ") for line in res.stdout.splitlines()]
+    rows = {r[0]: [c.strip() for c in r[1:] if c.strip()] for r in rows}
+    # by priority: the order they run in; the built-in ones in every run, the plugin's where train.hooks names it
+    assert list(rows) == ["signal", "log", "loggers", "progress", "periodic_evaluation", "checkpoint",
+                          "final_note"], res.stdout
+    assert rows["signal"] == ["priority 0 (HIGHEST)", "every run", "built-in"]
+    assert rows["final_note"] == ["priority 70 (LOW)", "train.hooks", f"plugin {MY_HOOK}"]
+    out = tmp_path / "run"
+    for value, needle in [("[final_nte]", "unknown hook 'final_nte' (did you mean 'final_note'?)"),
+                          ("[{name: final_note, fil: a.json}]",
+                           "unknown config key 'train.hooks.final_note.fil' (did you mean 'train.hooks.final_note.file'?)"),
+                          ("[{name: final_note, file: 3}]", "train.hooks.final_note.file: expected a string, got 3"),
+                          ("[log]", "train.hooks: 'log' is built in and runs in every run"),
+                          ("[final_note, final_note]", "train.hooks names 'final_note' twice")]:
+        one_line_error(cli("--plugin", MY_HOOK, "train", "--iters", "1", "--out", out, "--set", f"train.hooks={value}"),
+                       needle)
+    assert not out.exists()  # refused before anything was written
+
+
 def test_list_tables_gives_each_title_and_number_of_rows(cli, tmp_path, monkeypatch):
     (tmp_path / "mine.yaml").write_text(SPEC)
     monkeypatch.setenv("SDESBENCH_EXPERIMENTS", str(tmp_path))
@@ -188,14 +214,16 @@ def test_list_tables_gives_each_title_and_number_of_rows(cli, tmp_path, monkeypa
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """`sdesbench --plugin my_kd.py run mine.yaml --workers 2`: the plugin reaches the two worker processes.
-    Three runs on the tiny data (Student, which is also the teacher; MyKD; KL), 2 iterations each."""
+    """`sdesbench --plugin my_kd.py --plugin my_hook.py run mine.yaml --workers 2 --set train.hooks=[final_note]`:
+    the plugins reach the two worker processes. Three runs on the tiny data (Student, which is also the teacher;
+    MyKD; KL), 2 iterations each, each with the plugin's hook."""
     folder = tmp_path_factory.mktemp("plugin_table")
     shutil.copy(MY_KD, folder / "my_kd.py")
+    shutil.copy(MY_HOOK, folder / "my_hook.py")
     (folder / "mine.yaml").write_text(SPEC)
     results = folder / "results"
-    res = run_cli("--plugin", "my_kd.py", "run", "mine.yaml", "--results", results, "--workers", "2",
-                  "--no-progress", cwd=folder)
+    res = run_cli("--plugin", "my_kd.py", "--plugin", "my_hook.py", "run", "mine.yaml", "--results", results,
+                  "--workers", "2", "--no-progress", "--set", HOOKS_SET, cwd=folder)
     return folder, results, res
 
 
@@ -212,12 +240,20 @@ def test_a_plugin_table_trains_in_two_workers_and_each_record_names_its_plugins(
     assert re.search(r"\b\d+\.\d\d\b", row), table  # a measured mIoU
     mine = read_json(run_folder(results, "my_kd") / "results.json")
     assert mine["status"] == "completed" and mine["metrics"]["miou"] > 0
-    assert mine["config"]["plugins"] == [str(folder / "my_kd.py")]
+    # the hook's plugin is loaded wherever a run trains (its config's plugins) but is never part of a key
+    assert mine["config"]["plugins"] == [str(folder / "my_kd.py"), str(folder / "my_hook.py")]
     assert mine["config"]["plugin_sha256"] == {"my_kd.py": sha256(MY_KD)}
-    for method in ("student", "kl"):  # built-in rows beside the plugin: no plugin in their record or key
+    for method in ("student", "kl"):  # built-in rows beside the plugin method: its plugin not in their record or key
         record = read_json(run_folder(results, method) / "results.json")
         assert record["status"] == "completed"
-        assert record["config"]["plugins"] == [] and record["config"]["plugin_sha256"] == {}
+        assert record["config"]["plugins"] == [str(folder / "my_hook.py")] and record["config"]["plugin_sha256"] == {}
+    # the plugin's hook ran in every run, in the worker processes, after the final evaluation: it saw each step
+    for method in ("student", "my_kd", "kl"):
+        run = run_folder(results, method)
+        record = read_json(run / "results.json")
+        assert record["config"]["train"]["hooks"] == [{"name": "final_note", "file": "note.json"}]
+        assert read_json(run / "note.json") == {"steps": 2, "iteration": 2, "images": 2,
+                                                "miou": record["metrics"]["miou"]}
 
 
 def test_one_edited_line_makes_its_rows_and_only_its_rows_stale(trained, cli, tmp_path):
@@ -261,6 +297,7 @@ def test_a_plugin_run_trains_as_a_submitit_job_and_from_its_own_config_yaml(trai
     executor, extra = slurm_executor(tmp_path / "slurm", None, 0, 5, [], cluster="local")
     (handle,) = submit(job_graph([run]), executor, extra)
     assert handle.result()["miou"] > 0
+    assert read_json(tmp_path / "job" / "note.json")["steps"] == 2  # the plugin's hook, from the run's config
     job = read_json(tmp_path / "job" / "results.json")
     assert job["status"] == "completed" and job["config"]["plugin_sha256"] == {"my_kd.py": sha256(MY_KD)}
 
@@ -268,6 +305,7 @@ def test_a_plugin_run_trains_as_a_submitit_job_and_from_its_own_config_yaml(trai
     empty.mkdir()
     again = run_cli("train", "--config", mine / "config.yaml", "--out", tmp_path / "again", "--no-progress", cwd=empty)
     assert again.returncode == 0, again.stderr
+    assert read_json(tmp_path / "again" / "note.json")["steps"] == 2
     assert read_json(tmp_path / "again" / "results.json")["config_hash"] == read_json(mine / "results.json")["config_hash"]
 
 

@@ -175,19 +175,21 @@ def register(app: typer.Typer) -> None:
             print_written(build_report(make_sweep(table, preset, seeds, results, sets, compute_matched), options))
 
     @app.command("list")
-    def list_cmd(what: str = typer.Argument("all", help="tables | models | datasets | methods | all")):
-        """List the tables, models, datasets and methods the suite knows, and where each comes from (built-in or
-        a plugin's file or module); tables with their title and number of rows."""
+    def list_cmd(what: str = typer.Argument("all", help="tables | models | datasets | methods | hooks | all")):
+        """List the tables, models, datasets, methods and training hooks the suite knows, and where each comes from
+        (built-in or a plugin's file or module); tables with their title and number of rows, hooks with their
+        priority and whether every run has them or a run adds them with train.hooks."""
         from sdesbench.data import DATASETS
+        from sdesbench.engine.hooks import BUILT_IN_HOOKS, HOOKS, Priority
         from sdesbench.experiments.spec import list_tables, load_spec, table_origin
         from sdesbench.methods import METHODS
         from sdesbench.models import MODELS
         from sdesbench.registry import BUILT_IN
 
-        registries = {"models": MODELS, "datasets": DATASETS, "methods": METHODS}
-        kinds = ("tables", "models", "datasets", "methods")
+        registries = {"models": MODELS, "datasets": DATASETS, "methods": METHODS, "hooks": HOOKS}
+        kinds = ("tables", "models", "datasets", "methods", "hooks")
         if what != "all" and what not in kinds:
-            raise SdesbenchError(f"unknown list {what!r}; choose tables, models, datasets, methods or all")
+            raise SdesbenchError(f"unknown list {what!r}; choose tables, models, datasets, methods, hooks or all")
         def entries(kind: str) -> list[tuple[str, str]]:
             """(name, origin) of each entry; a family's names (`deeplabv3:timm/<name>`) by their pattern."""
             registry = registries[kind]
@@ -210,6 +212,14 @@ def register(app: typer.Typer) -> None:
                     rows.append((name, table_origin(name), f"{count} rows", spec.title))
                 except SdesbenchError as e:  # one table of $SDESBENCH_EXPERIMENTS that does not load: say so, go on
                     rows.append((name, table_origin(name), "-", f"unreadable: {e}"))
+        elif what == "hooks":  # by priority: the order they run in
+            def priority(name: str) -> str:
+                p = HOOKS.get(name).priority
+                return f"priority {p}" + (f" ({Priority(p).name})" if p in set(Priority) else "")
+
+            hooks = sorted(entries("hooks"), key=lambda e: HOOKS.get(e[0]).priority)
+            rows = [(n, priority(n), "every run" if n in BUILT_IN_HOOKS else "train.hooks",
+                     origin if origin == BUILT_IN else f"plugin {origin}") for n, origin in hooks]
         else:
             rows = [(n, origin if origin == BUILT_IN else f"plugin {origin}") for n, origin in entries(what)]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)] if rows else []

@@ -1,8 +1,8 @@
 """A runnable configuration: the config's shape (sdesbench.config) plus what needs the registries.
 
 `build_config` is what every caller uses (CLI, table specs, launchers, tests): it checks the shape,
-then that the model, dataset, method and teacher exist and that the method's options are valid
-for the dataset, each failure one `ConfigError` line, and it resolves the method's options (every
+then that the model, dataset, method, teacher and `train.hooks` exist and that the method's and the hooks'
+options are valid for the dataset, each failure one `ConfigError` line, and it resolves those options (every
 default filled in): the configuration it returns is the resolved one, and so is its `identity_hash`.
 It lives in the engine layer because only a layer above data, models and methods may look names up
 in their registries.
@@ -18,6 +18,7 @@ from sdesbench.config import RunConfig, apply_overrides, method_section, parse_c
 from sdesbench.identity import flatten
 from sdesbench.data import DATASETS
 from sdesbench.data.base import check_root_wanted
+from sdesbench.engine.hook_registry import HOOKS, resolve_hooks
 from sdesbench.errors import ConfigError
 from sdesbench.methods import METHODS
 from sdesbench.models import MODELS
@@ -41,6 +42,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if method_cls.student_is_teacher and cfg.model.name != cfg.teacher.model:
         raise ConfigError(f"method {cfg.method.name!r} trains on the teacher itself: model.name must be teacher.model "
                           f"({cfg.teacher.model}), got {cfg.model.name}")
+    cfg.train.hooks = resolve_hooks(cfg.train.hooks)
     record_plugins(cfg)
     return cfg
 
@@ -49,7 +51,8 @@ def record_plugins(cfg: RunConfig) -> None:
     """The plugins the run's model, dataset, method and teacher come from: their sources join `cfg.plugins`
     (so the run's config.yaml, a worker, a Slurm job load them however this process did: `--plugin`,
     `SDESBENCH_PLUGINS`, an entry point), and their source's sha256, by file or module name, becomes part of
-    the run's key (`cfg.plugin_sha256`, empty for built-ins alone, which keeps their keys)."""
+    the run's key (`cfg.plugin_sha256`, empty for built-ins alone, which keeps their keys). A plugin's hook
+    (`train.hooks`) joins `cfg.plugins` too, but never the key: a hook does not change the training."""
     used = [(MODELS, cfg.model.name), (DATASETS, cfg.data.name), (METHODS, cfg.method.name)]
     if cfg.teacher.model:
         used.append((MODELS, cfg.teacher.model))
@@ -61,6 +64,10 @@ def record_plugins(cfg: RunConfig) -> None:
             if plugin.target not in cfg.plugins:
                 cfg.plugins.append(plugin.target)
     cfg.plugin_sha256 = shas
+    for hook in cfg.train.hooks:  # a hook's plugin is loaded wherever the run trains, but it is not in the key
+        plugin = plugin_of(HOOKS.origin(hook["name"]))
+        if plugin is not None and plugin.target not in cfg.plugins:
+            cfg.plugins.append(plugin.target)
 
 
 # identity keys the planner sets itself (a teacher's checkpoint path), never part of what a run asks for (nor

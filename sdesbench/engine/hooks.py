@@ -4,14 +4,14 @@ The loop itself only runs `step.train_step`, advances the schedule and, once it 
 final evaluation; everything else happens in hooks, called by priority before training, after each
 step and after the final evaluation, and in reverse after training:
 
-| hook | priority | does | reads / writes (`trainer.state`) |
+| hook (registered name) | priority | does | reads / writes (`trainer.state`) |
 |---|---|---|---|
-| `SignalHook` | HIGHEST | SIGINT/SIGTERM stop the loop after the current step | writes `stop_signal` |
-| `LogHook` | VERY_HIGH | every `train.log_every` iterations publishes the training scalars (loss terms averaged over ranks, total, lr, images/s, iteration and loader-wait times, peak memory) | reads `terms`, `own_terms`, step times |
-| `LoggersHook` | VERY_HIGH | every published event, the configuration, the run's key and the final metrics to the loggers of `output.loggers`: `log.jsonl`, TensorBoard, MLflow, W&B (engine/loggers.py) | reads `final` |
-| `ProgressHook` | HIGH | rich's live bar on a terminal; elsewhere one plain line per published event and one for the final evaluation | reads `final` |
-| `PeriodicEvaluationHook` | NORMAL | with `eval.every`, validation every `eval.every` iterations and at the last one, without touching the training (at the last one it reuses the final evaluation when it would score the same images); with `train.keep_best`, `checkpoints/best.pt` at each new best | writes `history`; reads `final` |
-| `CheckpointHook` | LOW | `checkpoints/last.pt` every `train.checkpoint_every` iterations, at the end, and when a signal stops the run (after the periodic evaluation, so a checkpoint holds the evaluation of its iteration) | reads `history` through the checkpoint |
+| `SignalHook` (`signal`) | HIGHEST | SIGINT/SIGTERM stop the loop after the current step | writes `stop_signal` |
+| `LogHook` (`log`) | VERY_HIGH | every `train.log_every` iterations publishes the training scalars (loss terms averaged over ranks, total, lr, images/s, iteration and loader-wait times, peak memory) | reads `terms`, `own_terms`, step times |
+| `LoggersHook` (`loggers`) | VERY_HIGH | every published event, the configuration, the run's key and the final metrics to the loggers of `output.loggers`: `log.jsonl`, TensorBoard, MLflow, W&B (engine/loggers.py) | reads `final` |
+| `ProgressHook` (`progress`) | HIGH | rich's live bar on a terminal; elsewhere one plain line per published event and one for the final evaluation | reads `final` |
+| `PeriodicEvaluationHook` (`periodic_evaluation`) | NORMAL | with `eval.every`, validation every `eval.every` iterations and at the last one, without touching the training (at the last one it reuses the final evaluation when it would score the same images); with `train.keep_best`, `checkpoints/best.pt` at each new best | writes `history`; reads `final` |
+| `CheckpointHook` (`checkpoint`) | LOW | `checkpoints/last.pt` every `train.checkpoint_every` iterations, at the end, and when a signal stops the run (after the periodic evaluation, so a checkpoint holds the evaluation of its iteration) | reads `history` through the checkpoint |
 
 Writers come first so they are open before anything publishes and close after everything else. The
 final evaluation is not a hook: the Trainer runs it once the schedule is complete and hooks observe it in
@@ -21,8 +21,10 @@ Events: a hook that measures something calls `trainer.publish(event)`, a dict wi
 training scalars or a section ("val": {...}); every hook's `on_event` sees it (`LoggersHook` writes it to the
 loggers, which name its scalars with `loggers.event_scalars`).
 
-A new duty is a `HookBase` subclass with a `priority`, listed in `Trainer.build_hooks`; it reads the
-`TrainerView` it is given and never changes the step.
+Every hook is registered in `HOOKS` (engine/hook_registry.py) under a name: the ones above are every run's
+(`BUILT_IN_HOOKS`), others are added by a run's `train.hooks`. A new duty is a `HookBase` subclass with a
+`priority`, registered with `@HOOKS.register("name")` here or in a plugin file (docs/extending.md); it reads
+the `TrainerView` it is given and never changes the step. `sdesbench list hooks` lists them all.
 """
 from __future__ import annotations
 
@@ -38,12 +40,18 @@ from sdesbench.console import err as console
 from sdesbench.data.base import EvalView
 from sdesbench.engine import distributed as D
 from sdesbench.engine.evaluate import evaluate
+from sdesbench.engine.hook_registry import BUILT_IN_HOOKS, HOOKS, hook_entry, hook_options
 from sdesbench.engine.inference import Inference
+from sdesbench.engine.loggers import LoggersHook
 from sdesbench.engine.record import Evaluation, Scores, best_evaluation
 from sdesbench.engine.runtime import peak_memory_mb
 from sdesbench.engine.state import FinalEvaluation, HookBase, Priority, TrainState, TrainerView
+from sdesbench.validate import from_dict
+
+HOOKS.register("loggers")(LoggersHook)  # defined beside the loggers it drives (engine/loggers.py)
 
 
+@HOOKS.register("signal")
 class SignalHook(HookBase):
     priority = Priority.HIGHEST  # installed first, restored last: every other hook runs under it
 
@@ -69,6 +77,7 @@ def log_values(trainer: TrainerView) -> dict[str, float]:
 TIMING_KEYS = ("images_per_s", "iter_s", "data_s", "peak_memory_mb")
 
 
+@HOOKS.register("log")
 class LogHook(HookBase):
     """The training scalars, published every `train.log_every` iterations as one event {"iter", "lr", "loss",
     <terms>, "images_per_s", "iter_s", "data_s", "peak_memory_mb"} (a line of `log.jsonl`: engine/loggers.py).
@@ -156,6 +165,7 @@ def evaluation_text(scores: dict[str, Any], images: int) -> str:
     return f"{scores_text(scores['miou'], scores['pixel_acc'])}{extra}  ({images} images)"
 
 
+@HOOKS.register("progress")
 class ProgressHook(HookBase):
     """How far the run is, on stderr. On a terminal: rich's live bar (iterations, rate, elapsed time,
     ETA, loss terms and lr). Anywhere else a live bar prints nothing until it ends, so instead: one
@@ -209,6 +219,7 @@ class ProgressHook(HookBase):
         console.print(line, markup=False, highlight=False)
 
 
+@HOOKS.register("checkpoint")
 class CheckpointHook(HookBase):
     """`checkpoints/last.pt`; with `train.keep_checkpoints_every` also a copy `iter_<k>.pt` kept at
     every multiple k (to measure along training, e.g. `sdesbench balance`)."""
@@ -234,6 +245,7 @@ def evaluation_entry(trainer: TrainerView, metrics: dict[str, dict[str, Any]], i
                       {k: Scores.of(v) for k, v in metrics.items() if k != "student"}, student.get("macc"))
 
 
+@HOOKS.register("periodic_evaluation")
 class PeriodicEvaluationHook(HookBase):
     """With `eval.every`: the student (and e.g. Ens-T) evaluated every `eval.every` iterations and at
     the last one, on the first `eval.every_max_images` images of the evaluation set, appended to
@@ -335,3 +347,15 @@ def run_evaluation(trainer: TrainerView, view: EvalView, **extra: Any) -> Any:
                         absent=cfg.eval.absent_classes, workers=cfg.eval.loader_workers(cfg.data), **extra)
     finally:
         trainer.state.timings.eval_s += time.perf_counter() - t0
+
+
+def make_hooks(entries: list[Any]) -> list[HookBase]:
+    """Every run's built-in hooks, then those of `train.hooks` (resolved by `configure.build_config`), each
+    built from its registered class, with its `Options` when it declares some."""
+    hooks: list[HookBase] = [HOOKS.get(name)() for name in BUILT_IN_HOOKS]
+    for i, entry in enumerate(entries):
+        name, options = hook_entry(entry, f"train.hooks[{i}]")
+        cls = HOOKS.get(name)
+        resolved = hook_options(cls, name, options)
+        hooks.append(cls(from_dict(cls.Options, resolved)) if getattr(cls, "Options", None) is not None else cls())
+    return hooks

@@ -42,9 +42,7 @@ from sdesbench.data.check import ensure_checked
 from sdesbench.engine import distributed as D
 from sdesbench.engine import step
 from sdesbench.engine.checkpoint import Checkpoints, Progress, check_free_space
-from sdesbench.engine.hooks import (CheckpointHook, LogHook, PeriodicEvaluationHook, ProgressHook, SignalHook,
-                                    final_evaluation)
-from sdesbench.engine.loggers import LoggersHook
+from sdesbench.engine.hooks import final_evaluation, make_hooks
 from sdesbench.engine.record import (ImageCounts, RunRecord, Scores, Timings, best_of, cost_of, write_image_counts,
                                      write_record)
 from sdesbench.engine.run_folder import Resume, RunFolder
@@ -116,8 +114,9 @@ class Trainer:
         return self.class_counts
 
     def build_hooks(self) -> list[HookBase]:
-        """The run's hooks; each declares its priority (engine/hooks.py has the table of who runs when)."""
-        return [SignalHook(), LogHook(), LoggersHook(), ProgressHook(), PeriodicEvaluationHook(), CheckpointHook()]
+        """The built-in hooks and those of `train.hooks`; each declares its priority (engine/hooks.py has the
+        table of who runs when)."""
+        return make_hooks(self.cfg.train.hooks)
 
     def view(self) -> TrainerView:
         """What the hooks see of this Trainer (engine/state.py), once it is set up."""
