@@ -95,3 +95,41 @@ def test_report_shows_the_gain_against_both_students_and_the_total_cost(swept):
     hours = sum(read_record(p.out).cost.device_hours for p in {str(p.out): p for p in plans.values()}.values())
     assert f"Total cost of the table's 4 completed run(s) (teachers and stage runs included): {hours:.4g} CPU-hours" in md
     assert "training FLOPs (FLOPs per image x images trained on)" in md
+
+
+def test_by_time_the_student_depends_on_the_rows_and_matches_their_step_times(swept, tmp_path):
+    sweep, _ = swept
+    spec = sweep.table
+    # before any record: planned as waiting, with a compute-matched dependency on each row it is measured from
+    fresh = [p for p in Sweep(spec, "smoke", (0,), tmp_path, compute_matched="time").plans() if p.row.startswith("Student")]
+    assert len(fresh) == 1 and fresh[0].cfg is None and "waiting for the step times" in fresh[0].skipped
+    assert {d.kind for d in fresh[0].dependencies} == {"compute-matched"} and len(fresh[0].dependencies) == 3
+    # with the records: the class from their step times per image, computed here from the records
+    plans = Sweep(spec, "smoke", (0,), sweep.results, compute_matched="time").plans()
+    rows = {p.row: p for p in plans}
+
+    def per_image(row):
+        rec = read_record(rows[row].out)
+        return rec.step_time_s / (rec.iterations * 2)
+
+    classes = {round(per_image(r) / per_image("L_SS") * 20) / 20 for r in ("Ours", "DPED")}
+    matched = [p for p in plans if p.matches is not None]
+    assert sorted(p.matches for p in matched) == sorted(c for c in classes if c != 1.0)
+    for p in matched:
+        assert p.cfg.train.iters == round(ITERS * p.matches)
+        assert {d.kind for d in p.dependencies} == {"compute-matched"}
+        assert str(rows["L_SS"].out) in p.depends_on
+
+
+def test_dry_run_shows_the_added_student_and_a_bad_choice_is_one_line(swept, capsys):
+    from sdesbench.commands._shared import print_plan
+    from sdesbench.errors import ConfigError
+
+    sweep, _ = swept
+    plans = sweep.plans()
+    (cost,) = [p.matches for p in plans if p.matches is not None]
+    print_plan(plans)  # what `run --dry-run` prints
+    shown = capsys.readouterr().out
+    assert f"Student (compute ×{cost:.2f})" in shown and f"compute-matched: flops ×{cost:.2f}" in shown
+    with pytest.raises(ConfigError, match=r"^--compute-matched 'watts': choose flops or time$"):
+        Sweep(sweep.table, compute_matched="watts")
