@@ -104,7 +104,7 @@ def test_by_time_the_student_depends_on_the_rows_and_matches_their_step_times(sw
     fresh = [p for p in Sweep(spec, "smoke", (0,), tmp_path, compute_matched="time").plans() if p.row.startswith("Student")]
     assert len(fresh) == 1 and fresh[0].cfg is None and "waiting for the step times" in fresh[0].skipped
     assert {d.kind for d in fresh[0].dependencies} == {"compute-matched"} and len(fresh[0].dependencies) == 3
-    # with the records: the class from their step times per image, computed here from the records
+    # with the records: the class from their step times per image (one seed: its mean), computed here from them
     plans = Sweep(spec, "smoke", (0,), sweep.results, compute_matched="time").plans()
     rows = {p.row: p for p in plans}
 

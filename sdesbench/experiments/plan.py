@@ -2,7 +2,8 @@
 
 `Sweep` names what a command works on (table, preset, seeds, results folder, `--set` overrides);
 `expand` makes one `PlannedRun` per (row, seed), plus one teacher run per distinct teacher and one stage run
-per distinct stage (a method's `stage`, e.g. MasKD's stage 1), placed before the runs that need them. Each
+per distinct stage (a method's `stage`, e.g. MasKD's stage 1), placed before the runs that need them. With
+`--compute-matched`, each group also gets Students of equal compute (`plan_compute_matched`). Each
 run names what it needs as typed `Dependency`s (kind `teacher`, `stage` or `compute-matched`).
 
 Order (docs/performance.md, "One scheduler"): `readiness` is the rule every launcher follows, written once
@@ -565,8 +566,8 @@ def plan_compute_matched(planned: list[PlannedRun], sweep: Sweep,
 
     A KD row's cost over its Student's is (iterations x batch x cost per image) over the Student's: the cost per
     image is the counted training FLOPs (`engine.cost`, the report's `train FLOPs ×`) with `flops`, the
-    records' measured step time per image with `time` (until both records exist the row has no class yet,
-    and the Student waits, shown as skipped). Classes equal to 1.00 need no run: the plain Student is it."""
+    records' measured step time per image with `time`, averaged over the row's seeds (until every seed's
+    record exists the row has no class yet, and the Student waits, shown as skipped). Classes equal to 1.00 need no run: the plain Student is it."""
     cache = CostCache(sweep.results)
     extra: list[PlannedRun] = []
     for (group, seed) in dict.fromkeys((p.group, p.seed) for p in planned if p.is_row):
@@ -578,9 +579,11 @@ def plan_compute_matched(planned: list[PlannedRun], sweep: Sweep,
         kd_rows = [p for p in rows if p.method != "student" and p.model == student.model]
 
         def per_image(p: PlannedRun) -> float | None:
-            if sweep.compute_matched == "time":
-                return step_time_per_image(p)
-            return cached_step_flops(p.cfg, cache)
+            if sweep.compute_matched == "flops":
+                return cached_step_flops(p.cfg, cache)
+            # the mean over the row's seeds, once every seed has its record: one class for every seed of a row
+            times = [step_time_per_image(q) for q in planned if q.key == p.key and q.is_row and q.cfg is not None]
+            return sum(times) / len(times) if times and None not in times else None
 
         base = per_image(student)
         by_class: dict[float, list[PlannedRun]] = {}
