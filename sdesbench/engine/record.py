@@ -124,14 +124,14 @@ class RunCost:
     """A run's total cost (schema 7): its device time and the images it trained on; the FLOPs per image are
     counted by `engine.cost.flops_per_image`."""
 
-    device_kind: str  # "GPU" (CUDA) or "CPU"
+    device_kind: str  # "GPU" (CUDA), "CPU", or "device" (a record that names no device)
     devices: int  # processes (world size): one GPU each on CUDA
     device_hours: float  # wall time x devices / 3600
     images: int  # training images seen: iterations x batch per process x processes
 
     @classmethod
     def of(cls, device: str, world_size: int, wall_time_s: float, iterations: int, batch_size: int) -> "RunCost":
-        kind = "CPU" if device == "cpu" or device.startswith("cpu") else "GPU"
+        kind = "CPU" if device.startswith("cpu") else "GPU" if device else "device"  # "": a record that names none
         return cls(kind, world_size, round(wall_time_s * world_size / 3600, 6), iterations * batch_size * world_size)
 
     def train_flops(self, per_image: float) -> float:
