@@ -48,8 +48,9 @@ def only_run(results: Path, method: str) -> Path:
 
 
 def test_a_teacher_recorded_without_its_checkpoint_is_trained_again(tmp_path):
-    """A fresh clone has a teacher's record (git) but not its checkpoint: `run` trains the teacher again,
-    says that it reproduces its record, and its students train; before, they failed with 'checkpoint not
+    """A fresh clone has a teacher's record (git) but not its checkpoint: while every student is done nothing
+    needs it; once one is to train, `run` trains the teacher again, says that it reproduces its record, and its
+    students train; before, they failed with 'checkpoint not
     found'. The spec is given by path, not by name."""
     spec, results = kd_table(tmp_path)
     first = run_cli("run", str(spec), "--results", str(results), "--no-progress")
@@ -57,6 +58,9 @@ def test_a_teacher_recorded_without_its_checkpoint_is_trained_again(tmp_path):
     teacher = only_run(results, "student")
     recorded = read_json(teacher / "results.json")
     shutil.rmtree(teacher / "checkpoints")
+    idle = run_cli("run", str(spec), "--results", str(results), "--dry-run")
+    assert idle.returncode == 0 and "to run" not in idle.stdout, idle.stdout  # nothing to train would load it
+    assert "trained again for its weights" not in idle.stdout, idle.stdout
     shutil.rmtree(only_run(results, "kl"))  # the student that needs the teacher's weights
 
     plan = run_cli("run", str(spec), "--results", str(results), "--dry-run")

@@ -25,10 +25,10 @@ groups:
 """
 
 
-def plans(tmp_path, num_tokens: int):
+def plans(tmp_path, num_tokens: int, overrides: tuple[str, ...] = ()):
     spec = tmp_path / f"maskd_{num_tokens}.yaml"
     spec.write_text(SPEC.replace("NUM", str(num_tokens)))
-    return Sweep(str(spec), "smoke", (0,), tmp_path / "results").plans()
+    return Sweep(str(spec), "smoke", (0,), tmp_path / "results", overrides=overrides).plans()
 
 
 def test_stage_one_runs_on_the_teacher_once_per_teacher_and_keys_the_students(tmp_path):
@@ -39,6 +39,10 @@ def test_stage_one_runs_on_the_teacher_once_per_teacher_and_keys_the_students(tm
     assert stage.cfg.method.name == "maskd-tokens"
     assert stage.cfg.method.options == {"maskd_num_tokens": 4, "maskd_dice_weight": 1.0}
     assert (stage.cfg.train.lr, stage.cfg.train.weight_decay) == (0.1, 1e-3)  # train_mask_module.py's
+    # a quarter of the row's iterations (the reference: 10K tokens iterations, 40K student ones), at least 1
+    assert (stage.cfg.train.iters, r18.cfg.train.iters) == (1, 2)
+    _, stage_n, r18_n, _ = plans(tmp_path, 4, ("train.iters=40",))
+    assert (stage_n.cfg.train.iters, r18_n.cfg.train.iters) == (10, 40)
     for row in (r18, enet):
         assert row.cfg.method.options["maskd_tokens"] == str(checkpoint_of(stage.out))
         assert [d.kind for d in row.dependencies] == ["teacher", "stage"] and str(stage.out) in row.depends_on

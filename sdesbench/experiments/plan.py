@@ -171,7 +171,8 @@ class PlannedRun:
     dependencies: list[Dependency] = field(default_factory=list)  # runs that must complete first
     skipped: str | None = None  # reason the row cannot run
     role: Role = "row"
-    needs_weights: bool = False  # done only with its checkpoint (a teacher; every run under --restore-weights)
+    needs_weights: bool = False  # done only with its checkpoint (a teacher or stage run that a run to train loads;
+    # every run under --restore-weights)
     model: str = ""
     method: str = "student"
     protocol: dict[str, Any] = field(default_factory=dict)  # iters, crop, batch, lr, splits, tau, N, expert, teacher
@@ -476,21 +477,26 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
         the stage's settings: its artefact is its checkpoint. A stage method whose run trains on the teacher
         itself (`student_is_teacher`, MasKD's tokens) has the teacher run's network for its own, so the rows of
         every student of one teacher share it."""
-        options = {}
-        try:  # the row's resolved values (defaults included) of the options the stage shares
-            resolved = build_config(data, overrides).method.options
-            options = {k: resolved[k] for k in stage.shared_options}
+        options, iters = {}, {}
+        try:  # the row's resolved values (defaults included) of the options the stage shares, and its iterations
+            resolved = build_config(data, overrides)
+            options = {k: resolved.method.options[k] for k in stage.shared_options}
+            if stage.iters_fraction != 1.0:
+                iters = {"train": {"iters": max(1, round(resolved.train.iters * stage.iters_fraction))}}
         except ConfigError:
             pass  # the row itself reports its invalid configuration
         base = {k: v for k, v in data.items() if k != "method"}
         model = row.model
         if METHODS.get(stage.method).student_is_teacher and teacher is not None and teacher.cfg is not None:
             base["model"], model = dataclasses.asdict(teacher.cfg.model), teacher.cfg.model.name
-        stage_data = merge(merge(base, {"method": {"name": stage.method, **options}}), stage.settings)
+        stage_data = merge(merge(merge(base, {"method": {"name": stage.method, **options}}), iters), stage.settings)
         pr = PlannedRun(key=f"stage:{stage.method}:{row.group}", group="stage", row=stage.method, seed=row.seed,
                         cfg=None, role="stage", needs_weights=True, model=model, method=stage.method,
                         dependencies=list(row.dependencies))
-        configure(pr, stage_data, [o for o in overrides if not o.startswith("method.")])
+        # the row's `--set`s, less its method options and, when the stage scales the row's iterations, its
+        # `train.iters` (already in the scaled count)
+        configure(pr, stage_data, [o for o in overrides if not o.startswith("method.")
+                                   and not (iters and o.replace(" ", "").startswith("train.iters="))])
         return shared(pr, stages)
 
     for req in resolve(spec, sweep.preset):
@@ -539,7 +545,24 @@ def expand(spec: Spec, sweep: Sweep) -> list[PlannedRun]:
 
     if sweep.compute_matched:
         planned += plan_compute_matched(planned, sweep, matched_run)
-    return list(teachers.values()) + list(stages.values()) + planned
+    return weights_only_where_needed(list(teachers.values()) + list(stages.values()) + planned)
+
+
+def weights_only_where_needed(plans: list[PlannedRun]) -> list[PlannedRun]:
+    """A teacher's or stage run's checkpoint is needed only while a run that loads it is still to train: a recorded
+    one whose dependants are all done is done without it (a fresh clone keeps records, not weights, and training a
+    teacher again that nothing will load wastes its whole cost). Settled to a fixed point: a stage run no row
+    needs any more no longer needs its teacher either. `--restore-weights` asks for every run's weights anyway
+    (it sets `needs_weights` after planning)."""
+    settled = False
+    while not settled:
+        settled = True
+        loading = {f for q in plans if q.cfg is not None and not q.done() for f in q.depends_on}
+        for p in plans:
+            if p.needs_weights and p.cfg is not None and str(p.out) not in loading and p.recorded() \
+                    and not has_weights(p.out):
+                p.needs_weights, settled = False, False
+    return plans
 
 
 def step_time_per_image(plan: PlannedRun) -> float | None:

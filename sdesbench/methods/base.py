@@ -145,7 +145,8 @@ class StageRun:
     `sdesbench run` plans it once per distinct configuration, after the row's teacher and before the row: its
     configuration is the row's (network, data, protocol, teacher, seed) with `method` as its method, given the
     row's values of the options named in `shared_options`, then `settings` merged over it (e.g.
-    `{"train": {"iters": 2000}}`). The row's option `artefact_option` receives the path of the stage run's
+    `{"train": {"lr": 0.1}}`); its iterations are the row's times `iters_fraction` (rounded, at least 1), so a
+    stage the reference trains for a quarter of the student's schedule keeps that ratio at every preset. The row's option `artefact_option` receives the path of the stage run's
     final checkpoint (`checkpoints/last.pt`), as `teacher.checkpoint` receives the teacher's; the path holds the
     stage run's key, so a changed stage configuration is another student run and the older record is stale."""
 
@@ -153,6 +154,7 @@ class StageRun:
     artefact_option: str  # the dependant's option (a `str | None` path) that receives the stage's checkpoint
     shared_options: tuple[str, ...] = ()  # the dependant's options the stage run is given too (same values)
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # merged over the stage run's configuration
+    iters_fraction: float = 1.0  # the stage run's train.iters over the row's
 
 
 @dataclass
