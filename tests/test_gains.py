@@ -155,3 +155,24 @@ def test_mdice_and_mfscore_columns_where_the_records_have_them(report, tmp_path)
     ours = rows["L_SS + L_DPED"]
     assert ours["mDice"] == "70.00" and ours["Δ Student mDice"] == "-0.50" and "paper mDice" not in ours
     assert "recorded before sdesbench recorded mDice: record schema 6" in ours["status"]
+
+
+def test_a_paper_number_on_another_split_is_shown_with_it_and_its_claim_is_over_its_own_student(tmp_path):
+    """`paper_split` (CIRKD v2's Cityscapes *test* numbers in a val table): the paper cell names the split, `Δ` is
+    `—` (a test number is never differenced with a val measurement), the claimed gain is the row's number minus the
+    paper's own Student on that split, and the header says so."""
+    sweep = Sweep("table4", "smoke", (0,), tmp_path)
+    spec = dataclasses.replace(load_spec("table4"), profile=None, cost=False)
+    row = spec.groups[0].rows[1]
+    spec.groups[0].rows[1] = dataclasses.replace(row, miou=75.60, paper_split="test", paper_student_miou=73.56)
+    for plan in sweep.plans(spec):
+        plan.out.mkdir(parents=True)
+        (plan.out / "results.json").write_text(json.dumps(
+            {"status": "completed", "config_hash": plan.cfg.identity_hash(), "iterations": 40, "num_classes": 1,
+             "metrics": {"miou": MIOU[plan.row][0] / 100, "pixel_acc": 0.9}}))
+    written = write_table(sweep, spec, ReportOptions())
+    cells = rows_of(written.md)[row.label]
+    assert cells["paper mIoU"] == "75.60 (test)" and cells["Δ mIoU"] == "—"
+    assert cells["paper Δ Student mIoU"] == f"{75.60 - 73.56:+.2f}" == "+2.04"
+    assert cells["Δ Student mIoU"] == f"{MIOU[row.label][0] - MIOU[STUDENT][0]:+.2f}"
+    assert f"{row.label}: the paper's number is on the **test** split" in written.md

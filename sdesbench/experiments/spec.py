@@ -67,6 +67,10 @@ class Row:
     show: dict[str, Any] = field(default_factory=dict)  # extra display columns of the paper's table
     params_m: float | None = None  # the paper's Params / FLOPs when the row's differ from its group's
     gflops: float | None = None
+    # the split the paper's numbers of this row are on, when not the table's (CIRKD v2 reports Cityscapes test): shown
+    # beside the number, never differenced with a measurement on the table's split
+    paper_split: str | None = None
+    paper_student_miou: float | None = None  # that paper's own Student mIoU on `paper_split`, for its claimed gain
 
     def paper(self) -> dict[str, float]:
         return {m: v for m, v in (("miou", self.miou), ("pa", self.pa)) if v is not None}

@@ -29,6 +29,7 @@ import numpy as np
 
 from sdesbench.engine.record import read_image_counts
 from sdesbench.errors import StorageError
+from sdesbench.experiments.spec import Row
 from sdesbench.report.rows import RowResults
 from sdesbench.report.stats import Difference, paired_bootstrap, two_level_bootstrap, welch
 
@@ -227,11 +228,20 @@ def intervals(entry: RowResults, ref: RowResults, metric: str, tests: list[str])
     return out
 
 
+def other_split(entry: RowResults) -> Row | None:
+    """The row's spec when the paper's numbers for it are on another split than the table's (`Row.paper_split`)."""
+    row = entry.plan.row_spec
+    return row if row is not None and row.paper_split else None
+
+
 def gain(entry: RowResults, ref: RowResults, metric: str, tests: list[str]) -> Gain:
     """The row's `Gain` over the reference row for one metric."""
     mine, theirs = entry.values[metric], ref.values[metric]
     measured = statistics.fmean(mine) - statistics.fmean(theirs) if mine and theirs else None
     paper_row, paper_ref = entry.plan.paper.get(metric), ref.plan.paper.get(metric)
+    split = other_split(entry)
+    if split is not None:  # the paper's row is on another split: its claim is over its own Student there
+        paper_ref = split.paper_student_miou if metric == "miou" else None
     claimed = paper_row - paper_ref if paper_row is not None and paper_ref is not None else None
     found = intervals(entry, ref, metric, tests)
     return Gain(measured, found, claimed, verdict(claimed, found.get("welch")))

@@ -45,7 +45,7 @@ from sdesbench.io import write_text
 from sdesbench.registry import did_you_mean
 from sdesbench.report.columns import (COST_COLUMNS, METRIC_LABEL, ExtraEvaluation, SizeColumns, cost_cells,
                                       cost_total_line)
-from sdesbench.report.gains import STUDENT, VERDICTS, Comparison, Gains, against_label, compare
+from sdesbench.report.gains import STUDENT, VERDICTS, Comparison, Gains, against_label, compare, other_split
 
 EQUAL_COMPUTE = "Student (equal compute)"  # what the columns comparing with the compute-matched Student call it
 from sdesbench.report.numbers import fmt, mean_or_none
@@ -181,8 +181,11 @@ def table_rows(plans: list[PlannedRun], spec: Spec, results: Path, cost: bool = 
             paper = plan.paper.get(m)
             line[label] = fmt(vals) or short_status(entry.status)
             if m in with_paper:  # no paper column for a metric no paper gives (mAcc)
-                line[f"paper {label}"] = f"{paper:.2f}" if paper is not None else "—"
-                line[f"Δ {label}"] = f"{mean_or_none(vals) - paper:+.2f}" if vals and paper is not None else "—"
+                split = other_split(entry)  # a number on another split is shown, never differenced (header)
+                line[f"paper {label}"] = "—" if paper is None else f"{paper:.2f} ({split.paper_split})" if split \
+                    else f"{paper:.2f}"
+                line[f"Δ {label}"] = f"{mean_or_none(vals) - paper:+.2f}" if vals and paper is not None and not split \
+                    else "—"
         if extra is not None:
             for m in metrics:
                 line[f"{METRIC_LABEL.get(m, m)} ({extra_label})"] = fmt(entry.values[extra_key(m)]) or \
@@ -290,6 +293,20 @@ VERDICT_LINE = ("`verdict`, from the measured gain's Welch 95% interval over see
                 "the paper's numbers for both, `—` otherwise): {rules}.")
 BASELINE_LINE = ("Each group's Student row (the plain student every gain is measured from), ours against the paper's: "
                  "a baseline above the paper's shrinks every gain measured from it.")
+
+
+def other_split_lines(entries: list[RowResults]) -> str:
+    """A header line per row whose paper numbers are on another split than the table's (`Row.paper_split`)."""
+    lines = []
+    for entry in entries:
+        row = other_split(entry)
+        if row is None:
+            continue
+        own = f" over its own Student's {row.paper_student_miou:.2f} there" if row.paper_student_miou is not None else ""
+        lines.append(f"- {entry.plan.group} / {entry.plan.row}: the paper's number is on the **{row.paper_split}** "
+                     f"split, not on this table's: shown as `(<split>)`, not differenced with our measurement (`Δ` is "
+                     f"`—`); its claimed gain is{own or ' not given'}.\n")
+    return "Rows whose paper numbers are on another split:\n\n" + "".join(lines) + "\n" if lines else ""
 
 
 def gains_lines(gains: Gains, metrics: tuple[str, ...]) -> str:
@@ -417,6 +434,7 @@ def write_table(sweep: Sweep, spec: Spec, options: ReportOptions | None = None) 
         md += (f"Extends the table `{spec.extends}`: its rows, the same runs as its own table's, beside this spec's "
                "rows, under the same protocol.\n\n")
     md += gains_lines(gains, tuple(spec.metrics))
+    md += other_split_lines(entries)
     if spec.layout == "wide":
         for m in spec.metrics:
             md += wide_markdown(shown, m, options.against, gains.compute_matched) + "\n\n"
