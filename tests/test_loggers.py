@@ -207,3 +207,21 @@ def test_a_planned_run_names_its_table_preset_and_row():
     assert {(p.cfg.output.table, p.cfg.output.preset) for p in plans} == {("table3", "smoke")}
     assert [p.cfg.output.row for p in plans] == [p.key for p in plans]
     assert "MobileNetV2/Student" in [p.key for p in plans]
+
+
+def test_a_sweep_checks_its_loggers_once_before_its_first_run(tmp_path, monkeypatch):
+    """`run` with a logger whose package is missing: one line before the first run (`pending_runs`), not the same
+    failure once per run."""
+    from sdesbench.errors import SdesbenchError
+    from sdesbench.experiments.launch import pending_runs
+    from sdesbench.experiments.plan import Sweep
+
+    sweep = Sweep("table4", "smoke", (0,), tmp_path, overrides=("output.loggers=[jsonl,mlflow]",))
+    plans = sweep.plans()
+    assert all(p.cfg.output.loggers == ["jsonl", "mlflow"] for p in plans if p.cfg is not None)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    with pytest.raises(SdesbenchError, match=r"needs the mlflow package .*pip install 'sdesbench\[mlflow\]'") as e:
+        pending_runs(plans, sweep)
+    assert "\n" not in str(e.value)
+    assert not any(p.out.exists() for p in plans if p.cfg is not None)  # nothing started

@@ -32,6 +32,7 @@ from sdesbench.console import err as console
 from sdesbench.data.base import build_dataset
 from sdesbench.engine import distributed as D
 from sdesbench.engine.configure import build_config
+from sdesbench.engine.loggers import LOGGERS
 from sdesbench.engine.record import RunRecord
 from sdesbench.engine.trainer import train
 from sdesbench.errors import ConfigError, Interrupted, RunLocked, SdesbenchError
@@ -55,9 +56,22 @@ def check_datasets(runs: Sequence[PlannedRun]) -> None:
                 build_dataset(data.name, data.root, split)
 
 
+def check_loggers(runs: Sequence[PlannedRun]) -> None:
+    """Check once, before the first run, every logger the runs to train name (`output.loggers`: its package, its
+    tracking server): a missing extra stops the sweep in one line instead of failing each run in turn with it.
+    Each run checks again as it starts (engine/loggers.py), which is what a Slurm job relies on."""
+    checked: set[str] = set()
+    for run in runs:
+        for name in run.cfg.output.loggers:
+            if name not in checked:
+                checked.add(name)
+                LOGGERS[name]().check(run.cfg)
+
+
 def pending_runs(plans: Sequence[PlannedRun], sweep: Sweep, open_data: bool = True) -> list[PlannedRun]:
     """List skipped rows, then return the distinct run folders not done yet (teachers first), after
-    opening their datasets (`check_datasets`) unless `open_data` is off (Slurm)."""
+    opening their datasets (`check_datasets`) and checking their loggers (`check_loggers`) unless `open_data` is
+    off (Slurm)."""
     check_writable(sweep.results)
     first_seed = min((p.seed for p in plans), default=0)
     for p in plans:
@@ -71,6 +85,7 @@ def pending_runs(plans: Sequence[PlannedRun], sweep: Sweep, open_data: bool = Tr
                 unique.append(p)
     if open_data:
         check_datasets(unique)
+        check_loggers(unique)
     again = sum(1 for p in unique if p.recorded())
     console.print(f"{sweep.title}: {len(unique)} run(s) to train, {len(seen) - len(unique)} already done"
                   + (f"; {again} of them recorded without a checkpoint, trained again for their weights" if again else ""))
