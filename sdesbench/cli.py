@@ -126,6 +126,22 @@ def importing(frame) -> bool:
     return False
 
 
+# options whose value may be left out, with the value that then stands for it (the click Typer runs on has no
+# optional option values: `--compute-matched` alone means `--compute-matched flops`)
+OPTIONAL_VALUES = {"--compute-matched": "flops"}
+
+
+def with_optional_values(args: list[str]) -> list[str]:
+    """`args` with each `OPTIONAL_VALUES` option given without its value (last, or before another option) followed
+    by its default value."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in OPTIONAL_VALUES and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append(OPTIONAL_VALUES[arg])
+    return out
+
+
 def main() -> None:
     exit_types, abort_types = click_errors("Exit"), click_errors("Abort")
     usage_types, no_args_types = click_errors("ClickException"), click_errors("NoArgsIsHelpError")
@@ -134,7 +150,7 @@ def main() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
         signal.signal(signal.SIGINT, sigint)
     try:
-        rv = command.main(standalone_mode=False, prog_name="sdesbench")
+        rv = command.main(args=with_optional_values(sys.argv[1:]), standalone_mode=False, prog_name="sdesbench")
     except exit_types as e:
         if sigint.seen or isinstance(e.__cause__, KeyboardInterrupt):  # Typer turns Ctrl-C into Exit(130)
             _fail("interrupted", 130)

@@ -32,7 +32,8 @@ def swept(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cm")
     spec = tmp / "eq.yaml"
     spec.write_text(SPEC)
-    proc = run_cli("run", str(spec), "--compute-matched", "flops", "--results", str(tmp / "results"), "--no-progress")
+    # `--compute-matched` alone means flops (sdesbench/cli.py, OPTIONAL_VALUES)
+    proc = run_cli("run", str(spec), "--results", str(tmp / "results"), "--no-progress", "--compute-matched")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Sweep(str(spec), "smoke", (0,), tmp / "results", compute_matched="flops"), proc
 
@@ -133,3 +134,13 @@ def test_dry_run_shows_the_added_student_and_a_bad_choice_is_one_line(swept, cap
     assert f"Student (compute ×{cost:.2f})" in shown and f"compute-matched: flops ×{cost:.2f}" in shown
     with pytest.raises(ConfigError, match=r"^--compute-matched 'watts': choose flops or time$"):
         Sweep(sweep.table, compute_matched="watts")
+
+
+def test_an_option_given_without_its_optional_value_gets_its_default():
+    from sdesbench.cli import with_optional_values
+
+    assert with_optional_values(["run", "t", "--compute-matched"]) == ["run", "t", "--compute-matched", "flops"]
+    assert with_optional_values(["run", "t", "--compute-matched", "--dry-run"]) == \
+        ["run", "t", "--compute-matched", "flops", "--dry-run"]
+    assert with_optional_values(["run", "t", "--compute-matched", "time"]) == ["run", "t", "--compute-matched", "time"]
+    assert with_optional_values(["run", "t", "--compute-matched=time"]) == ["run", "t", "--compute-matched=time"]

@@ -28,11 +28,12 @@ GPUS_PER_RUN_OPTION = typer.Option(1, "--gpus-per-run", min=1, help="GPUs per ru
                                    "with DDP (torchrun-style process group, its own MASTER_PORT).")
 WORKERS_OPTION = typer.Option(None, "--workers", min=1, help="Train this many runs concurrently without --gpus (CPU: "
                               "each with cores/workers threads), each in its own process.")
-COMPUTE_MATCHED_OPTION = typer.Option(None, "--compute-matched", metavar="flops|time", help="Also train, per "
+COMPUTE_MATCHED_OPTION = typer.Option(None, "--compute-matched", metavar="[flops|time]", help="Also train, per "
                                       "group, a Student for as long as the group's KD rows cost (one run per cost "
                                       "class, rounded to 5%; its iterations and LR schedule stretched): by counted "
-                                      "training FLOPs (flops) or by the rows' measured step time (time: after they ran). "
-                                      "The report then shows each row's gain against it too.")
+                                      "training FLOPs (flops, what --compute-matched alone means) or by the rows' "
+                                      "measured step time (time: after they ran). The report then shows each row's "
+                                      "gain against it too.")
 
 
 def make_sweep(table: str, preset: str, seeds: str, results: Path, sets: list[str],
