@@ -47,3 +47,7 @@ class DistributedFault(SdesbenchError):
     continues it (docs/performance.md, "Faults under torchrun")."""
 
     exit_code = 4
+
+
+class PeerLost(DistributedFault):
+    """A collective failed because another rank of the group died: a consequence, not the cause."""

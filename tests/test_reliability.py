@@ -122,10 +122,11 @@ def test_a_locked_run_is_refused_and_left_untouched(tmp_path):
 def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
     from collections import namedtuple
 
+    from sdesbench.engine import checkpoint
     from sdesbench.engine import trainer as T
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(T.shutil, "disk_usage", lambda p: usage(10 * 2**20, 9 * 2**20, 2**20))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10 * 2**20, 9 * 2**20, 2**20))
     cfg = build_config({}, [f"output.dir={tmp_path}", "train.iters=1"])
     with pytest.raises(SdesbenchError, match=r"has 1 MiB free; a checkpoint needs about \d+ MiB"):
         T.train(cfg, show_progress=False)

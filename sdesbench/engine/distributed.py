@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from sdesbench.errors import DistributedFault, SdesbenchError
+from sdesbench.errors import DistributedFault, PeerLost, SdesbenchError
 
 
 def is_distributed() -> bool:
@@ -124,7 +124,7 @@ def collective_fault(e: BaseException, iteration: int, timeout_s: float | None) 
                                 "or died)")
     detail = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0])  # gloo's "[.../pair.cc:545] " prefix
     detail = detail.split(". This is typically")[0]  # gloo's advice, which we replace with ours
-    return DistributedFault(f"{where}: lost another rank of the process group ({detail})")
+    return PeerLost(f"{where}: lost another rank of the process group ({detail})")
 
 
 class StridedShard(Sampler):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,17 @@ from sdesbench.config import RunConfig
 from sdesbench.engine import distributed as D
 from sdesbench.engine.record import RunRecord, read_record, write_record
 from sdesbench.engine.runtime import provenance
-from sdesbench.errors import DistributedFault, SdesbenchError, StorageError
+from sdesbench.errors import DistributedFault, PeerLost, SdesbenchError, StorageError
 from sdesbench.io import load_checkpoint
 
 # the signals torchrun's agent sends to the ranks it stops after another one failed: not a cause
 AGENT_SIGNALS = ("SIGTERM", "SIGINT")
+# how long at most a rank that lost its peer waits before it exits: torchrun's agent reports ONE failed rank, the
+# first exited one its poll finds (torch.multiprocessing's ProcessContext.join), so a rank that noticed the loss
+# and exited before the agent's poll saw the dead one (every 0.1 s; seconds later on a loaded machine) would be
+# named instead of the rank killed by a signal. Its record and error line are written before it waits, and the
+# agent, once it sees the dead rank, stops it with SIGTERM: the wait is that long, not this
+PEER_LOST_GRACE_S = 30.0
 
 
 def rank_main(cfg_dict: dict[str, Any], resume: str, progress: bool) -> RunRecord | None:
@@ -51,6 +58,8 @@ def rank_main(cfg_dict: dict[str, Any], resume: str, progress: bool) -> RunRecor
             D.cleanup()
     except SdesbenchError as e:
         D.write_error_file(str(e))
+        if isinstance(e, PeerLost):  # a consequence: let the agent see the rank that died first (`PEER_LOST_GRACE_S`)
+            time.sleep(PEER_LOST_GRACE_S)
         sys.exit(e.exit_code)
     return rec if D.rank() == 0 else None
 

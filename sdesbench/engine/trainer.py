@@ -49,7 +49,7 @@ from sdesbench.engine.run_folder import Resume, RunFolder
 from sdesbench.engine.runtime import (RunLock, Runtime, peak_memory_mb, provenance, reset_peak_memory,
                                       set_determinism)
 from sdesbench.engine.state import HookBase, Hooks, TrainerView, TrainState
-from sdesbench.errors import DistributedFault, Interrupted, NumericalFault, SdesbenchError, StorageError
+from sdesbench.errors import Interrupted, NumericalFault, SdesbenchError, StorageError
 from sdesbench.io import check_writable, write_text
 from sdesbench.methods.base import StepInfo
 from sdesbench.models import count_params
@@ -246,7 +246,7 @@ class Trainer:
             if fault is None:
                 raise
             self.state.failed = True
-            error = DistributedFault(f"{fault}; {self._kept()}")
+            error = type(fault)(f"{fault}; {self._kept()}")  # its kind kept (PeerLost: engine/elastic.py)
         else:
             error = None
         finally:
