@@ -554,13 +554,20 @@ def weights_only_where_needed(plans: list[PlannedRun]) -> list[PlannedRun]:
     teacher again that nothing will load wastes its whole cost). Settled to a fixed point: a stage run no row
     needs any more no longer needs its teacher either. `--restore-weights` asks for every run's weights anyway
     (it sets `needs_weights` after planning)."""
+    planned = [p for p in plans if p.cfg is not None]
+    # each folder's record and checkpoint read once: only `needs_weights` changes while settling
+    recorded = {str(p.out): p.recorded() for p in planned}
+    weights = {str(p.out): has_weights(p.out) for p in planned}
+
+    def done(p: PlannedRun) -> bool:  # `PlannedRun.done` on what was read
+        return recorded[str(p.out)] and (not p.needs_weights or weights[str(p.out)])
+
     settled = False
     while not settled:
         settled = True
-        loading = {f for q in plans if q.cfg is not None and not q.done() for f in q.depends_on}
-        for p in plans:
-            if p.needs_weights and p.cfg is not None and str(p.out) not in loading and p.recorded() \
-                    and not has_weights(p.out):
+        loading = {f for q in planned if not done(q) for f in q.depends_on}
+        for p in planned:
+            if p.needs_weights and str(p.out) not in loading and recorded[str(p.out)] and not weights[str(p.out)]:
                 p.needs_weights, settled = False, False
     return plans
 
